@@ -30,6 +30,19 @@ class TrainOptions:
     enhance_epochs: int | None = None
 
 
+def random_bank(config: str, bank_dir: Path, seed: int = 0) -> BankInfo:
+    """An untrained bank of ``config`` on synthetic data: for sizing and speed measurements only."""
+    from exporter.data import SYNTHETIC
+
+    ds = load_dataset(SYNTHETIC)
+    cfg = dataclasses.replace(get_config(config), input_shape=ds.input_shape, num_classes=len(ds.labels))
+    seed_everything(seed)
+    model = ModularNet(cfg).eval()
+    mean, std = channel_stats(ds.x)
+    return write_bank(bank_dir, model, SYNTHETIC, seed, mean, std, list(ds.labels),
+                      {"note": "random initialisation, for sizing and speed only"}, [])
+
+
 def _config_for(options: TrainOptions, input_shape: tuple[int, int, int], num_classes: int) -> ModelConfig:
     cfg = get_config(options.config)
     tc = cfg.train
@@ -67,7 +80,7 @@ def train_bank(options: TrainOptions, progress: Progress | None = None) -> BankI
         "test_accuracy": accuracy(model, *pool_t),
         "val_accuracy": accuracy(model, *val_t),
     }
-    return write_bank(options.bank_dir, model, ds.name, options.seed, mean, std, list(ds.labels), metrics,
+    return write_bank(options.bank_dir, model, options.dataset, options.seed, mean, std, list(ds.labels), metrics,
                       enhanced.subtasks)
 
 

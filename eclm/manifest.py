@@ -1,0 +1,115 @@
+"""The bundle manifest: its schema, reading and writing, and verification of every file's sha256."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from eclm.errors import BundleError
+from eclm.hashing import atomic_write_json, sha256_file
+
+MANIFEST_SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class BundleManifest:
+    """What a bundle holds and how to use it; ``files`` maps each relative path to its sha256."""
+
+    bank_id: str
+    config: str
+    profile: dict[str, Any]
+    selection: list[list[int]]
+    modules: list[dict[str, Any]]
+    fixed_parts: list[dict[str, Any]]
+    input: dict[str, Any]
+    output: dict[str, Any]
+    labels: list[str]
+    derived_for: dict[str, Any]
+    importance: list[list[float]]
+    costs: dict[str, Any]
+    training: dict[str, Any]
+    selector: dict[str, Any]
+    validation: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    kind: str = "eclm-bundle"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> BundleManifest:
+        if not isinstance(data, dict) or data.get("kind") != "eclm-bundle":
+            raise BundleError("not an ECLM bundle manifest", hint="point at a folder made by eclm-export")
+        version = data.get("schema_version")
+        if version != MANIFEST_SCHEMA_VERSION:
+            raise BundleError(
+                f"bundle manifest schema version {version!r}; this ECLM reads {MANIFEST_SCHEMA_VERSION}",
+                hint="re-export the bundle with a matching eclm-export, or upgrade this runtime",
+            )
+        known = set(BundleManifest.__dataclass_fields__)
+        missing = known - set(data) - {"validation", "files"}
+        if missing:
+            raise BundleError(f"bundle manifest lacks {sorted(missing)}", hint="re-export the bundle")
+        return BundleManifest(**{k: v for k, v in data.items() if k in known})
+
+
+def _safe_relpath(rel: str) -> PurePosixPath:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise BundleError(f"manifest lists unsafe path {rel!r}", hint="the bundle was tampered with; re-export")
+    return p
+
+
+def hash_files(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    """sha256 of every regular file below ``root`` except the manifest, by POSIX relative path."""
+    out: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(root).as_posix()
+            if rel not in exclude:
+                out[rel] = sha256_file(path)
+    return out
+
+
+def write_manifest(root: Path, manifest: BundleManifest) -> None:
+    """Hash every file of the bundle into the manifest and write it atomically."""
+    manifest.files = hash_files(root)
+    atomic_write_json(root / MANIFEST, manifest.to_dict())
+
+
+def read_manifest(root: Path) -> BundleManifest:
+    path = Path(root) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"no {MANIFEST} in {root}", hint="point at a folder made by eclm-export") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"unreadable {path}: {exc}", hint="re-export the bundle") from exc
+    return BundleManifest.from_dict(data)
+
+
+def verify_bundle(root: str | Path) -> BundleManifest:
+    """Read the manifest and check every listed file's sha256; also refuse unlisted files."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if not manifest.files:
+        raise BundleError(f"manifest of {root} lists no files", hint="re-export the bundle")
+    problems = []
+    for rel, digest in manifest.files.items():
+        path = root / _safe_relpath(rel)
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{rel} does not match its sha256")
+    unlisted = sorted(set(hash_files(root)) - set(manifest.files))
+    problems.extend(f"{rel} is not listed in the manifest" for rel in unlisted)
+    if problems:
+        raise BundleError(
+            f"bundle {root} failed verification: " + "; ".join(problems),
+            hint="do not serve it; re-export or re-download the bundle",
+        )
+    return manifest

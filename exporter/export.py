@@ -1,0 +1,333 @@
+"""`eclm-export` as a library call: importance, derivation, ONNX and ORT artifacts, checks, the bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from device_profiles import DeviceProfile, load_profile
+from eclm import __version__
+from eclm.errors import EclmError, ExportValidationError, InfeasibleBudgetError
+from eclm.manifest import MANIFEST, BundleManifest, write_manifest
+from eclm.ort_train import training_available
+from exporter.artifacts import TRAIN_FOLDER, TrainingPlan, generate, plan_training
+from exporter.bank import DirectoryBank
+from exporter.config import ModelConfig
+from exporter.costs import PartCost, fixed_part_ids
+from exporter.data import load_dataset, split
+from exporter.derive import Derivation, derive
+from exporter.importance import importance_from_classes, importance_from_samples, read_importance_file
+from exporter.modular import ModularNet, SelectorGraph, SubModel, module_id
+from exporter.onnx_export import INPUT_NAME, Normalised, export_onnx, initializer_names
+from exporter.torchio import model_from_bank
+from exporter.train import to_tensors
+from exporter.validate import check_against_torch, check_training
+
+Step = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What `eclm-export` is asked to make."""
+
+    bank_dir: Path
+    profile: str
+    out_dir: Path
+    classes: Sequence[int] | None = None
+    importance_file: Path | None = None
+    profiles_dir: Path | None = None
+    measure: bool = True
+    max_train_layers: int | None = None
+
+
+def part_of(name: str) -> str:
+    """The bank part an exported initializer belongs to (names as in the sub-model's state dict)."""
+    n = name.removeprefix("net.")
+    if n.startswith("norm_"):
+        return "normalisation"
+    if n.startswith("layers."):
+        _, layer, _, mod = n.split(".")[:4]
+        return module_id(int(layer), int(mod.removeprefix("m")))
+    if n.startswith("selector.gates."):
+        return f"selector.gate{n.split('.')[2]}"
+    for prefix in ("stem", "selector.embed", "head"):
+        if n.startswith(prefix + "."):
+            return prefix
+    raise ExportValidationError(f"exported initializer {name!r} belongs to no bank part", hint="report this")
+
+
+@dataclass
+class _Context:
+    cfg: ModelConfig
+    model: ModularNet
+    profile: DeviceProfile
+    mean: list[float]
+    std: list[float]
+    samples: np.ndarray  # raw proxy samples, for checks
+    labels_y: np.ndarray
+    value_range: tuple[float, float]
+
+
+def _importance(req: ExportRequest, ctx: _Context, x_norm: torch.Tensor) -> tuple[list[np.ndarray], dict[str, Any]]:
+    sizes = [ls.num_modules for ls in ctx.cfg.layers]
+    if req.importance_file is not None:
+        return read_importance_file(req.importance_file, sizes), {"source": "importance-file",
+                                                                  "file": str(req.importance_file)}
+    if req.classes:
+        imp = importance_from_classes(ctx.model, x_norm, ctx.labels_y, list(req.classes))
+        return imp, {"source": "classes", "classes": sorted(int(c) for c in req.classes)}
+    return importance_from_samples(ctx.model, x_norm), {"source": "proxy-data"}
+
+
+def _probe(bundle: Path, mode: str) -> dict[str, Any]:
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [sys.executable, "-m", "exporter.probe", str(bundle), mode],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+    if out.returncode != 0:
+        raise ExportValidationError(f"measuring the bundle ({mode}) failed: {out.stderr.strip()[-2000:]}",
+                                    hint="the bundle does not load in ONNX Runtime; report this")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def export_bundle(req: ExportRequest, step: Step | None = None) -> BundleManifest:
+    """Derive the profile's sub-model from the bank and write a checked, measured bundle to ``out_dir``."""
+    say = step or (lambda _msg: None)
+    profile = load_profile(req.profile, req.profiles_dir)
+    bank = DirectoryBank(req.bank_dir)
+    info = bank.info()
+    model = model_from_bank(bank)
+    cfg = model.cfg
+    ds = load_dataset(info.dataset)
+    splits = split(ds, info.seed)
+    proxy_x = np.concatenate([splits.train.x, splits.val.x])
+    proxy_y = np.concatenate([splits.train.y, splits.val.y])
+    mean, std = info.normalisation["mean"], info.normalisation["std"]
+    ctx = _Context(cfg, model, profile, mean, std, proxy_x, proxy_y,
+                   (float(ds.x.min()), float(ds.x.max())))
+    x_norm, _ = to_tensors(type(splits.train)(ds.name, proxy_x, proxy_y, ds.labels), mean, std)
+    importance, derived_for = _importance(req, ctx, x_norm)
+    costs = {pid: PartCost(**rec.costs) for pid, rec in info.parts.items() if rec.costs}
+
+    say(f"deriving the sub-model for {profile.name}")
+    budgets = profile.budgets()
+    derivation = derive(costs, importance, budgets)
+    for _attempt in range(3):
+        req.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{req.out_dir.name}.", dir=req.out_dir.parent))
+        try:
+            manifest, over = _build(req, ctx, info.bank_id, info.parts, derivation, derived_for, costs, work, say)
+            if not over:
+                _publish(work, req.out_dir)
+                return manifest
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        # The measured memory exceeded the estimate's budget: derive again under a proportionally tighter one.
+        ratio = over["memory_bytes"]
+        budgets = {**budgets, "memory_bytes": budgets["memory_bytes"] / ratio * 0.95}
+        say(f"measured memory {ratio:.2f}x the budget; deriving a smaller sub-model")
+        derivation = derive(costs, importance, budgets)
+    raise InfeasibleBudgetError(
+        f"no sub-model measured within {profile.name}'s memory budget after 3 attempts",
+        hint="raise runtime_memory_budget_mb in the profile or use a larger profile",
+    )
+
+
+def _publish(work: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with the finished bundle in ``work``; a crash leaves one or the other."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(work, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out_dir)
+
+
+def _build(
+    req: ExportRequest,
+    ctx: _Context,
+    bank_id: str,
+    parts: dict[str, Any],
+    derivation: Derivation,
+    derived_for: dict[str, Any],
+    costs: dict[str, PartCost],
+    work: Path,
+    say: Step,
+) -> tuple[BundleManifest, dict[str, float]]:
+    cfg, profile = ctx.cfg, ctx.profile
+    sub = Normalised(SubModel(ctx.model, derivation.selection), ctx.mean, ctx.std).eval()
+    selector = Normalised(SelectorGraph(ctx.model), ctx.mean, ctx.std).eval()
+    gate_names = [f"gate{layer}" for layer in range(len(cfg.layers))]
+    say("exporting model.onnx and selector.onnx")
+    export_onnx(sub, work / "model.onnx", cfg.input_shape, ["logits"])
+    export_onnx(selector, work / "selector.onnx", cfg.input_shape, gate_names)
+
+    rng = np.random.default_rng(0)
+    lo, hi = ctx.value_range
+    check_x = np.concatenate(
+        [ctx.samples[:48], rng.uniform(lo, hi, size=(16, *cfg.input_shape)).astype(np.float32)]
+    ).astype(np.float32)
+    say("checking ONNX Runtime against PyTorch")
+    validation: dict[str, Any] = {
+        "model.onnx": check_against_torch(work / "model.onnx", sub, check_x, ["logits"]),
+        "selector.onnx": check_against_torch(work / "selector.onnx", selector, check_x, gate_names),
+    }
+
+    names = initializer_names(work / "model.onnx")
+    param_names = {n for n, _ in sub.named_parameters()}
+    by_part: dict[str, list[str]] = {}
+    for n in names:
+        by_part.setdefault(part_of(n), []).append(n)
+    layers_top_down = [
+        [module_id(layer, i) for i in idx] for layer, idx in reversed(list(enumerate(derivation.selection)))
+    ]
+    used_parts = [p for p in by_part if p != "normalisation"]
+    edge = cfg.edge
+    plan = TrainingPlan([], 0, profile.training_budget_bytes)
+    reason = ""
+    if not profile.ort_training:
+        reason = f"profile {profile.name} has no ONNX Runtime training API; this bundle serves inference only"
+    elif not training_available():
+        reason = "the exporting machine's ONNX Runtime has no training API; install onnxruntime-training-cpu"
+    else:
+        plan = plan_training(costs, layers_top_down, used_parts, profile.training_budget_bytes,
+                             edge.batch_size, req.max_train_layers)
+        if not plan.trainable_parts:
+            reason = f"even the head alone exceeds {profile.name}'s training memory budget"
+
+    manifest = BundleManifest(
+        bank_id=bank_id,
+        config=cfg.name,
+        profile=profile.to_dict(),
+        selection=derivation.selection,
+        modules=[
+            {
+                "part_id": module_id(layer, i),
+                "layer": layer,
+                "index": i,
+                "version": parts[module_id(layer, i)].version,
+                "trainable": module_id(layer, i) in plan.trainable_parts,
+                "params": by_part.get(module_id(layer, i), []),
+            }
+            for layer, idx in enumerate(derivation.selection)
+            for i in idx
+        ],
+        fixed_parts=[
+            {
+                "part_id": pid,
+                "version": parts[pid].version if pid in parts else 1,
+                "trainable": pid in plan.trainable_parts,
+                "params": by_part.get(pid, []),
+                **({"rows": derivation.selection[int(pid.removeprefix("selector.gate"))]}
+                   if pid.startswith("selector.gate") else {}),
+            }
+            for pid in fixed_part_ids(len(cfg.layers))
+        ],
+        input={
+            "name": INPUT_NAME,
+            "shape": [-1, *cfg.input_shape],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "range": [lo, hi],
+            "normalisation": {"mean": ctx.mean, "std": ctx.std, "in_graph": True},
+        },
+        output={"name": "logits", "shape": [-1, cfg.num_classes], "kind": "logits"},
+        labels=[str(s) for s in DirectoryBank(req.bank_dir).info().labels],
+        derived_for=derived_for,
+        importance=derivation.importance,
+        costs={"estimated": derivation.cost.to_dict(), "budgets": derivation.budgets},
+        training={
+            "available": bool(plan.trainable_parts),
+            "reason": reason,
+            "folder": TRAIN_FOLDER if plan.trainable_parts else None,
+            "trainable_parts": plan.trainable_parts,
+            "estimated_bytes": plan.estimated_bytes,
+            "budget_bytes": plan.budget_bytes,
+            "epochs": edge.epochs,
+            "batch_size": edge.batch_size,
+            "learning_rate": edge.learning_rate,
+            "optimizer": "AdamW",
+            "loss": "CrossEntropyLoss",
+            "inputs": [INPUT_NAME, "labels"],
+        },
+        selector={"file": "selector.onnx", "outputs": gate_names, "top_k": cfg.top_k},
+        validation=validation,
+    )
+    manifest.validation["exporter"] = f"eclm {__version__}"
+
+    measured: dict[str, Any] = {}
+    while plan.trainable_parts:
+        say(f"generating training artifacts ({len(plan.trainable_parts)} trainable parts)")
+        shutil.rmtree(work / TRAIN_FOLDER, ignore_errors=True)
+        trainable = [n for p in plan.trainable_parts for n in by_part.get(p, []) if n in param_names]
+        frozen = [n for n in names if n not in trainable]
+        generate(work / "model.onnx", work / TRAIN_FOLDER, trainable, frozen)
+        x = ctx.samples[: edge.batch_size].astype(np.float32)
+        y = ctx.labels_y[: edge.batch_size].astype(np.int64)
+        with torch.no_grad():
+            ref = sub(torch.from_numpy(x)).numpy()
+        validation["training"] = check_training(work / TRAIN_FOLDER, x, y, ref)
+        write_manifest(work, manifest)
+        if not req.measure:
+            break
+        measured.update(_probe(work, "train"))
+        if measured["training_memory_bytes"] <= profile.training_budget_bytes or len(plan.trainable_parts) == 1:
+            break
+        # Measured over the training budget: train one layer fewer.
+        drop = next(lp for lp in layers_top_down if set(lp) <= set(plan.trainable_parts) and lp)
+        kept = [p for p in plan.trainable_parts if p not in drop]
+        plan = TrainingPlan(kept, plan.estimated_bytes, plan.budget_bytes)
+        manifest.training["trainable_parts"] = kept
+        for m in manifest.modules:
+            m["trainable"] = m["part_id"] in kept
+    if plan.trainable_parts and measured.get("training_memory_bytes", 0) > profile.training_budget_bytes:
+        shutil.rmtree(work / TRAIN_FOLDER, ignore_errors=True)
+        manifest.training.update(available=False, folder=None, trainable_parts=[],
+                                 reason="even the head alone measured over the training memory budget")
+
+    write_manifest(work, manifest)
+    over: dict[str, float] = {}
+    if req.measure:
+        say("measuring inference with ONNX Runtime")
+        measured.update(_probe(work, "infer"))
+        model_bytes = (work / "model.onnx").stat().st_size
+        bundle_bytes = sum(p.stat().st_size for p in work.rglob("*") if p.is_file() and p.name != MANIFEST)
+        measured.update(model_bytes=model_bytes, bundle_bytes=bundle_bytes)
+        check = {
+            "memory_bytes": (measured["inference_memory_bytes"], profile.memory_budget_bytes),
+            "transfer_bytes": (model_bytes, profile.transfer_budget_bytes),
+            "flops": (derivation.cost.flops, profile.flops_budget),
+            "latency_ms_estimated_on_board": (
+                derivation.cost.flops / (profile.sustained_gflops * 1e9) * 1e3, profile.latency_target_ms),
+        }
+        if manifest.training["available"]:
+            check["training_memory_bytes"] = (measured["training_memory_bytes"], profile.training_budget_bytes)
+        manifest.costs["measured"] = {k: v for k, v in measured.items() if k != "torch_imported"}
+        manifest.costs["within_budget"] = {
+            k: {"value": float(v), "budget": float(b), "ok": bool(v <= b)} for k, (v, b) in check.items()
+        }
+        if measured["inference_memory_bytes"] > profile.memory_budget_bytes:
+            over["memory_bytes"] = measured["inference_memory_bytes"] / profile.memory_budget_bytes
+    write_manifest(work, manifest)
+    return manifest, over
+
+
+def export_error_exit_code(exc: EclmError) -> int:
+    return exc.exit_code

@@ -1,0 +1,77 @@
+"""ONNX export of sub-models and the selector, with normalisation baked into the graph.
+
+We use the TorchScript exporter (``dynamo=False``) at opset 17: it keeps every parameter as a
+graph initializer named after its state-dict key, which is what ONNX Runtime's
+``generate_artifacts`` needs to mark parameters trainable or frozen and what the device needs to
+map its deltas back to bank modules; its IR version (8) is one ONNX Runtime 1.19 accepts. Batch
+normalisation is exported in eval mode (frozen running statistics) and constant folding is off,
+so it is not fused into convolutions and its scale and shift stay trainable.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+OPSET = 17
+MAX_IR_VERSION = 10  # ONNX Runtime 1.19.2 refuses newer IR versions
+INPUT_NAME = "input"
+
+
+class Normalised(nn.Module):
+    """Wraps a network so that it takes raw inputs: (x - mean) / std per channel, then the network."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("norm_mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("norm_std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net((x - self.norm_mean) / self.norm_std)
+
+
+def export_onnx(module: nn.Module, path: Path, input_shape: tuple[int, ...], output_names: list[str]) -> None:
+    """Export ``module`` (eval mode) to ``path`` with a dynamic batch axis."""
+    module.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros((1, *input_shape), dtype=torch.float32)
+    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=output_names,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=False,
+            training=torch.onnx.TrainingMode.EVAL,
+            export_params=True,
+            # Initializers as inputs turns off the exporter's value-based de-duplication, which
+            # would merge equal tensors (e.g. freshly initialised BatchNorm scales) under one
+            # name and break per-parameter training; they are turned back into plain
+            # initializers just below.
+            keep_initializers_as_inputs=True,
+            dynamo=False,
+        )
+    model = onnx.load(str(path))
+    inits = {t.name for t in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(model)
+    if model.ir_version > MAX_IR_VERSION:
+        raise RuntimeError(f"{path} has IR version {model.ir_version}; ONNX Runtime 1.19 reads <= {MAX_IR_VERSION}")
+
+
+def initializer_names(path: Path) -> list[str]:
+    """Names of the graph's initializers (its parameters and buffers)."""
+    return [t.name for t in onnx.load(str(path)).graph.initializer]
