@@ -65,7 +65,10 @@ def plan_training(
 def generate(model_path: Path, out_dir: Path, trainable: Sequence[str], frozen: Sequence[str]) -> None:
     """Training, eval and optimizer graphs plus checkpoint (CrossEntropy loss, AdamW) in ``out_dir``."""
     import onnx
+    import onnxruntime
     from onnxruntime.training import artifacts
+
+    onnxruntime.set_default_logger_severity(3)  # the gradient builder's warnings are not the user's concern
 
     out_dir.mkdir(parents=True, exist_ok=True)  # generate_artifacts does not create it
     model = onnx.load(str(model_path))

@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:
+#   make demo   -> installs into .venv and runs `eclm demo` (the main job)
+#   make test   -> installs into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint install bench clean
+
+$(BIN)/eclm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/eclm
+
+install: $(BIN)/eclm
+
+demo: install
+	$(BIN)/eclm demo
+
+test: install
+	$(BIN)/python -m pytest -q --durations=10
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy eclm device_profiles exporter cloud_sync edge_runtime bench
+
+bench: install
+	$(BIN)/eclm bench --suite export --out docs/benchmarks
+
+clean:
+	rm -rf $(VENV) eclm-demo bank bundles

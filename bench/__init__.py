@@ -1,0 +1,1 @@
+"""Evaluation and demonstration: `eclm demo`, `eclm bench` and the benchmark scripts."""

@@ -1,0 +1,1 @@
+"""The board's runtime: torch-free bundle verification, inference and on-device training."""

@@ -1,0 +1,70 @@
+"""`eclm-export`: cut a device's sub-model from the bank and write its bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from eclm.cli_support import make_app, parse_int_list, reports_errors
+
+app = make_app("Derive a device's sub-model from the module bank and export it as a checked ONNX bundle.")
+
+
+@app.command()
+@reports_errors
+def export(
+    profile: str = typer.Option(None, "--profile", "-p", envvar="ECLM_PROFILE",
+                                help="Device profile name (see --list-profiles)."),
+    bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
+    out: Path = typer.Option(None, "--out", "-o", help="Bundle directory to write (default: bundles/<profile>)."),
+    importance: Path = typer.Option(None, "--importance", exists=True, dir_okay=False,
+                                    help="Importance JSON a device reported (schema_version 1, 'layers')."),
+    classes: str = typer.Option(None, "--classes", help="Derive for these class indices, e.g. 1,4,7."),
+    profiles_dir: Path = typer.Option(None, "--profiles-dir", envvar="ECLM_PROFILES_DIR_EXTRA",
+                                      help="Extra folder of <name>.toml device profiles."),
+    list_profiles: bool = typer.Option(False, "--list-profiles", help="Print profile names, one per line."),
+    no_measure: bool = typer.Option(False, "--no-measure", help="Skip the measurement subprocesses."),
+) -> None:
+    """Write a bundle: model.onnx, selector.onnx, ORT training artifacts (if the board trains), manifest.json.
+
+    The sub-model maximises module importance (from --importance, --classes, or the bank's proxy
+    data) within the profile's memory, compute and transfer budgets. The exporter checks ONNX
+    Runtime against PyTorch (max abs difference 1e-4), runs one training step, and measures
+    memory and latency in a torch-free subprocess.
+    """
+    from device_profiles import available_profiles
+
+    if list_profiles:
+        for name in available_profiles(profiles_dir):
+            typer.echo(name)
+        return
+    if profile is None:
+        from eclm.errors import ConfigError
+
+        raise ConfigError("--profile is required", hint="list them with `eclm-export --list-profiles`")
+    if importance is not None and classes:
+        from eclm.errors import ConfigError
+
+        raise ConfigError("give --importance or --classes, not both", hint="drop one of them")
+    from exporter.export import ExportRequest, export_bundle
+    from exporter.summary import bundle_summary
+
+    out_dir = out or Path("bundles") / profile
+    manifest = export_bundle(
+        ExportRequest(
+            bank_dir=bank,
+            profile=profile,
+            out_dir=out_dir,
+            classes=parse_int_list(classes, "--classes"),
+            importance_file=importance,
+            profiles_dir=profiles_dir,
+            measure=not no_measure,
+        ),
+        step=lambda msg: typer.echo(f"- {msg}", err=True),
+    )
+    typer.echo(bundle_summary(manifest, str(out_dir)))
+
+
+def main() -> None:
+    app()
