@@ -31,8 +31,9 @@ def machine_info() -> dict[str, Any]:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "platform": platform.platform(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -59,7 +60,8 @@ def torch_peak_child(work: Path) -> None:
     print(json.dumps({"torch_eager_peak_bytes": max(0, _peak_bytes() - base), "baseline_bytes": base}))
 
 
-def torch_peak(sub: Any, cfg: dict[str, Any], selection: list[list[int]], norm: dict[str, Any]) -> dict[str, int]:
+def torch_peak(sub: Any, cfg: dict[str, Any], selection: list[list[int]],
+               norm: dict[str, Any]) -> dict[str, int]:
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,13 +131,14 @@ def bench_profile(name: str, bank: Path, imp: Path, out: Path, full: Any, repeat
                         step=lambda m: say(f"  {name}: {m}"))
     export_s = time.perf_counter() - t
     info = DirectoryBank(bank).info()
-    sub = Normalised(SubModel(full, man.selection), info.normalisation["mean"], info.normalisation["std"]).eval()
+    norm = info.normalisation
+    sub = Normalised(SubModel(full, man.selection), norm["mean"], norm["std"]).eval()
     lo, hi = man.input["range"]
     x = np.random.default_rng(0).uniform(lo, hi, size=(1, *full.cfg.input_shape)).astype(np.float32)
     say(f"  {name}: timing PyTorch vs ONNX Runtime")
     lat = {f"{n}t": latency(sub, out / name / "model.onnx", x, n, repeats) for n in (1, 2)}
     say(f"  {name}: PyTorch eager peak memory (subprocess)")
-    tpk = torch_peak(sub, info.config, man.selection, info.normalisation)
+    tpk = torch_peak(sub, info.config, man.selection, norm)
     est = man.costs["estimated"]
     return {
         "profile": name, "selection": man.selection, "modules_per_layer": [len(s) for s in man.selection],
@@ -158,16 +161,18 @@ def tables(rows: list[dict[str, Any]]) -> str:
     a = ["| profile | modules/layer | params | MFLOPs | board ms est. (target) | ORT infer peak MiB (budget) "
          "| torch eager peak MiB | ORT train peak MiB | export s | over budget |",
          "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
-    b = ["| profile | ORT p50 / p90 ms | torch p50 / p90 ms | ratio ORT/torch p50 (p90) | 2 threads: ORT / torch "
-         "p50 ms, ratio | max abs diff |", "|---|--:|--:|--:|--:|--:|"]
+    b = ["| profile | ORT p50 / p90 ms | torch p50 / p90 ms | ratio ORT/torch p50 (p90) "
+         "| 2 threads: ORT / torch p50 ms, ratio | max abs diff |", "|---|--:|--:|--:|--:|--:|"]
     for r in rows:
         if "error" in r:
             a.append(f"| {r['profile']} | error: {r['error']} |" + " |" * 8)
+            b.append(f"| {r['profile']} | error (see above) |" + " |" * 4)
             continue
         m, over = r["measured"], [k for k, v in r["within_budget"].items() if not v["ok"]]
         train = _mib(m.get("training_memory_bytes")) + ("" if r["training_available"] else " (no training)")
-        a.append(f"| {r['profile']} | {'/'.join(map(str, r['modules_per_layer']))} | {r['params'] / 1e6:.2f} M "
-                 f"| {r['flops'] / 1e6:.0f} | {r['board_latency_ms_estimated']:.0f} ({r['latency_target_ms']:.0f}) "
+        sel = "/".join(map(str, r["modules_per_layer"]))
+        a.append(f"| {r['profile']} | {sel} | {r['params'] / 1e6:.2f} M | {r['flops'] / 1e6:.0f} "
+                 f"| {r['board_latency_ms_estimated']:.0f} ({r['latency_target_ms']:.0f}) "
                  f"| {_mib(m.get('inference_memory_bytes'))} ({_mib(r['memory_budget_bytes'])}) "
                  f"| {_mib(r['torch_eager']['torch_eager_peak_bytes'])} | {train} | {r['export_s']:.1f} "
                  f"| {', '.join(over) or 'none'} |")
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.export_bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for export.json/.md")
-    p.add_argument("--profiles", default="", help="comma-separated device profiles (default: all registered)")
+    p.add_argument("--profiles", default="", help="comma-separated profiles; empty: all registered")
     p.add_argument("--repeats", type=int, default=100, help="timed rounds per runtime and thread count")
     p.add_argument("--torch-peak-child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -217,18 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from device_profiles import available_profiles
+    from exporter.bank import DirectoryBank
     from exporter.cloud import random_bank
     from exporter.costs import part_costs
     from exporter.importance import write_importance_file
     from exporter.modular import count_params
     from exporter.torchio import model_from_bank
-    from exporter.bank import DirectoryBank
 
     names = [n for n in args.profiles.split(",") if n] or available_profiles()
     command = "python -m bench.export_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="eclm-bench-") as tmp:
-        bank, imp = Path(tmp) / "bank", Path(tmp) / "importance.json"
+        bank, imp, bundles = Path(tmp) / "bank", Path(tmp) / "importance.json", Path(tmp) / "bundles"
         print(f"writing a random {CONFIG} bank to {bank}")
         random_bank(CONFIG, bank, seed=0)
         full = model_from_bank(DirectoryBank(bank))
@@ -237,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in (bar := tqdm(names, desc="profiles", unit="profile")):
             bar.set_postfix_str(name)
             try:
-                rows.append(bench_profile(name, bank, imp, Path(tmp) / "bundles", full, args.repeats, tqdm.write))
+                rows.append(bench_profile(name, bank, imp, bundles, full, args.repeats, tqdm.write))
             except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
-                rows.append({"profile": name, "error": f"{type(exc).__name__}: {exc}".replace("|", "/")})
+                text = " ".join(f"{type(exc).__name__}: {exc}".split()).replace("|", "/")
+                rows.append({"profile": name, "error": text})
                 tqdm.write(f"  {name}: FAILED {rows[-1]['error']}")
     info = machine_info()
     doc = preface(info, command, full_cost, args.repeats) + "\n" + tables(rows)
