@@ -15,7 +15,9 @@ from types import ModuleType
 
 
 class _HideTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
+    """Refuses torch imports; everything else falls through to the normal finders."""
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
         if fullname == "torch" or fullname.startswith("torch."):
             raise ImportError(f"{fullname} is hidden while ONNX Runtime loads")
         return None

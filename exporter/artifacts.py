@@ -29,7 +29,8 @@ def estimate_training_bytes(
     costs: Mapping[str, PartCost], all_parts: Sequence[str], trainable: Sequence[str], batch_size: int
 ) -> int:
     """Weights of the whole sub-model, optimizer state of the trainable parts, and the activations
-    the backward pass keeps from the first trainable part on, at ``batch_size``."""
+    the backward pass keeps from the first trainable part on, at ``batch_size``.
+    """
     weights = sum(costs[p].param_bytes for p in all_parts)
     optimizer = OPTIMIZER_COPIES * sum(costs[p].param_bytes for p in trainable)
     acts = BACKWARD_FACTOR * batch_size * sum(costs[p].activation_bytes for p in trainable)

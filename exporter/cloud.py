@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eclm.tensors import tensors_digest
 from exporter.bank import BankInfo, DirectoryBank, PartRecord, bank_id_for
 from exporter.config import ModelConfig, get_config
 from exporter.costs import part_costs
@@ -15,7 +16,6 @@ from exporter.enhance import enhance
 from exporter.modular import ModularNet
 from exporter.torchio import model_to_parts
 from exporter.train import Progress, accuracy, seed_everything, to_tensors, train_end_to_end
-from eclm.tensors import tensors_digest
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,6 +14,7 @@ from exporter.modular import ModularNet, module_id, param_bytes
 # session on top of the bare weights and activations (allocator arenas, graph, kernels). Used in
 # estimates only; every bundle also carries measured figures.
 SESSION_OVERHEAD_BYTES = 6 * 2**20
+Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
 ACTIVATION_FACTOR = 2.0  # live activations at the peak of a forward pass, in units of the largest output
 
 
@@ -30,7 +31,7 @@ class PartCost:
         return asdict(self)
 
 
-def _flops_hook(store: dict[str, int], key: str):  # type: ignore[no-untyped-def]
+def _flops_hook(store: dict[str, int], key: str) -> Hook:
     def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if isinstance(mod, nn.Conv2d):
             kh, kw = mod.kernel_size
@@ -44,7 +45,7 @@ def _flops_hook(store: dict[str, int], key: str):  # type: ignore[no-untyped-def
     return hook
 
 
-def _act_hook(store: dict[str, int], key: str):  # type: ignore[no-untyped-def]
+def _act_hook(store: dict[str, int], key: str) -> Hook:
     def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if isinstance(output, torch.Tensor):
             store[key] = max(store.get(key, 0), output.numel() * output.element_size())
@@ -76,8 +77,9 @@ def part_costs(model: ModularNet) -> dict[str, PartCost]:
             x = torch.zeros((1, *cfg.input_shape))
             gates = model.selector(x)
             h = model.stem(x)
-            for layer, mods in enumerate(model.layers):
-                outs = [m(h) for m in mods.mods.values()]  # every module runs once for its figures
+            for layer, spec in enumerate(cfg.layers):
+                # every module runs once for its figures
+                outs = [model.module(layer, i)(h) for i in range(spec.num_modules)]
                 h = outs[int(gates.probs[layer][0].argmax())]
             model.head(h)
     finally:
@@ -129,7 +131,7 @@ def module_dims(cost: PartCost) -> dict[str, float]:
     }
 
 
-def submodel_cost(costs: dict[str, PartCost], selection: Sequence[Sequence[int]]) -> SubModelCost:
+def submodel_cost(costs: Mapping[str, PartCost], selection: Sequence[Sequence[int]]) -> SubModelCost:
     """Estimated cost of the sub-model with ``selection`` (module indices per layer)."""
     ids = fixed_part_ids(len(selection)) + [
         module_id(layer, i) for layer, idx in enumerate(selection) for i in idx

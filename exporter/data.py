@@ -55,7 +55,8 @@ SYNTHETIC = "synthetic-cifar"
 
 def load_dataset(name_or_path: str) -> Dataset:
     """``digits`` (shipped with scikit-learn, no download), ``synthetic-cifar`` (seeded noise of
-    CIFAR's shape, for sizing and speed only), or a path to an ``.npz`` with X and y."""
+    CIFAR's shape, for sizing and speed only), or a path to an ``.npz`` with X and y.
+    """
     if name_or_path == SYNTHETIC:
         rng = np.random.default_rng(0)
         x = rng.uniform(0.0, 1.0, size=(600, 3, 32, 32)).astype(np.float32)
@@ -70,7 +71,7 @@ def load_dataset(name_or_path: str) -> Dataset:
     if path.suffix != ".npz" or not path.is_file():
         raise DataError(
             f"unknown data set {name_or_path!r}",
-            hint="use 'digits', 'synthetic-cifar' or the path of an .npz file holding arrays X and y (see docs/data.md)",
+            hint="use 'digits', 'synthetic-cifar' or an .npz file holding arrays X and y (see docs/data.md)",
         )
     # allow_pickle=False: an .npz from elsewhere must never run code when loaded.
     try:

@@ -56,7 +56,8 @@ def load_matrix(gates: np.ndarray, y: np.ndarray, subtasks: list[list[int]]) -> 
 
 def solve_mask(h: np.ndarray, per_subtask: int, min_per_subtask: int) -> np.ndarray:
     """The 0/1 mask M maximising <H, M> with at most ``per_subtask`` modules per sub-task and a cap
-    on each module's load (the number of sub-tasks it serves), solved with ``scipy.optimize.milp``."""
+    on each module's load (the number of sub-tasks it serves), solved with ``scipy.optimize.milp``.
+    """
     s, n = h.shape
     per_subtask = min(per_subtask, n)
     min_per_subtask = min(min_per_subtask, per_subtask)

@@ -45,9 +45,10 @@ def read_importance_file(path: str | Path, layer_sizes: Sequence[int]) -> list[n
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read importance file {path}: {exc}", hint="pass a JSON file") from exc
-    if not isinstance(data, dict) or data.get("schema_version") != IMPORTANCE_SCHEMA_VERSION:
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != IMPORTANCE_SCHEMA_VERSION:
         raise DataError(
-            f"importance file {path} has schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}",
+            f"importance file {path} has schema_version {version!r}",
             hint=f"write schema_version {IMPORTANCE_SCHEMA_VERSION} with a 'layers' list",
         )
     layers = data.get("layers")

@@ -148,10 +148,11 @@ class Selector(nn.Module):
         self.noise_scale = 1.0
         self.embed = Embedding(cfg.input_shape[0], cfg.selector_channels, cfg.embed_dim)
         self.gates = nn.ModuleList(nn.Linear(cfg.embed_dim, ls.num_modules) for ls in cfg.layers)
-        self.noise = nn.ModuleList(nn.Linear(cfg.embed_dim, ls.num_modules) for ls in cfg.layers)
-        for lin in self.noise:
+        noise = [nn.Linear(cfg.embed_dim, ls.num_modules) for ls in cfg.layers]
+        for lin in noise:
             nn.init.zeros_(lin.weight)
             nn.init.constant_(lin.bias, -3.0)  # softplus(-3) ~ 0.05: exploration noise starts small
+        self.noise = nn.ModuleList(noise)
 
     def forward(self, x: Tensor) -> GateOutput:
         e = self.embed(x)
@@ -229,7 +230,18 @@ class ModularNet(nn.Module):
         return self.forward_with_gates(x)[0]
 
     def module(self, layer: int, index: int) -> nn.Module:
-        return self.layers[layer].mods[f"m{index}"]  # type: ignore[index]
+        mods = self.layers[layer].mods
+        assert isinstance(mods, nn.ModuleDict)
+        return mods[f"m{index}"]
+
+
+class SubSelector(nn.Module):
+    """The selector of a sub-model: the shared embedding and gates restricted to the chosen modules."""
+
+    def __init__(self, embed: nn.Module, gates: list[nn.Linear]) -> None:
+        super().__init__()
+        self.embed = embed
+        self.gates = nn.ModuleList(gates)
 
 
 class SubModel(nn.Module):
@@ -243,9 +255,7 @@ class SubModel(nn.Module):
         self.top_k = cfg.top_k
         self.selection = [sorted(int(i) for i in s) for s in selection]
         self.stem = _clone(full.stem)
-        self.selector = nn.Module()
-        self.selector.embed = _clone(full.selector.embed)
-        gates = []
+        gates: list[nn.Linear] = []
         for layer, idx in enumerate(self.selection):
             src: nn.Linear = full.selector.gates[layer]  # type: ignore[assignment]
             g = nn.Linear(src.in_features, len(idx))
@@ -253,7 +263,7 @@ class SubModel(nn.Module):
                 g.weight.copy_(src.weight[idx])
                 g.bias.copy_(src.bias[idx])
             gates.append(g)
-        self.selector.gates = nn.ModuleList(gates)
+        self.selector = SubSelector(_clone(full.selector.embed), gates)
         self.layers = nn.ModuleList(
             ModuleLayer({f"m{i}": _clone(full.module(layer, i)) for i in idx})
             for layer, idx in enumerate(self.selection)
@@ -278,10 +288,11 @@ class SelectorGraph(nn.Module):
         self.top_k = full.cfg.top_k
         self.embed = _clone(full.selector.embed)
         self.gates = nn.ModuleList(_clone(g) for g in full.selector.gates)
+        self.sizes = [ls.num_modules for ls in full.cfg.layers]
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         e = self.embed(x)
-        return tuple(topk_softmax(g(e), min(self.top_k, g.out_features)) for g in self.gates)
+        return tuple(topk_softmax(g(e), min(self.top_k, n)) for g, n in zip(self.gates, self.sizes, strict=True))
 
 
 def _clone(mod: nn.Module) -> nn.Module:

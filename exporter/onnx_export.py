@@ -25,6 +25,9 @@ INPUT_NAME = "input"
 class Normalised(nn.Module):
     """Wraps a network so that it takes raw inputs: (x - mean) / std per channel, then the network."""
 
+    norm_mean: Tensor
+    norm_std: Tensor
+
     def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.net = net
