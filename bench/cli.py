@@ -31,10 +31,9 @@ def demo(
     from tqdm import tqdm
 
     from bench.demo import run_demo
-    from exporter.bank import DirectoryBank
-    from exporter.summary import bank_summary
     from eclm.manifest import read_manifest
-    from exporter.summary import bundle_summary
+    from exporter.bank import DirectoryBank
+    from exporter.summary import bank_summary, bundle_summary
 
     bars: dict[str, tqdm] = {}
 

@@ -35,11 +35,11 @@ def run_demo(
     """Train, export, and measure the bundle on the device pool's samples of ``classes``."""
     import torch
 
+    from exporter.bank import DirectoryBank
     from exporter.cloud import TrainOptions, train_bank
     from exporter.data import load_dataset, split
     from exporter.export import ExportRequest, export_bundle
     from exporter.torchio import model_from_bank
-    from exporter.bank import DirectoryBank
     from exporter.train import to_tensors
 
     bank_dir = workdir / "bank"
