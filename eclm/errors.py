@@ -55,6 +55,16 @@ class ConfigError(EclmError):
     help = "A command-line option, configuration file or environment variable has an invalid value."
 
 
+class TrainingUnavailableError(EclmError):
+    exit_code = 18
+    help = "The serving bundle has no on-device training artifacts; it serves and collects samples only."
+
+
+class BrokerError(EclmError):
+    exit_code = 19
+    help = "The MQTT broker cannot be reached or refused the connection; check the URL, credentials and network."
+
+
 ALL_ERRORS: tuple[type[EclmError], ...] = (
     EclmError,
     UnknownProfileError,
@@ -65,4 +75,6 @@ ALL_ERRORS: tuple[type[EclmError], ...] = (
     ExportValidationError,
     DataError,
     ConfigError,
+    TrainingUnavailableError,
+    BrokerError,
 )

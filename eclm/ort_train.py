@@ -35,6 +35,8 @@ class OrtTrainer:
     """A checkpoint, its training module and optimizer, loaded from a folder of ORT artifacts."""
 
     folder: Path
+    checkpoint: Path | None = None  # default: the folder's own checkpoint
+    threads: int = 0  # 0: ONNX Runtime's default
 
     def __post_init__(self) -> None:
         if not training_available():
@@ -52,7 +54,9 @@ class OrtTrainer:
         device = c.OrtDevice(c.OrtDevice.cpu(), c.OrtDevice.default_memory(), 0)
         options = c.get_default_session_options()
         options.log_severity_level = 3  # errors only; the training build defaults to verbose graph logs
-        self.state = c.load_checkpoint(os.fspath(self.folder / "checkpoint"))
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        self.state = c.load_checkpoint(os.fspath(self.checkpoint or self.folder / "checkpoint"))
         self.module = c.Module(
             os.fspath(self.folder / "training_model.onnx"),
             self.state,
@@ -84,8 +88,20 @@ class OrtTrainer:
 
     def parameter(self, name: str) -> np.ndarray:
         """Current value of a parameter held by the checkpoint."""
-        return np.array(self.state.get_parameter(name).data, copy=True)
+        return np.array(self.state.get_parameter(name).data.numpy(), copy=True)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the checkpoint (parameters and optimizer state)."""
-        self._c.save_checkpoint(self.state, os.fspath(path), True)
+    def trainable_names(self) -> list[str]:
+        return [n for n in self.parameter_names() if self.state.get_parameter(n).requires_grad]
+
+    def set_parameter(self, name: str, value: np.ndarray) -> None:
+        from onnxruntime import OrtValue
+
+        self.state.copy_parameter_from(name, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))._ortvalue)
+
+    def save(self, path: str | os.PathLike[str], include_optimizer_state: bool = False) -> None:
+        """Write the checkpoint (parameters, and optionally the optimizer state)."""
+        self._c.save_checkpoint(self.state, os.fspath(path), include_optimizer_state)
+
+    def export_inference(self, path: str | os.PathLike[str], outputs: list[str]) -> None:
+        """Write an inference graph holding the current parameters (the eval graph without the loss)."""
+        self.module.export_model_for_inferencing(os.fspath(path), list(outputs))

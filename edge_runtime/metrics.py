@@ -1,0 +1,33 @@
+"""Prometheus metrics of the edge runtime (its own registry, text exposition on GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class EdgeMetrics:
+    """Requests, predict latency, training runs and loss, samples, bytes in and out, outbox size."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("eclm_edge_requests", "HTTP requests", ["endpoint", "code"], registry=r)
+        self.predict_latency = Histogram("eclm_edge_predict_seconds", "Predict latency (model only)",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.predicted = Counter("eclm_edge_predicted_samples", "Samples predicted", registry=r)
+        self.training_runs = Counter("eclm_edge_training_runs", "Fine-tuning runs", ["result"], registry=r)
+        self.training_loss = Gauge("eclm_edge_training_loss", "Last training loss of the last run", registry=r)
+        self.holdout_accuracy = Gauge("eclm_edge_holdout_accuracy", "Holdout accuracy of the serving model",
+                                      registry=r)
+        self.samples_held = Gauge("eclm_edge_samples_held", "Labelled samples in the store", registry=r)
+        self.bytes_in = Counter("eclm_edge_bytes_received", "Request body bytes", registry=r)
+        self.bytes_out = Counter("eclm_edge_bytes_sent", "Response body bytes", registry=r)
+        self.outbox_entries = Gauge("eclm_edge_outbox_entries", "Deltas waiting to be sent", registry=r)
+        self.generation = Gauge("eclm_edge_generation", "Serving generation (0: the bundle as shipped)",
+                                registry=r)
+        self.bundle_rejections = Counter("eclm_edge_bundle_rejections", "Bundles refused", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,80 @@
+"""What serves predictions: one inference session over a bundle generation, with input checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from eclm.errors import DataError
+from eclm.manifest import BundleManifest
+from eclm.ort import load_onnxruntime
+
+
+@dataclass
+class ServingModel:
+    """A bundle's manifest and an ONNX Runtime session on one of its generations."""
+
+    manifest: BundleManifest
+    bundle_dir: Path
+    digest: str
+    generation: int
+    model_path: Path
+    checkpoint_path: Path | None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        ort = load_onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_shape = tuple(int(d) for d in self.manifest.input["shape"][1:])
+        self.labels = list(self.manifest.labels)
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self.manifest.training.get("available")) and self.checkpoint_path is not None
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """Inputs as (N, *input_shape) float32 with finite values, or a :class:`DataError` saying why."""
+        if x.dtype.kind not in "fiu":
+            raise DataError(f"inputs must be numbers, got dtype {x.dtype}", hint="send float32 values")
+        if x.ndim == len(self.input_shape):
+            x = x[None]
+        if tuple(x.shape[1:]) != self.input_shape:
+            flat = int(np.prod(self.input_shape))
+            if x.ndim == 2 and x.shape[1] == flat:
+                x = x.reshape(len(x), *self.input_shape)
+            else:
+                raise DataError(
+                    f"inputs have shape {tuple(x.shape)}; this model takes (N, {', '.join(map(str, self.input_shape))})"
+                    f" or (N, {flat})",
+                    hint="reshape the samples to the bundle's input shape",
+                )
+        if len(x) == 0:
+            raise DataError("no inputs", hint="send at least one sample")
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise DataError("inputs hold NaN or infinite values", hint="send finite values only")
+        return x
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: x})[0])
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities for already-checked inputs."""
+        z = self.logits(x)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
+        if len(y) == 0:
+            return float("nan")
+        correct = 0
+        for i in range(0, len(y), batch):
+            correct += int((self.logits(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+        return correct / len(y)

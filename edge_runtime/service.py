@@ -1,0 +1,339 @@
+"""The edge runtime's core: serve a bundle, keep samples, fine-tune in the background, keep deltas."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eclm.errors import BundleError, DataError, TrainingUnavailableError
+from edge_runtime.config import EdgeConfig
+from edge_runtime.metrics import EdgeMetrics
+from edge_runtime.model import ServingModel
+from edge_runtime.outbox import Outbox
+from edge_runtime.state import Pointer, StateDir
+from edge_runtime.store import SampleStore
+from edge_runtime.trainer import TrainOutcome, TrainSettings, new_delta_id, run_training
+
+log = logging.getLogger("eclm.edge")
+
+
+class EdgeService:
+    """One device's runtime. Thread-safe: HTTP handlers, the trainer and the scheduler share it."""
+
+    def __init__(self, cfg: EdgeConfig) -> None:
+        self.cfg = cfg
+        self.metrics = EdgeMetrics()
+        self.state = StateDir(cfg.state_dir)
+        self.serving = self._open_initial(cfg.bundle)
+        self.store = SampleStore(cfg.state_dir / "samples.sqlite", self.serving.input_shape,
+                                 capacity=cfg.max_samples, holdout_every=cfg.holdout_every)
+        self.outbox = Outbox(cfg.state_dir / "outbox")
+        self._train_lock = threading.Lock()
+        self._train_thread: threading.Thread | None = None
+        self.last_training: dict[str, Any] | None = None
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._scheduler: threading.Thread | None = None
+        self._refresh_gauges()
+
+    # -- bundles and generations
+    def _open(self, pointer: Pointer) -> ServingModel:
+        bundle_dir = self.state.bundle_dir(pointer.bundle)
+        from eclm.manifest import verify_bundle
+
+        manifest = verify_bundle(bundle_dir)
+        training_folder = manifest.training.get("folder")
+        base_ckpt = bundle_dir / training_folder / "checkpoint" if training_folder else None
+        gen = pointer.generation
+        while gen > 0:
+            try:
+                info = self.state.verify_generation(gen)
+                if info.get("bundle") != pointer.bundle:
+                    raise BundleError(f"generation {gen} belongs to another bundle", hint="skipped")
+                folder = self.state.gen_dir(gen)
+                return ServingModel(manifest, bundle_dir, pointer.bundle, gen, folder / "model.onnx",
+                                    folder / "checkpoint" if base_ckpt else None)
+            except BundleError as exc:
+                log.error("cannot serve generation %d (%s); falling back to its parent", gen, exc.message)
+                gen = int(self._parent_of(gen))
+        return ServingModel(manifest, bundle_dir, pointer.bundle, 0, bundle_dir / "model.onnx", base_ckpt)
+
+    def _parent_of(self, gen: int) -> int:
+        import json
+
+        try:
+            return int(json.loads((self.state.gen_dir(gen) / "generation.json").read_text()).get("parent", 0))
+        except (OSError, ValueError):
+            return 0
+
+    def _open_initial(self, bundle: Path | None) -> ServingModel:
+        pointer = self.state.read_pointer()
+        if bundle is not None:
+            try:
+                digest, _ = self.state.install_bundle(bundle)
+            except BundleError as exc:
+                self.metrics.bundle_rejections.inc()
+                if pointer is None:
+                    raise
+                log.error("refusing bundle %s: %s; serving the previous one", bundle, exc.message)
+            else:
+                if pointer is None or pointer.bundle != digest:
+                    pointer = Pointer(digest, 0)
+                    self.state.write_pointer(pointer)
+        if pointer is None:
+            raise BundleError(
+                f"nothing to serve: no --bundle given and no bundle installed in {self.cfg.state_dir}",
+                hint="pass --bundle DIR (a folder made by eclm-export)",
+            )
+        return self._open(pointer)
+
+    def install_bundle(self, bundle: Path) -> dict[str, Any]:
+        """Verify and swap in a new bundle; a bad one is refused and the current one keeps serving."""
+        try:
+            digest, _ = self.state.install_bundle(bundle)
+            new = self._open(Pointer(digest, 0))
+        except BundleError:
+            self.metrics.bundle_rejections.inc()
+            raise
+        with self._train_lock:
+            self.state.write_pointer(Pointer(digest, 0))
+            self.serving = new
+        self._refresh_gauges()
+        return {"bundle": digest, "generation": 0}
+
+    # -- predictions and samples
+    def predict(self, x: np.ndarray) -> dict[str, Any]:
+        serving = self.serving  # one reference for the whole request, whatever swaps meanwhile
+        x = serving.check_input(x)
+        t = time.perf_counter()
+        probs = serving.predict(x)
+        self.metrics.predict_latency.observe(time.perf_counter() - t)
+        self.metrics.predicted.inc(len(x))
+        return {
+            "probabilities": probs.round(6).tolist(),
+            "predictions": [serving.labels[i] for i in probs.argmax(axis=1)],
+            "labels": serving.labels,
+            "generation": serving.generation,
+            "bundle": serving.digest,
+        }
+
+    def _label_indices(self, labels: list[Any]) -> np.ndarray:
+        names = {name: i for i, name in enumerate(self.serving.labels)}
+        out = []
+        for lab in labels:
+            if isinstance(lab, bool):
+                raise DataError(f"label {lab!r} is not a class", hint="send class indices or label names")
+            if isinstance(lab, int) and 0 <= lab < len(names):
+                out.append(lab)
+            elif isinstance(lab, str) and lab in names:
+                out.append(names[lab])
+            else:
+                raise DataError(f"unknown label {lab!r}; known: {self.serving.labels}",
+                                hint="send class indices or label names of this bundle")
+        return np.asarray(out, dtype=np.int64)
+
+    def add_samples(self, x: np.ndarray, labels: list[Any]) -> dict[str, Any]:
+        x = self.serving.check_input(x)
+        y = self._label_indices(labels)
+        if len(y) != len(x):
+            raise DataError(f"{len(x)} inputs but {len(y)} labels", hint="send one label per input")
+        held = self.store.add(x, y)
+        self.metrics.samples_held.set(held)
+        triggered = False
+        if self.cfg.train_every_samples > 0 and self._new_samples() >= self.cfg.train_every_samples:
+            triggered = self.start_training("samples")
+        return {"stored": len(y), "held": held, "training_started": triggered}
+
+    def _new_samples(self) -> int:
+        return self.store.last_id() - int(self.store.get_meta("trained_upto", "0") or 0)
+
+    # -- training
+    def settings(self) -> TrainSettings:
+        t = self.serving.manifest.training
+        return TrainSettings(
+            epochs=self.cfg.epochs or int(t.get("epochs", 3)),
+            batch_size=self.cfg.batch_size or int(t.get("batch_size", 16)),
+            learning_rate=self.cfg.learning_rate or float(t.get("learning_rate", 1e-3)),
+            seed=self.cfg.seed,
+        )
+
+    @property
+    def training_now(self) -> bool:
+        return self._train_thread is not None and self._train_thread.is_alive()
+
+    def start_training(self, reason: str) -> bool:
+        """Start a background run unless one is running; False if one was."""
+        if not self.serving.trainable:
+            raise TrainingUnavailableError(
+                f"this bundle cannot train on the device: {self.serving.manifest.training.get('reason')}",
+                hint="it still serves and collects samples; export a bundle with training artifacts to train",
+            )
+        if self.training_now:
+            return False
+        self._train_thread = threading.Thread(target=self._train_job, args=(reason,), name="eclm-train",
+                                              daemon=True)
+        self._train_thread.start()
+        return True
+
+    def wait_for_training(self, timeout: float | None = None) -> dict[str, Any] | None:
+        thread = self._train_thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.last_training
+
+    def train_now(self, reason: str = "api") -> dict[str, Any]:
+        """Run one fine-tuning run in the calling thread (for scripts and tests)."""
+        self._train_job(reason)
+        assert self.last_training is not None
+        return self.last_training
+
+    def _train_job(self, reason: str) -> None:
+        if not self._train_lock.acquire(blocking=False):
+            return
+        try:
+            result = self._train_once(reason)
+        except Exception as exc:  # a failed run is reported, never fatal to serving
+            log.exception("training run failed")
+            result = {"accepted": False, "reason": f"training failed: {exc}", "trigger": reason}
+            self.metrics.training_runs.labels("error").inc()
+        finally:
+            self._train_lock.release()
+        self.last_training = {**result, "trigger": reason, "finished": time.time()}
+        self._refresh_gauges()
+
+    def _train_once(self, reason: str) -> dict[str, Any]:
+        serving = self.serving
+        upto = self.store.last_id()
+        train, holdout = self.store.training_set(), self.store.holdout_set()
+        if len(train) < self.cfg.min_train_samples:
+            self.metrics.training_runs.labels("skipped").inc()
+            return {"accepted": False, "reason": f"{len(train)} training samples held; "
+                    f"at least {self.cfg.min_train_samples} needed", "samples": len(train)}
+        work = self.state.new_generation_workdir()
+        try:
+            outcome, deltas = run_training(serving, train, holdout, self.settings(), work)
+            if not deltas:
+                self.metrics.training_runs.labels("failed").inc()
+                return outcome.to_dict()
+            outcome.holdout_before = serving.accuracy(holdout.x, holdout.y)
+            candidate = replace(serving, model_path=work / "model.onnx", checkpoint_path=work / "checkpoint")
+            outcome.holdout_after = candidate.accuracy(holdout.x, holdout.y)
+            if len(holdout) == 0:
+                outcome.reason = "no holdout samples to judge the run; not served"
+            elif outcome.holdout_after >= outcome.holdout_before:
+                outcome.accepted = True
+            else:
+                outcome.reason = "worse on the holdout than the serving model; not served (delta kept)"
+            outcome.delta_id = new_delta_id()
+            self._keep_delta(serving, outcome, deltas)
+            if outcome.accepted:
+                n = self.state.next_generation()
+                folder = self.state.commit_generation(work, n, {
+                    "bundle": serving.digest, "parent": serving.generation, "delta_id": outcome.delta_id,
+                    "holdout_before": outcome.holdout_before, "holdout_after": outcome.holdout_after,
+                })
+                new = replace(serving, generation=n, model_path=folder / "model.onnx",
+                              checkpoint_path=folder / "checkpoint")
+                # The pointer first: a crash after it restarts on the new generation, one before it on
+                # the old; requests in flight keep the session object they already hold.
+                self.state.write_pointer(Pointer(serving.digest, n))
+                self.serving = new
+                outcome.generation = n
+            self.store.set_meta("trained_upto", str(upto))
+            self.metrics.training_runs.labels("accepted" if outcome.accepted else "rejected").inc()
+            if outcome.loss_last == outcome.loss_last:
+                self.metrics.training_loss.set(outcome.loss_last)
+            return outcome.to_dict()
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+
+    def _keep_delta(self, serving: ServingModel, outcome: TrainOutcome,
+                    deltas: dict[str, dict[str, np.ndarray]]) -> None:
+        versions = {p["part_id"]: int(p["version"]) for p in [*serving.manifest.modules,
+                                                                 *serving.manifest.fixed_parts]}
+        meta = {
+            "schema_version": 1,
+            "device_id": self.cfg.device_id,
+            "bank_id": serving.manifest.bank_id,
+            "bundle": serving.digest,
+            "local_generation": serving.generation,
+            "parts": {pid: {"base_version": versions[pid], "params": sorted(t)} for pid, t in deltas.items()},
+            "sample_count": outcome.samples,
+            "metrics": {k: v for k, v in outcome.to_dict().items()
+                        if k in ("loss_first", "loss_last", "holdout_before", "holdout_after", "steps")},
+            "accepted_locally": outcome.accepted,
+            "created": time.time(),
+        }
+        flat = {name: arr for part in deltas.values() for name, arr in part.items()}
+        assert outcome.delta_id is not None
+        self.outbox.put(outcome.delta_id, meta, flat)
+
+    # -- schedule
+    def start_scheduler(self) -> None:
+        if self.cfg.train_interval_s <= 0 or self._scheduler is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(self.cfg.train_interval_s):
+                if self.serving.trainable and self._new_samples() > 0:
+                    self.start_training("schedule")
+
+        self._scheduler = threading.Thread(target=loop, name="eclm-schedule", daemon=True)
+        self._scheduler.start()
+
+    # -- status
+    def _refresh_gauges(self) -> None:
+        self.metrics.generation.set(self.serving.generation)
+        if hasattr(self, "outbox"):
+            self.metrics.outbox_entries.set(len(self.outbox))
+        if hasattr(self, "store"):
+            self.metrics.samples_held.set(self.store.count())
+
+    def status(self) -> dict[str, Any]:
+        s = self.serving
+        return {
+            "device_id": self.cfg.device_id,
+            "bundle": {"digest": s.digest, "bank_id": s.manifest.bank_id, "profile": s.manifest.profile["name"],
+                       "generation": s.generation, "trainable": s.trainable,
+                       "training_reason": s.manifest.training.get("reason", "")},
+            "modules": [{"part_id": m["part_id"], "version": m["version"], "trainable": m["trainable"]}
+                        for m in s.manifest.modules],
+            "samples": {"held": self.store.count(), "holdout_every": self.store.holdout_every,
+                        "new_since_training": self._new_samples()},
+            "training": {"running": self.training_now, "last": self.last_training, "settings": vars(self.settings())},
+            "outbox": {"entries": len(self.outbox), "bytes": self.outbox.bytes_pending()},
+            "resources": _resources(),
+            "uptime_s": time.time() - self.started,
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        self.wait_for_training(timeout=60)
+        self.store.close()
+
+
+def _resources() -> dict[str, Any]:
+    out: dict[str, Any] = {"pid": os.getpid()}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0].lower() + "_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    t = os.times()
+    out["cpu_seconds"] = t.user + t.system
+    try:
+        out["load_avg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return out

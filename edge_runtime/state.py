@@ -1,0 +1,127 @@
+"""The state directory: installed bundles, trained generations, and the pointer to what serves.
+
+Layout::
+
+    STATE/current.json          which bundle and generation serve (written atomically, last)
+    STATE/bundles/<digest>/     verified copies of installed bundles
+    STATE/gens/<n>/             model.onnx + checkpoint of a fine-tuned generation, generation.json
+    STATE/samples.sqlite        the sample store
+    STATE/outbox/               deltas waiting to be sent
+
+Every write lands in a temporary folder first and is renamed into place, and the pointer is
+replaced last, so ``kill -9`` at any moment leaves the last good model reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eclm.errors import BundleError
+from eclm.hashing import atomic_write_json, sha256_file
+from eclm.manifest import MANIFEST, BundleManifest, verify_bundle
+
+POINTER = "current.json"
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What serves: a bundle digest and a generation (0 = the bundle's own weights)."""
+
+    bundle: str
+    generation: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "generation": self.generation}
+
+
+def bundle_digest(folder: Path) -> str:
+    """Identity of a bundle: the sha256 of its manifest (which holds every file's sha256)."""
+    return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+class StateDir:
+    """Reads and writes the state directory's bundles, generations and pointer."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("bundles", "gens", "outbox"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self.clean_temporaries()
+
+    def clean_temporaries(self) -> None:
+        """Remove half-written folders a crash left behind."""
+        for sub in ("bundles", "gens"):
+            for p in (self.root / sub).glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    # bundles
+    def bundle_dir(self, digest: str) -> Path:
+        return self.root / "bundles" / digest
+
+    def install_bundle(self, source: Path) -> tuple[str, BundleManifest]:
+        """Verify ``source``, copy it in, verify the copy; returns its digest and manifest."""
+        verify_bundle(source)
+        digest = bundle_digest(source)
+        target = self.bundle_dir(digest)
+        if target.is_dir():
+            return digest, verify_bundle(target)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "bundles"))
+        try:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            manifest = verify_bundle(tmp)
+            tmp.replace(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return digest, manifest
+
+    # generations
+    def gen_dir(self, n: int) -> Path:
+        return self.root / "gens" / f"{n:06d}"
+
+    def next_generation(self) -> int:
+        nums = [int(p.name) for p in (self.root / "gens").iterdir() if p.name.isdigit()]
+        return max(nums, default=0) + 1
+
+    def new_generation_workdir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "gens"))
+
+    def commit_generation(self, work: Path, n: int, info: dict[str, Any]) -> Path:
+        """Record the hashes of the generation's files and move it into place."""
+        files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()}
+        atomic_write_json(work / "generation.json", {**info, "generation": n, "files": files})
+        target = self.gen_dir(n)
+        work.replace(target)
+        return target
+
+    def verify_generation(self, n: int) -> dict[str, Any]:
+        """The generation's record, after checking every file's sha256."""
+        folder = self.gen_dir(n)
+        try:
+            info = json.loads((folder / "generation.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BundleError(f"generation {n} is unreadable: {exc}", hint="it will be skipped") from exc
+        for name, digest in info.get("files", {}).items():
+            p = folder / name
+            if not p.is_file() or sha256_file(p) != digest:
+                raise BundleError(f"generation {n}: {name} is missing or altered", hint="it will be skipped")
+        return dict(info)
+
+    # pointer
+    def read_pointer(self) -> Pointer | None:
+        try:
+            data = json.loads((self.root / POINTER).read_text())
+            return Pointer(str(data["bundle"]), int(data["generation"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    def write_pointer(self, pointer: Pointer) -> None:
+        atomic_write_json(self.root / POINTER, pointer.to_dict())
