@@ -1,0 +1,62 @@
+"""Every MQTT topic of ECLM, in one place."""
+
+from __future__ import annotations
+
+PREFIX = "eclm/v1"
+
+
+def _check(device_id: str) -> str:
+    if not device_id or any(c in device_id for c in "/+#\x00") or len(device_id) > 128:
+        from eclm.errors import ConfigError
+
+        raise ConfigError(f"device id {device_id!r} is not usable in a topic",
+                          hint="use letters, digits, '-', '_' or '.', at most 128 characters")
+    return device_id
+
+
+def delta(device_id: str) -> str:
+    """Device -> cloud: module deltas (QoS 1)."""
+    return f"{PREFIX}/devices/{_check(device_id)}/delta"
+
+
+def profile(device_id: str) -> str:
+    """Device -> cloud: importance profile and resources (QoS 1)."""
+    return f"{PREFIX}/devices/{_check(device_id)}/profile"
+
+
+def status(device_id: str) -> str:
+    """Device -> cloud: online/offline (retained; the offline message is the last will)."""
+    return f"{PREFIX}/devices/{_check(device_id)}/status"
+
+
+def ack(device_id: str) -> str:
+    """Cloud -> device: a delta was stored (or rejected, with the reason); the device may drop it."""
+    return f"{PREFIX}/devices/{_check(device_id)}/ack"
+
+
+def update(device_id: str) -> str:
+    """Cloud -> device: signed module or bundle updates (QoS 1)."""
+    return f"{PREFIX}/devices/{_check(device_id)}/update"
+
+
+def request(device_id: str) -> str:
+    """Cloud -> device: requests (e.g. "send your importance profile")."""
+    return f"{PREFIX}/devices/{_check(device_id)}/request"
+
+
+# Subscriptions of the cloud daemon (shared subscriptions can split these among several mergers).
+CLOUD_SUBSCRIPTIONS = (f"{PREFIX}/devices/+/delta", f"{PREFIX}/devices/+/profile", f"{PREFIX}/devices/+/status")
+
+
+def device_of(topic: str) -> str:
+    """The device id inside a device topic."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != f"{PREFIX}/devices":
+        from eclm.errors import DataError
+
+        raise DataError(f"not an ECLM device topic: {topic!r}", hint=f"topics look like {PREFIX}/devices/ID/KIND")
+    return parts[3]
+
+
+def kind_of(topic: str) -> str:
+    return topic.rsplit("/", 1)[-1]
