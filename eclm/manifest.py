@@ -8,7 +8,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from eclm.errors import BundleError
-from eclm.hashing import atomic_write_json, sha256_file
+from eclm.hashing import atomic_write_json, canonical_json, sha256_file
+from eclm.signing import Signer, Verifier
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -34,6 +35,7 @@ class BundleManifest:
     selector: dict[str, Any]
     validation: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    signature: dict[str, str] | None = None
     schema_version: int = MANIFEST_SCHEMA_VERSION
     kind: str = "eclm-bundle"
 
@@ -51,7 +53,7 @@ class BundleManifest:
                 hint="re-export the bundle with a matching eclm-export, or upgrade this runtime",
             )
         known = set(BundleManifest.__dataclass_fields__)
-        missing = known - set(data) - {"validation", "files"}
+        missing = known - set(data) - {"validation", "files", "signature"}
         if missing:
             raise BundleError(f"bundle manifest lacks {sorted(missing)}", hint="re-export the bundle")
         return BundleManifest(**{k: v for k, v in data.items() if k in known})
@@ -62,6 +64,13 @@ def _safe_relpath(rel: str) -> PurePosixPath:
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise BundleError(f"manifest lists unsafe path {rel!r}", hint="the bundle was tampered with; re-export")
     return p
+
+
+def bundle_digest(folder: Path) -> str:
+    """Identity of a bundle: the sha256 of its manifest (which holds every file's sha256)."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
 def hash_files(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
@@ -75,9 +84,17 @@ def hash_files(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, 
     return out
 
 
-def write_manifest(root: Path, manifest: BundleManifest) -> None:
-    """Hash every file of the bundle into the manifest and write it atomically."""
+def signed_content(manifest: BundleManifest) -> bytes:
+    """The bytes a bundle signature covers: the manifest (with every file's sha256) minus the signature."""
+    data = manifest.to_dict()
+    data.pop("signature", None)
+    return canonical_json(data)
+
+
+def write_manifest(root: Path, manifest: BundleManifest, signer: Signer | None = None) -> None:
+    """Hash every file of the bundle into the manifest, sign it if a signer is given, write it atomically."""
     manifest.files = hash_files(root)
+    manifest.signature = signer.sign(signed_content(manifest)) if signer is not None else None
     atomic_write_json(root / MANIFEST, manifest.to_dict())
 
 
@@ -92,10 +109,15 @@ def read_manifest(root: Path) -> BundleManifest:
     return BundleManifest.from_dict(data)
 
 
-def verify_bundle(root: str | Path) -> BundleManifest:
-    """Read the manifest and check every listed file's sha256; also refuse unlisted files."""
+def verify_bundle(root: str | Path, verifier: Verifier | None = None) -> BundleManifest:
+    """Read the manifest and check every listed file's sha256; also refuse unlisted files.
+
+    With a ``verifier`` the manifest must also carry that key's valid signature.
+    """
     root = Path(root)
     manifest = read_manifest(root)
+    if verifier is not None:
+        verifier.verify(signed_content(manifest), manifest.signature, f"bundle {root}")
     if not manifest.files:
         raise BundleError(f"manifest of {root} lists no files", hint="re-export the bundle")
     problems = []

@@ -39,6 +39,10 @@ class ProfileMessage:
     bundle: str
     importance: list[list[float]]
     sample_count: int
+    profile_name: str = ""
+    modules: dict[str, int] = field(default_factory=dict)
+    trainable: bool = True
+    want_bundle: bool = False
     resources: dict[str, float] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
 
@@ -134,7 +138,7 @@ class ChunkMessage:
 
 Message = (ProfileMessage | DeltaMessage | AckMessage | ModuleUpdateMessage | BundleUpdateMessage
            | StatusMessage | RequestMessage | ChunkMessage)
-TYPES: dict[str, type] = {c.TYPE: c for c in (ProfileMessage, DeltaMessage, AckMessage, ModuleUpdateMessage,
+TYPES: dict[str, Any] = {c.TYPE: c for c in (ProfileMessage, DeltaMessage, AckMessage, ModuleUpdateMessage,
                                               BundleUpdateMessage, StatusMessage, RequestMessage, ChunkMessage)}
 SIGNED = (ModuleUpdateMessage, BundleUpdateMessage)
 _BYTES_FIELDS = {"archive", "data"}
@@ -216,13 +220,13 @@ def decode(data: bytes, verifier: Verifier | None = None, max_bytes: int | None 
         fields = {**fields, blob_name: body}
     unknown = set(fields) - names
     try:
-        msg = cls(**{k: v for k, v in fields.items() if k in names})
+        msg: Message = cls(**{k: v for k, v in fields.items() if k in names})
     except TypeError as exc:
         raise DataError(f"{cls.TYPE} message fields are wrong: {exc}", hint="resend the message") from exc
     _check_types(msg)
     if unknown:
         raise DataError(f"{cls.TYPE} message has unknown fields {sorted(unknown)}", hint="check schema versions")
-    return msg  # type: ignore[no-any-return]
+    return msg
 
 
 def _check_types(msg: Any) -> None:

@@ -14,7 +14,6 @@ replaced last, so ``kill -9`` at any moment leaves the last good model reachable
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any
 
 from eclm.errors import BundleError
 from eclm.hashing import atomic_write_json, sha256_file
-from eclm.manifest import MANIFEST, BundleManifest, verify_bundle
+from eclm.manifest import BundleManifest, bundle_digest, verify_bundle
 
 POINTER = "current.json"
 
@@ -38,11 +37,6 @@ class Pointer:
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle": self.bundle, "generation": self.generation}
-
-
-def bundle_digest(folder: Path) -> str:
-    """Identity of a bundle: the sha256 of its manifest (which holds every file's sha256)."""
-    return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
 class StateDir:

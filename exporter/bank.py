@@ -159,6 +159,19 @@ class DirectoryBank:
             out.update(self.read_part(part_id))
         return out
 
+    def write_part_version(self, part_id: str, version: int, tensors: dict[str, np.ndarray]) -> str:
+        """Write one part's tensors at ``version`` (atomically); returns the file's sha256."""
+        path = self._part_path(part_id, version)
+        atomic_write_bytes(path, encode_tensors(tensors))
+        return sha256_file(path)
+
+    def part_file(self, part_id: str, version: int) -> Path:
+        return self._part_path(part_id, version)
+
+    def write_info(self, info: BankInfo) -> None:
+        """Replace ``bank.json`` atomically."""
+        atomic_write_json(self.root / BANK_FILE, info.to_dict())
+
     def write(self, info: BankInfo, tensors: dict[str, dict[str, np.ndarray]]) -> None:
         """Write parts (at their recorded versions) and then ``bank.json``, each atomically."""
         for part_id, named in tensors.items():

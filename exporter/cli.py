@@ -25,6 +25,8 @@ def export(
                                       help="Extra folder of <name>.toml device profiles."),
     list_profiles: bool = typer.Option(False, "--list-profiles", help="Print profile names, one per line."),
     no_measure: bool = typer.Option(False, "--no-measure", help="Skip the measurement subprocesses."),
+    signing_key: Path = typer.Option(None, "--signing-key", envvar="ECLM_SIGNING_KEY", exists=True, dir_okay=False,
+                                     help="Sign the manifest with this Ed25519 key (from `eclm-cloud keys`)."),
 ) -> None:
     """Write a bundle: model.onnx, selector.onnx, ORT training artifacts (if the board trains), manifest.json.
 
@@ -60,6 +62,7 @@ def export(
             importance_file=importance,
             profiles_dir=profiles_dir,
             measure=not no_measure,
+            signing_key=signing_key,
         ),
         step=lambda msg: typer.echo(f"- {msg}", err=True),
     )

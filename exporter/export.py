@@ -18,9 +18,10 @@ import torch
 
 from device_profiles import DeviceProfile, load_profile
 from eclm import __version__
-from eclm.errors import EclmError, ExportValidationError, InfeasibleBudgetError
+from eclm.errors import ExportValidationError, InfeasibleBudgetError
 from eclm.manifest import MANIFEST, BundleManifest, write_manifest
 from eclm.ort_train import training_available
+from eclm.signing import Signer, load_signer
 from exporter.artifacts import TRAIN_FOLDER, TrainingPlan, generate, plan_training
 from exporter.bank import DirectoryBank
 from exporter.config import ModelConfig
@@ -49,6 +50,7 @@ class ExportRequest:
     profiles_dir: Path | None = None
     measure: bool = True
     max_train_layers: int | None = None
+    signing_key: Path | None = None  # Ed25519 private key (PEM): sign the manifest
 
 
 def part_of(name: str) -> str:
@@ -325,9 +327,9 @@ def _build(
         }
         if measured["inference_memory_bytes"] > profile.memory_budget_bytes:
             over["memory_bytes"] = measured["inference_memory_bytes"] / profile.memory_budget_bytes
-    write_manifest(work, manifest)
+    write_manifest(work, manifest, _signer(req))
     return manifest, over
 
 
-def export_error_exit_code(exc: EclmError) -> int:
-    return exc.exit_code
+def _signer(req: ExportRequest) -> Signer | None:
+    return load_signer(req.signing_key) if req.signing_key is not None else None

@@ -1,0 +1,192 @@
+"""The sync ledger (SQLite beside the bank): every delta once, module versions, lineage, devices.
+
+It is the authority for module versions: a merge writes the new part files first, then records
+the versions and marks its deltas merged in one transaction, then rewrites ``bank.json`` from
+here. ``kill -9`` anywhere leaves either the old state (new files orphaned, deltas still
+pending) or the new one (``bank.json`` is reconciled on start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deltas (
+    delta_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, received REAL NOT NULL,
+    status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',
+    payload BLOB, merged_round INTEGER, bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS deltas_status ON deltas(status);
+CREATE TABLE IF NOT EXISTS versions (
+    part_id TEXT NOT NULL, version INTEGER NOT NULL, created REAL NOT NULL, round INTEGER,
+    deltas TEXT NOT NULL, PRIMARY KEY (part_id, version)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, created REAL NOT NULL, outcome TEXT NOT NULL, metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejects (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, online INTEGER NOT NULL DEFAULT 0,
+    bundle TEXT NOT NULL DEFAULT '', modules TEXT NOT NULL DEFAULT '{}', importance TEXT NOT NULL DEFAULT '[]',
+    trainable INTEGER NOT NULL DEFAULT 1, profile TEXT NOT NULL DEFAULT '', last_derived TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredDelta:
+    """A delta as the ledger holds it."""
+
+    delta_id: str
+    device_id: str
+    payload: bytes
+
+
+class Ledger:
+    """Thread-safe access to the ledger database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # deltas
+    def known(self, delta_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT status FROM deltas WHERE delta_id = ?", (delta_id,)).fetchone()
+        return row[0] if row else None
+
+    def store_delta(self, delta_id: str, device_id: str, payload: bytes) -> bool:
+        """Record a valid delta as pending, once; False if its id was seen before."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO deltas (delta_id, device_id, received, status, payload, bytes) "
+                "VALUES (?, ?, ?, 'pending', ?, ?)", (delta_id, device_id, time.time(), payload, len(payload)))
+            return cur.rowcount == 1
+
+    def reject(self, reason: str, detail: str, delta_id: str | None = None, device_id: str = "",
+               size: int = 0) -> None:
+        """Count a rejection; a rejected delta with an id is recorded (without payload) so it is not re-counted."""
+        with self.transaction() as db:
+            if delta_id is not None:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO deltas (delta_id, device_id, received, status, reason, detail, bytes) "
+                    "VALUES (?, ?, ?, 'rejected', ?, ?, ?)", (delta_id, device_id, time.time(), reason, detail, size))
+                if cur.rowcount == 0:
+                    return
+            db.execute("INSERT INTO rejects (reason, count) VALUES (?, 1) "
+                       "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+
+    def pending(self, limit: int = 10_000) -> list[StoredDelta]:
+        with self._lock:
+            rows = self._db.execute("SELECT delta_id, device_id, payload FROM deltas WHERE status = 'pending' "
+                                    "ORDER BY received LIMIT ?", (limit,)).fetchall()
+        return [StoredDelta(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM deltas WHERE status = 'pending'").fetchone()[0])
+
+    # versions
+    def versions(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT part_id, MAX(version) FROM versions GROUP BY part_id").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def seed_versions(self, versions: dict[str, int]) -> None:
+        """Record the bank's starting versions (once)."""
+        with self.transaction() as db:
+            for part_id, v in versions.items():
+                db.execute("INSERT OR IGNORE INTO versions (part_id, version, created, round, deltas) "
+                           "VALUES (?, ?, ?, NULL, '[]')", (part_id, v, time.time()))
+
+    def next_round(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        return int(row[0] or 0) + 1
+
+    def commit_round(self, round_no: int, new_versions: dict[str, tuple[int, list[str]]], merged: list[str],
+                     held: list[str], held_reason: str, metrics: dict[str, Any]) -> None:
+        """One transaction: new versions with lineage, deltas merged (or held back), the round's record."""
+        now = time.time()
+        with self.transaction() as db:
+            for part_id, (version, deltas) in new_versions.items():
+                db.execute("INSERT INTO versions (part_id, version, created, round, deltas) VALUES (?, ?, ?, ?, ?)",
+                           (part_id, version, now, round_no, json.dumps(deltas)))
+            for d in merged:
+                db.execute("UPDATE deltas SET status = 'merged', merged_round = ?, payload = NULL "
+                           "WHERE delta_id = ? AND status = 'pending'", (round_no, d))
+            for d in held:
+                db.execute("UPDATE deltas SET status = 'held', reason = ?, merged_round = ? "
+                           "WHERE delta_id = ? AND status = 'pending'", (held_reason, round_no, d))
+            db.execute("INSERT INTO rounds (round, created, outcome, metrics) VALUES (?, ?, ?, ?)",
+                       (round_no, now, "held" if held else "merged", json.dumps(metrics)))
+
+    def lineage(self, part_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT version, created, round, deltas FROM versions WHERE part_id = ? "
+                                    "ORDER BY version", (part_id,)).fetchall()
+        return [{"version": r[0], "created": r[1], "round": r[2], "deltas": json.loads(r[3])} for r in rows]
+
+    # devices
+    def touch_device(self, device_id: str, **fields: Any) -> None:
+        cols = {k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in fields.items()}
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO devices (device_id, last_seen) VALUES (?, ?)", (device_id, time.time()))
+            sets = ", ".join(f"{k} = ?" for k in cols)
+            db.execute(f"UPDATE devices SET last_seen = ?{', ' + sets if sets else ''} WHERE device_id = ?",
+                       (time.time(), *cols.values(), device_id))
+
+    def devices(self) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._db.execute("SELECT * FROM devices ORDER BY device_id")
+            names = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        out = []
+        for r in rows:
+            d = dict(zip(names, r, strict=True))
+            d["modules"] = json.loads(d["modules"])
+            d["importance"] = json.loads(d["importance"])
+            out.append(d)
+        return out
+
+    # reports
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            by_status = dict(self._db.execute("SELECT status, COUNT(*) FROM deltas GROUP BY status").fetchall())
+            rejects = dict(self._db.execute("SELECT reason, count FROM rejects ORDER BY reason").fetchall())
+            rounds = self._db.execute(
+                "SELECT round, outcome, metrics FROM rounds ORDER BY round DESC LIMIT 5").fetchall()
+            uplink = int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM deltas").fetchone()[0])
+        return {
+            "deltas": by_status,
+            "rejected_by_reason": rejects,
+            "recent_rounds": [{"round": r[0], "outcome": r[1], **json.loads(r[2])} for r in rounds],
+            "uplink_bytes": uplink,
+        }

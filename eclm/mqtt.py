@@ -1,0 +1,53 @@
+"""Broker URLs and a configured paho-mqtt client, shared by the device and the cloud daemon."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from eclm.errors import ConfigError
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """``mqtt://[user[:password]@]host[:port]``."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @staticmethod
+    def parse(url: str) -> BrokerUrl:
+        u = urlparse(url)
+        if u.scheme != "mqtt" or not u.hostname:
+            raise ConfigError(f"broker URL {url!r} is not mqtt://HOST[:PORT]",
+                              hint=f"e.g. {DEFAULT_BROKER} (TLS brokers are not supported yet)")
+        try:
+            port = u.port or 1883
+        except ValueError as exc:
+            raise ConfigError(f"broker URL {url!r} has a bad port", hint="use a port 1..65535") from exc
+        return BrokerUrl(u.hostname, port, unquote(u.username) if u.username else None,
+                         unquote(u.password) if u.password else None)
+
+    def __str__(self) -> str:  # never prints the password
+        return f"mqtt://{self.host}:{self.port}"
+
+
+def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | None = None) -> Any:
+    """A paho client with a persistent session (queued QoS 1 messages survive disconnects) and back-off."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                         protocol=mqtt.MQTTv311)
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.max_inflight_messages_set(64)
+    client.max_queued_messages_set(0)
+    return client
