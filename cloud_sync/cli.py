@@ -1,4 +1,4 @@
-"""`eclm-cloud`: train the modular model into a module bank (and, later, run the merger daemon)."""
+"""`eclm-cloud`: train the modular model into a module bank, run the merger daemon, report its state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 from eclm.cli_support import make_app, reports_errors
 
-app = make_app("The cloud side of ECLM: train the modular model into a versioned module bank.")
+app = make_app("The cloud side of ECLM: train the module bank, run the merger daemon, inspect it.")
 
 
 @app.callback()
@@ -61,3 +61,94 @@ def train(
 
 def main() -> None:
     app()
+
+
+@app.command()
+@reports_errors
+def keys(out: Path = typer.Option(Path("keys"), "--out", help="Folder for signing.key and signing.pub.")) -> None:
+    """Create the cloud's Ed25519 signing key pair: keep signing.key in the cloud, give signing.pub to devices."""
+    from eclm.signing import generate_keys, load_verifier
+
+    out.mkdir(parents=True, exist_ok=True)
+    priv, pub = generate_keys(out)
+    typer.echo(f"wrote {priv} (private, mode 600) and {pub} (key id {load_verifier(pub).key_id})")
+
+
+@app.command()
+@reports_errors
+def sync(
+    bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="ECLM_BROKER", help="MQTT broker URL."),
+    signing_key: Path = typer.Option(None, "--signing-key", envvar="ECLM_SIGNING_KEY", exists=True, dir_okay=False,
+                                     help="Ed25519 key to sign module and bundle updates (without it none are sent)."),
+    round_deltas: int = typer.Option(5, "--round-deltas", min=1, help="Merge once this many deltas are pending."),
+    round_seconds: float = typer.Option(30.0, "--round-seconds", help="... or once the oldest waited this long."),
+    strategy: str = typer.Option("weighted", "--strategy", help="weighted (importance x samples), trimmed, median."),
+    gate_margin: float = typer.Option(0.02, "--gate-margin",
+                                      help="Hold back a merge that lowers validation accuracy by more than this."),
+    max_staleness: int = typer.Option(3, "--max-staleness", help="Versions a delta's base may lag behind."),
+    max_payload: int = typer.Option(4 * 2**20, "--max-payload", help="Reject messages larger than this (bytes)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Run the merger daemon: validate and store deltas, merge them in rounds, send updated modules back.
+
+    Every delta is acknowledged to its device once it is stored (or rejected, with the reason); a delta
+    id is merged at most once, and a merge that lowers validation accuracy by more than the margin is
+    held back. Stop with Ctrl-C or SIGTERM.
+    """
+    import logging
+    import signal
+
+    from cloud_sync.daemon import SyncDaemon, SyncSettings
+    from cloud_sync.merger import MergeSettings
+    from cloud_sync.validation import Limits
+    from eclm.signing import load_signer
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = SyncSettings(
+        bank_dir=bank, broker=broker, round_deltas=round_deltas, round_seconds=round_seconds,
+        max_payload=max_payload, signing_key=signing_key,
+        merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, limits=Limits(max_staleness=max_staleness)),
+    )
+    daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop.set())
+    try:
+        daemon.run()
+    except KeyboardInterrupt:
+        daemon.stop.set()
+
+
+@app.command()
+@reports_errors
+def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Module versions, devices seen, deltas merged and rejected (by reason)."""
+    import json
+
+    from cloud_sync.daemon import LEDGER
+    from cloud_sync.ledger import Ledger
+    from exporter.bank import DirectoryBank
+
+    info = DirectoryBank(bank).info()
+    ledger = Ledger(bank / LEDGER)
+    try:
+        report = {"bank_id": info.bank_id,
+                  "module_versions": {k: v.version for k, v in sorted(info.parts.items()) if v.version > 1},
+                  "parts": len(info.parts), **ledger.summary(),
+                  "devices": [{k: d[k] for k in ("device_id", "online", "last_seen", "bundle", "profile")}
+                              for d in ledger.devices()]}
+    finally:
+        ledger.close()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"bank {report['bank_id']}: {report['parts']} parts; above version 1: "
+               f"{report['module_versions'] or 'none'}")
+    typer.echo(f"deltas: {report['deltas'] or 'none'}; uplink {report['uplink_bytes']} bytes")
+    typer.echo(f"rejected by reason: {report['rejected_by_reason'] or 'none'}")
+    for r in report["recent_rounds"]:
+        typer.echo(f"round {r['round']}: {r['outcome']} (validation {r.get('val_before')} -> {r.get('val_after')})")
+    for d in report["devices"]:
+        typer.echo(f"device {d['device_id']}: {'online' if d['online'] else 'offline'}, profile {d['profile']}, "
+                   f"bundle {d['bundle']}")

@@ -40,7 +40,7 @@ class SyncSettings:
     max_payload: int = 4 * 2**20  # bigger messages are rejected (chunks are limited separately)
     chunk_bytes: int = 256 * 2**10  # outgoing messages above this are chunked
     update_codec: str = "fp32+zlib"
-    derive_threshold: float = 0.2  # L1 change of importance that warrants a new bundle
+    derive_threshold: float = 0.5  # mean per-layer L1 change of importance that warrants a new bundle
     merge: MergeSettings = field(default_factory=MergeSettings)
     signing_key: Path | None = None
     client_id: str = "eclm-sync"
@@ -129,17 +129,21 @@ class SyncCore:
         known = {d["device_id"]: d for d in self.ledger.devices()}.get(device)
         self.ledger.touch_device(device, online=1, bundle=msg.bundle, modules=msg.modules,
                                  importance=msg.importance, trainable=int(msg.trainable), profile=msg.profile_name)
-        moved = True
-        if known is not None and known.get("last_derived"):
-            last = json.loads(known["last_derived"])
+        # Drift signal (METHOD.md section 4): the measured importance has moved away from the one the
+        # device's sub-model was derived for (or from what we last derived for it).
+        reference = json.loads(known["last_derived"]) if known and known.get("last_derived") else msg.derived_for
+        moved = False
+        if msg.measured and reference is not None:
             try:
-                moved = float(sum(np.abs(np.asarray(a) - np.asarray(b)).sum()
-                                  for a, b in zip(msg.importance, last, strict=True))) > self.settings.derive_threshold
+                shift = sum(float(np.abs(np.asarray(a) - np.asarray(b)).sum())
+                            for a, b in zip(msg.importance, reference, strict=True)) / max(1, len(reference))
+                moved = shift > self.settings.derive_threshold
             except ValueError:
                 moved = True
         if not (msg.want_bundle or moved) or not msg.profile_name:
             return []
-        return self.derive_for(device, msg.profile_name, msg.importance, "importance profile changed")
+        return self.derive_for(device, msg.profile_name, msg.importance,
+                               "requested" if msg.want_bundle else "importance profile moved")
 
     def derive_for(self, device: str, profile_name: str, importance: list[list[float]], reason: str
                    ) -> list[Publication]:

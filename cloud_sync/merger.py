@@ -28,6 +28,7 @@ class MergeSettings:
 
     strategy: str = "weighted"
     gate_margin: float = 0.02  # a merge may lower validation accuracy by at most this much
+    server_lr: float = 1.0  # step size applied to the merged delta (1.0: the method's plain average)
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -144,6 +145,7 @@ class Merger:
         strategy = STRATEGIES[self.settings.strategy]
         new_params = dict(self.params)
         lineage: dict[str, list[str]] = {}
+        lr = self.settings.server_lr
         for part_id, contribs in sorted(by_part.items()):
             groups: dict[tuple[str, ...], list[Contribution]] = defaultdict(list)
             for c in contribs:
@@ -152,27 +154,54 @@ class Merger:
             for group in groups.values():
                 merged = strategy(group)
                 for name, d in merged.tensors.items():
-                    updated[name] = (updated[name].astype(np.float32) + d).astype(updated[name].dtype)
+                    updated[name] = (updated[name].astype(np.float32) + lr * d).astype(updated[name].dtype)
             new_params[part_id] = updated
             lineage[part_id] = [c.delta_id for c in contribs]
-        before = self.validation_accuracy(self.params)
-        after = self.validation_accuracy(new_params)
+        kept, before, after, harms = self._gate(new_params, sorted(lineage))
+        held_parts = sorted(set(lineage) - set(kept))
+        merged_ids = sorted({d for pid in kept for d in lineage[pid]})
+        held_ids = sorted(set(ids) - set(merged_ids))
+        reason = ""
+        if held_parts:
+            drops = ", ".join(f"{p}: {harms[p]:.3f}" for p in held_parts)
+            reason = (f"held back {held_parts}: merging them would lower validation accuracy by more than "
+                      f"{self.settings.gate_margin:g} (alone: {drops})")
+            log.warning("round %d: %s", round_no, reason)
         current = self.versions()
-        if after == after and before == before and after < before - self.settings.gate_margin:
-            reason = f"validation accuracy would drop from {before:.4f} to {after:.4f}"
-            log.warning("round %d held back: %s", round_no, reason)
-            self.ledger.commit_round(round_no, {}, [], ids, "validation_gate", {"val_before": before,
-                                                                                "val_after": after})
-            return RoundResult(round_no, [], ids, {}, before, after, time.perf_counter() - t0, reason)
-        new_versions = {pid: current[pid] + 1 for pid in lineage}
+        new_versions = {pid: current[pid] + 1 for pid in kept}
         shas = {pid: self.bank.write_part_version(pid, v, new_params[pid]) for pid, v in new_versions.items()}
-        self.ledger.commit_round(round_no, {pid: (v, lineage[pid]) for pid, v in new_versions.items()}, ids, [], "",
-                                 {"val_before": before, "val_after": after, "deltas": len(ids)})
+        self.ledger.commit_round(round_no, {pid: (v, lineage[pid]) for pid, v in new_versions.items()}, merged_ids,
+                                 held_ids, "validation_gate",
+                                 {"val_before": before, "val_after": after, "deltas": len(ids),
+                                  "held_parts": held_parts})
         info = self.bank.info()
         for pid, v in new_versions.items():
             rec = info.parts[pid]
             rec.version, rec.sha256 = v, shas[pid]
             rec.lineage.append({"version": v, "round": round_no, "deltas": lineage[pid]})
         self.bank.write_info(info)
-        self.params = new_params
-        return RoundResult(round_no, ids, [], new_versions, before, after, time.perf_counter() - t0)
+        self.params = {pid: (new_params[pid] if pid in new_versions else v) for pid, v in self.params.items()}
+        return RoundResult(round_no, merged_ids, held_ids, new_versions, before, after, time.perf_counter() - t0,
+                           reason)
+
+    def _gate(self, new_params: dict[str, dict[str, np.ndarray]], parts: list[str]
+              ) -> tuple[list[str], float, float, dict[str, float]]:
+        """Parts whose merge keeps validation accuracy within the margin, alone and together.
+
+        Each part is first tried alone; then, while the kept parts together still lose more than the
+        margin, the part that hurt most alone is held back.
+        """
+        def with_parts(chosen: list[str]) -> dict[str, dict[str, np.ndarray]]:
+            return {pid: (new_params[pid] if pid in chosen else v) for pid, v in self.params.items()}
+
+        before = self.validation_accuracy(self.params)
+        if before != before:  # no validation data: nothing to gate on
+            return parts, before, before, {p: 0.0 for p in parts}
+        margin = self.settings.gate_margin
+        harms = {p: before - self.validation_accuracy(with_parts([p])) for p in parts}
+        kept = [p for p in parts if harms[p] <= margin]
+        after = self.validation_accuracy(with_parts(kept)) if kept else before
+        while kept and after < before - margin:
+            kept.remove(max(kept, key=lambda p: harms[p]))
+            after = self.validation_accuracy(with_parts(kept)) if kept else before
+        return kept, before, after, harms

@@ -43,6 +43,8 @@ class ProfileMessage:
     modules: dict[str, int] = field(default_factory=dict)
     trainable: bool = True
     want_bundle: bool = False
+    measured: bool = False  # importance measured on local samples (else: the bundle's own)
+    derived_for: list[list[float]] | None = None  # the importance the serving bundle was derived for
     resources: dict[str, float] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
 

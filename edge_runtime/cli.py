@@ -47,6 +47,10 @@ def serve(
     epochs: int = typer.Option(None, "--epochs", min=1, help="Override the bundle's epochs."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Override the bundle's batch size."),
     learning_rate: float = typer.Option(None, "--learning-rate", help="Override the bundle's learning rate."),
+    broker: str = typer.Option(None, "--broker", envvar="ECLM_BROKER",
+                               help="Sync with the cloud through this MQTT broker, e.g. mqtt://127.0.0.1:1883."),
+    trust_key: Path = typer.Option(None, "--trust-key", envvar="ECLM_TRUST_KEY", exists=True, dir_okay=False,
+                                   help="The cloud's public key (signing.pub); updates must be signed by it."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
 ) -> None:
     """Verify the bundle, then serve predictions and collect samples over HTTP; fine-tune in the background.
@@ -64,11 +68,17 @@ def serve(
     cfg = load_config(config, {
         "bundle": bundle, "state_dir": state_dir, "port": port, "host": host, "device_id": device_id,
         "train_every_samples": train_every, "train_interval_s": train_interval, "epochs": epochs,
-        "batch_size": batch_size, "learning_rate": learning_rate,
+        "batch_size": batch_size, "learning_rate": learning_rate, "broker": broker, "trust_key": trust_key,
     })
     service = EdgeService(cfg)
     server = make_server(service, cfg.host, cfg.port)
     service.start_scheduler()
+    sync = None
+    if cfg.broker:
+        from edge_runtime.sync import EdgeSync
+
+        sync = EdgeSync(service)
+        sync.start()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -85,6 +95,8 @@ def serve(
         server.serve_forever()
     finally:
         server.server_close()
+        if sync is not None:
+            sync.close()
         service.close()
 
 

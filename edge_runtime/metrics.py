@@ -27,6 +27,13 @@ class EdgeMetrics:
         self.outbox_entries = Gauge("eclm_edge_outbox_entries", "Deltas waiting to be sent", registry=r)
         self.generation = Gauge("eclm_edge_generation", "Serving generation (0: the bundle as shipped)",
                                 registry=r)
+        self.update_rollbacks = Counter("eclm_edge_update_rollbacks", "Updates not served: worse on the holdout",
+                                        registry=r)
+        self.deltas_acked = Counter("eclm_edge_deltas_acknowledged", "Deltas the cloud acknowledged", ["status"],
+                                    registry=r)
+        self.uplink_bytes = Counter("eclm_edge_uplink_bytes", "Bytes published to the broker", registry=r)
+        self.downlink_bytes = Counter("eclm_edge_downlink_bytes", "Bytes received from the broker", registry=r)
+        self.broker_connected = Gauge("eclm_edge_broker_connected", "1 while connected to the broker", registry=r)
         self.bundle_rejections = Counter("eclm_edge_bundle_rejections", "Bundles refused", registry=r)
 
     def render(self) -> bytes:

@@ -22,6 +22,7 @@ class ServingModel:
     generation: int
     model_path: Path
     checkpoint_path: Path | None
+    versions: dict[str, int] | None = None  # module versions of this generation (default: the bundle's)
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -33,6 +34,13 @@ class ServingModel:
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(int(d) for d in self.manifest.input["shape"][1:])
         self.labels = list(self.manifest.labels)
+
+    @property
+    def module_versions(self) -> dict[str, int]:
+        """Version of every part this generation holds."""
+        if self.versions is not None:
+            return dict(self.versions)
+        return {p["part_id"]: int(p["version"]) for p in [*self.manifest.modules, *self.manifest.fixed_parts]}
 
     @property
     def trainable(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from eclm.errors import BundleError, DataError, TrainingUnavailableError
+from eclm.ort import load_onnxruntime
 from edge_runtime.config import EdgeConfig
 from edge_runtime.metrics import EdgeMetrics
 from edge_runtime.model import ServingModel
@@ -39,6 +40,7 @@ class EdgeService:
         self._train_lock = threading.Lock()
         self._train_thread: threading.Thread | None = None
         self.last_training: dict[str, Any] | None = None
+        self.last_update: dict[str, Any] | None = None
         self.started = time.time()
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
@@ -59,8 +61,10 @@ class EdgeService:
                 if info.get("bundle") != pointer.bundle:
                     raise BundleError(f"generation {gen} belongs to another bundle", hint="skipped")
                 folder = self.state.gen_dir(gen)
+                versions = info.get("module_versions")
                 return ServingModel(manifest, bundle_dir, pointer.bundle, gen, folder / "model.onnx",
-                                    folder / "checkpoint" if base_ckpt else None)
+                                    folder / "checkpoint" if base_ckpt else None,
+                                    {k: int(v) for k, v in versions.items()} if versions else None)
             except BundleError as exc:
                 log.error("cannot serve generation %d (%s); falling back to its parent", gen, exc.message)
                 gen = int(self._parent_of(gen))
@@ -239,6 +243,7 @@ class EdgeService:
                 folder = self.state.commit_generation(work, n, {
                     "bundle": serving.digest, "parent": serving.generation, "delta_id": outcome.delta_id,
                     "holdout_before": outcome.holdout_before, "holdout_after": outcome.holdout_after,
+                    "module_versions": serving.module_versions,
                 })
                 new = replace(serving, generation=n, model_path=folder / "model.onnx",
                               checkpoint_path=folder / "checkpoint")
@@ -258,8 +263,7 @@ class EdgeService:
 
     def _keep_delta(self, serving: ServingModel, outcome: TrainOutcome,
                     deltas: dict[str, dict[str, np.ndarray]]) -> None:
-        versions = {p["part_id"]: int(p["version"]) for p in [*serving.manifest.modules,
-                                                                 *serving.manifest.fixed_parts]}
+        versions = serving.module_versions
         meta = {
             "schema_version": 1,
             "device_id": self.cfg.device_id,
@@ -268,6 +272,7 @@ class EdgeService:
             "local_generation": serving.generation,
             "parts": {pid: {"base_version": versions[pid], "params": sorted(t)} for pid, t in deltas.items()},
             "sample_count": outcome.samples,
+            "importance": self.importance(),
             "metrics": {k: v for k, v in outcome.to_dict().items()
                         if k in ("loss_first", "loss_last", "holdout_before", "holdout_after", "steps")},
             "accepted_locally": outcome.accepted,
@@ -276,6 +281,117 @@ class EdgeService:
         flat = {name: arr for part in deltas.values() for name, arr in part.items()}
         assert outcome.delta_id is not None
         self.outbox.put(outcome.delta_id, meta, flat)
+
+    # -- importance and updates from the cloud
+    def importance(self, max_samples: int = 512) -> list[list[float]] | None:
+        """Mean routing weight of every bank module over the newest stored samples (via selector.onnx)."""
+        serving = self.serving
+        path = serving.bundle_dir / serving.manifest.selector.get("file", "selector.onnx")
+        if not path.is_file() or self.store.count() == 0:
+            return None
+        if getattr(self, "_selector_path", None) != path:
+            ort = load_onnxruntime()
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.log_severity_level = 3
+            self._selector = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._selector_path = path
+        x = self.store.recent(max_samples).x
+        gates = self._selector.run(None, {self._selector.get_inputs()[0].name: x})
+        return [[float(v) for v in np.asarray(g).mean(axis=0)] for g in gates]
+
+    def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Load new module versions into the serving weights; kept only if the holdout does not get worse."""
+        from eclm.ort_train import OrtTrainer
+
+        with self._train_lock:
+            serving = self.serving
+            if not serving.trainable:
+                raise TrainingUnavailableError("module updates need a bundle with training artifacts",
+                                               hint="the cloud sends inference-only devices whole bundles")
+            current = serving.module_versions
+            fresh = {pid: v for pid, v in versions.items() if v > current.get(pid, 0)}
+            if not fresh:
+                return {"applied": False, "reason": "already at these versions or newer"}
+            folder = serving.bundle_dir / serving.manifest.training["folder"]
+            trainer = OrtTrainer(folder, checkpoint=serving.checkpoint_path)
+            have = set(trainer.parameter_names())
+            wanted = {f"net.{name}": arr for name, arr in tensors.items()}
+            unknown = sorted(set(wanted) - have)
+            if unknown:
+                raise DataError(f"update names parameters this bundle lacks: {unknown[:3]}",
+                                hint="the cloud must send modules of this device's sub-model")
+            for name, arr in wanted.items():
+                if trainer.parameter(name).shape != arr.shape:
+                    raise DataError(f"update for {name} has shape {arr.shape}", hint="refused")
+                trainer.set_parameter(name, arr.astype(np.float32))
+            work = self.state.new_generation_workdir()
+            try:
+                trainer.export_inference(work / "model.onnx", [serving.manifest.output["name"]])
+                trainer.save(work / "checkpoint")
+                holdout = self.store.holdout_set()
+                candidate = replace(serving, model_path=work / "model.onnx", checkpoint_path=work / "checkpoint")
+                before = serving.accuracy(holdout.x, holdout.y)
+                after = candidate.accuracy(holdout.x, holdout.y)
+                new_versions = {**current, **fresh}
+                if len(holdout) and after < before:
+                    self.metrics.update_rollbacks.inc()
+                    result = {"applied": False, "rolled_back": True, "holdout_before": before,
+                              "holdout_after": after, "versions": fresh,
+                              "reason": "the update did worse on the holdout than the serving model"}
+                    self.last_update = result
+                    return result
+                n = self.state.next_generation()
+                gen = self.state.commit_generation(work, n, {
+                    "bundle": serving.digest, "parent": serving.generation, "update": fresh,
+                    "holdout_before": before, "holdout_after": after, "module_versions": new_versions,
+                })
+                self.state.write_pointer(Pointer(serving.digest, n))
+                self.serving = replace(serving, generation=n, model_path=gen / "model.onnx",
+                                       checkpoint_path=gen / "checkpoint", versions=new_versions)
+                result = {"applied": True, "generation": n, "versions": fresh, "holdout_before": before,
+                          "holdout_after": after}
+                self.last_update = result
+            finally:
+                if work.exists():
+                    shutil.rmtree(work, ignore_errors=True)
+        self._refresh_gauges()
+        return result
+
+    def install_bundle_archive(self, archive: bytes, verifier: Any) -> dict[str, Any]:
+        """Unpack a bundle sent by the cloud, check its signature and hashes, and swap it in if not worse."""
+        import tempfile
+
+        from eclm.archive import untar_bundle
+        from eclm.manifest import verify_bundle
+
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.state.root / "bundles"))
+        try:
+            untar_bundle(archive, tmp / "b")
+            verify_bundle(tmp / "b", verifier)
+            with self._train_lock:
+                serving = self.serving
+                digest, _ = self.state.install_bundle(tmp / "b")
+                candidate = self._open(Pointer(digest, 0))
+                holdout = self.store.holdout_set()
+                before = serving.accuracy(holdout.x, holdout.y)
+                after = candidate.accuracy(holdout.x, holdout.y)
+                if len(holdout) and after < before:
+                    self.metrics.update_rollbacks.inc()
+                    result = {"applied": False, "rolled_back": True, "bundle": digest, "holdout_before": before,
+                              "holdout_after": after, "reason": "the bundle did worse on the holdout"}
+                else:
+                    self.state.write_pointer(Pointer(digest, 0))
+                    self.serving = candidate
+                    result = {"applied": True, "bundle": digest, "holdout_before": before, "holdout_after": after}
+            self.last_update = result
+        except BundleError:
+            self.metrics.bundle_rejections.inc()
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._refresh_gauges()
+        return result
 
     # -- schedule
     def start_scheduler(self) -> None:
@@ -311,6 +427,8 @@ class EdgeService:
                         "new_since_training": self._new_samples()},
             "training": {"running": self.training_now, "last": self.last_training, "settings": vars(self.settings())},
             "outbox": {"entries": len(self.outbox), "bytes": self.outbox.bytes_pending()},
+            "module_versions": s.module_versions,
+            "last_update": self.last_update,
             "resources": _resources(),
             "uptime_s": time.time() - self.started,
         }

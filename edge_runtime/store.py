@@ -91,6 +91,10 @@ class SampleStore:
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         return Batch(x, y, ids)
 
+    def recent(self, n: int) -> Batch:
+        """The newest ``n`` samples, whatever their share."""
+        return self._load("id > (SELECT COALESCE(MAX(id), 0) FROM samples) - ?", (n,))
+
     def training_set(self) -> Batch:
         """Every sample not in the holdout share."""
         return self._load("id % ? != 0", (self.holdout_every,))

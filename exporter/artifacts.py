@@ -85,3 +85,4 @@ def generate(model_path: Path, out_dir: Path, trainable: Sequence[str], frozen: 
             artifact_directory=str(out_dir),
             additional_output_names=["logits"],
         )
+    onnxruntime.set_default_logger_severity(3)  # generate_artifacts turns verbose logging back on

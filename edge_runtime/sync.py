@@ -1,0 +1,215 @@
+"""The device's MQTT side: publish the outbox (QoS 1, dropped only on the cloud's ack), receive updates."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from eclm import topics, wire
+from eclm.errors import BundleError, DataError, EclmError
+from eclm.mqtt import BrokerUrl, make_client
+from eclm.signing import Verifier, load_verifier
+from edge_runtime.outbox import Outbox
+from edge_runtime.service import EdgeService
+
+log = logging.getLogger("eclm.edge.sync")
+
+
+def delta_message(service: EdgeService, path: Path) -> wire.DeltaMessage:
+    """The wire message of one outbox file."""
+    entry = Outbox.read(path)
+    meta = entry.meta
+    parts = {pid: list(p["params"]) for pid, p in meta["parts"].items()}
+    return wire.DeltaMessage(
+        delta_id=entry.delta_id,
+        device_id=service.cfg.device_id,
+        bank_id=str(meta["bank_id"]),
+        bundle=str(meta.get("bundle", "")),
+        base_versions={pid: int(p["base_version"]) for pid, p in meta["parts"].items()},
+        parts=parts,
+        tensors=entry.tensors,
+        sample_count=int(meta.get("sample_count", 1)),
+        importance=meta.get("importance"),
+        metrics={k: v for k, v in dict(meta.get("metrics", {})).items() if v is not None},
+        accepted_locally=bool(meta.get("accepted_locally", True)),
+        created=float(meta.get("created", time.time())),
+    )
+
+
+class EdgeSync:
+    """Connects to the broker (reconnecting with back-off), flushes the outbox, applies signed updates."""
+
+    def __init__(self, service: EdgeService) -> None:
+        cfg = service.cfg
+        if cfg.broker is None:
+            raise DataError("no broker configured", hint="pass --broker mqtt://HOST:PORT")
+        self.service = service
+        self.broker = BrokerUrl.parse(cfg.broker)
+        self.device = cfg.device_id
+        self.verifier: Verifier | None = load_verifier(cfg.trust_key) if cfg.trust_key else None
+        self.inflight: dict[str, float] = {}
+        self.connected = threading.Event()
+        self.stop = threading.Event()
+        self.updates: queue.Queue[wire.Message] = queue.Queue(maxsize=16)
+        self.reassembler = wire.Reassembler()
+        self._last_profile: list[list[float]] | None = None
+        self._lock = threading.Lock()
+        offline = wire.encode(wire.StatusMessage(self.device, False))
+        self.client = make_client(f"eclm-edge-{self.device}", self.broker, will=(topics.status(self.device), offline))
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self._threads: list[threading.Thread] = []
+
+    # -- connection
+    def start(self) -> None:
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=20)
+        self.client.loop_start()
+        for target, name in ((self._flush_loop, "eclm-outbox"), (self._update_loop, "eclm-updates")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.connected.is_set():
+            self._publish(topics.status(self.device), wire.encode(wire.StatusMessage(self.device, False)), retain=True)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker %s refused the connection: %s", self.broker, reason)
+            return
+        for t in (topics.ack(self.device), topics.update(self.device), topics.request(self.device)):
+            client.subscribe(t, qos=1)
+        self.connected.set()
+        self.service.metrics.broker_connected.set(1)
+        s = self.service.serving
+        self._publish(topics.status(self.device),
+                      wire.encode(wire.StatusMessage(self.device, True, s.digest, s.generation)), retain=True)
+        with self._lock:
+            self.inflight.clear()  # resend whatever was not acknowledged before the reconnect
+        self.publish_profile()
+        log.info("connected to %s", self.broker)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.connected.clear()
+        self.service.metrics.broker_connected.set(0)
+        log.warning("disconnected from %s (%s); will reconnect", self.broker, reason)
+
+    def _publish(self, topic: str, data: bytes, retain: bool = False) -> None:
+        for part in wire.chunk(data, self.service.cfg.max_payload):
+            self.client.publish(topic, part, qos=1, retain=retain and len(part) == len(data))
+            self.service.metrics.uplink_bytes.inc(len(part))
+
+    # -- outgoing
+    def publish_profile(self, want_bundle: bool = False) -> None:
+        """Tell the cloud where this device's data routes, what it holds and what it is."""
+        s = self.service.serving
+        derived_for = [list(map(float, row)) for row in s.manifest.importance]
+        importance = self.service.importance()
+        measured = importance is not None
+        if importance is None:
+            importance = derived_for
+        msg = wire.ProfileMessage(
+            device_id=self.device, bank_id=s.manifest.bank_id, bundle=s.digest, importance=importance,
+            sample_count=self.service.store.count(),
+            profile_name=self.service.cfg.profile_name or s.manifest.profile["name"],
+            modules=s.module_versions, trainable=s.trainable, want_bundle=want_bundle, measured=measured,
+            derived_for=derived_for)
+        self._last_profile = importance
+        self._publish(topics.profile(self.device), wire.encode(msg))
+
+    def flush_once(self) -> int:
+        """Publish every outbox entry that is not in flight (or whose ack is overdue); returns how many."""
+        if not self.connected.is_set():
+            return 0
+        sent = 0
+        now = time.time()
+        for path in self.service.outbox.pending():
+            delta_id = path.stem.split("-", 1)[1]
+            with self._lock:
+                if now - self.inflight.get(delta_id, 0.0) < self.service.cfg.resend_s:
+                    continue
+                self.inflight[delta_id] = now
+            try:
+                msg = delta_message(self.service, path)
+            except (DataError, KeyError, ValueError, TypeError) as exc:
+                log.error("outbox entry %s is unreadable (%s); set aside", path.name, exc)
+                self.service.outbox.quarantine(path)
+                continue
+            self._publish(topics.delta(self.device), wire.encode(msg, codec=self.service.cfg.codec))
+            sent += 1
+        return sent
+
+    def _flush_loop(self) -> None:
+        last_trained = None
+        while not self.stop.wait(1.0):
+            try:
+                self.flush_once()
+                lt = self.service.last_training
+                if lt is not None and lt is not last_trained and self.connected.is_set():
+                    last_trained = lt
+                    self.publish_profile()
+            except Exception:  # keep trying; the outbox is durable
+                log.exception("outbox flush failed")
+
+    # -- incoming
+    def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
+        payload = bytes(m.payload)
+        self.service.metrics.downlink_bytes.inc(len(payload))
+        try:
+            msg = wire.decode(payload, self.verifier, max_bytes=self.service.cfg.max_payload * 2)
+            if isinstance(msg, wire.ChunkMessage):
+                whole = self.reassembler.add(msg)
+                if whole is None:
+                    return
+                msg = wire.decode(whole, self.verifier, max_bytes=512 * 2**20)
+        except EclmError as exc:
+            log.error("refused a message on %s: %s", m.topic, exc.message)
+            self.service.metrics.bundle_rejections.inc()
+            return
+        if isinstance(msg, wire.AckMessage):
+            self.service.metrics.deltas_acked.labels(msg.status).inc()
+            if msg.status == "rejected":
+                log.warning("cloud rejected delta %s: %s", msg.delta_id, msg.reason)
+            self.service.outbox.ack(msg.delta_id)
+            with self._lock:
+                self.inflight.pop(msg.delta_id, None)
+            self.service.metrics.outbox_entries.set(len(self.service.outbox))
+        elif isinstance(msg, wire.RequestMessage):
+            if msg.kind == "profile":
+                self.publish_profile()
+        elif isinstance(msg, wire.ModuleUpdateMessage | wire.BundleUpdateMessage):
+            try:
+                self.updates.put_nowait(msg)
+            except queue.Full:
+                log.error("update queue full; dropping update (the cloud resends on the next merge)")
+
+    def _update_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                msg = self.updates.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if self.verifier is None:
+                log.error("an update arrived but no --trust-key is configured; refused (updates must be signed)")
+                self.service.metrics.bundle_rejections.inc()
+                continue
+            try:
+                if isinstance(msg, wire.ModuleUpdateMessage):
+                    result = self.service.apply_module_update(msg.versions, msg.tensors)
+                else:
+                    assert isinstance(msg, wire.BundleUpdateMessage)
+                    result = self.service.install_bundle_archive(msg.archive, self.verifier)
+                log.info("update %s: %s", getattr(msg, "update_id", "?"), result)
+                self.publish_profile()
+            except (BundleError, DataError, EclmError) as exc:
+                log.error("update refused: %s", exc.message)
+            except Exception:
+                log.exception("applying an update failed; the serving model is unchanged")
