@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                 tqdm.write(f"  {name}: FAILED {rows[-1]['error']}")
     info = machine_info()
     doc = preface(info, command, full_cost, args.repeats) + "\n" + tables(rows)
+    if ok := [r for r in rows if "error" not in r]:
+        doc += (f"\nProcess baselines these peaks sit on (RSS after the imports): ONNX Runtime "
+                f"{_mib(max(r['measured']['baseline_bytes'] for r in ok))} MiB, PyTorch "
+                f"{_mib(max(r['torch_eager']['baseline_bytes'] for r in ok))} MiB.\n")
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"machine": info, "command": command, "config": CONFIG, "repeats": args.repeats,
                "full_model": full_cost, "profiles": rows}

@@ -198,7 +198,9 @@ class SyncCore:
                 if dev["profile"]:
                     out += self.derive_for(dev["device_id"], dev["profile"], dev["importance"], "modules merged")
                 continue
-            parts = {pid: sorted(self.merger.params[pid]) for pid in sorted(held)}
+            # Float tensors only: integer buffers (BatchNorm's num_batches_tracked) are not in the exported graphs.
+            parts = {pid: sorted(n for n, a in self.merger.params[pid].items() if a.dtype.kind == "f")
+                     for pid in sorted(held)}
             tensors = {n: self.merger.params[pid][n] for pid, names in parts.items() for n in names}
             msg = wire.ModuleUpdateMessage(uuid.uuid4().hex, self.merger.bank_id,
                                            {pid: versions[pid] for pid in held}, parts, tensors)
