@@ -200,8 +200,7 @@ class EdgeService:
         return self.last_training
 
     def _train_job(self, reason: str) -> None:
-        if not self._train_lock.acquire(blocking=False):
-            return
+        self._train_lock.acquire()  # waits while an update from the cloud is being applied
         try:
             result = self._train_once(reason)
         except Exception as exc:  # a failed run is reported, never fatal to serving
