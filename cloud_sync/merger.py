@@ -173,7 +173,7 @@ class Merger:
         self.ledger.commit_round(round_no, {pid: (v, lineage[pid]) for pid, v in new_versions.items()}, merged_ids,
                                  held_ids, "validation_gate",
                                  {"val_before": before, "val_after": after, "deltas": len(ids),
-                                  "held_parts": held_parts})
+                                  "held_parts": held_parts, "seconds": time.perf_counter() - t0})
         info = self.bank.info()
         for pid, v in new_versions.items():
             rec = info.parts[pid]
