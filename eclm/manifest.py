@@ -34,6 +34,7 @@ class BundleManifest:
     training: dict[str, Any]
     selector: dict[str, Any]
     validation: dict[str, Any] = field(default_factory=dict)
+    variants: list[dict[str, Any]] = field(default_factory=list)  # cheaper models for resource drops
     files: dict[str, str] = field(default_factory=dict)
     signature: dict[str, str] | None = None
     schema_version: int = MANIFEST_SCHEMA_VERSION
@@ -53,7 +54,7 @@ class BundleManifest:
                 hint="re-export the bundle with a matching eclm-export, or upgrade this runtime",
             )
         known = set(BundleManifest.__dataclass_fields__)
-        missing = known - set(data) - {"validation", "files", "signature"}
+        missing = known - set(data) - {"validation", "files", "signature", "variants"}
         if missing:
             raise BundleError(f"bundle manifest lacks {sorted(missing)}", hint="re-export the bundle")
         return BundleManifest(**{k: v for k, v in data.items() if k in known})

@@ -51,6 +51,7 @@ class OrtTrainer:
         missing = [f for f in TRAINING_FILES if not (self.folder / f).exists()]
         if missing:
             raise BundleError(f"training artifacts missing in {self.folder}: {missing}", hint="re-export")
+        c.set_default_logger_severity(3)  # importing the training tooling leaves the global logger verbose
         device = c.OrtDevice(c.OrtDevice.cpu(), c.OrtDevice.default_memory(), 0)
         options = c.get_default_session_options()
         options.log_severity_level = 3  # errors only; the training build defaults to verbose graph logs

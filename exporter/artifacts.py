@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +66,26 @@ def plan_training(
     return TrainingPlan(chosen, estimate_training_bytes(costs, all_parts, chosen, batch_size), budget_bytes)
 
 
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Hold the gradient builder's verbose native log (file descriptor 2); show it only if it fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            tail = log.read()[-4000:].decode(errors="replace")
+            sys.stderr.write(tail)
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def generate(model_path: Path, out_dir: Path, trainable: Sequence[str], frozen: Sequence[str]) -> None:
     """Training, eval and optimizer graphs plus checkpoint (CrossEntropy loss, AdamW) in ``out_dir``."""
     import onnx
@@ -75,7 +98,7 @@ def generate(model_path: Path, out_dir: Path, trainable: Sequence[str], frozen: 
     model = onnx.load(str(model_path))
     quiet = io.StringIO()
     logging.getLogger("root").setLevel(logging.WARNING)
-    with contextlib.redirect_stdout(quiet):
+    with contextlib.redirect_stdout(quiet), _native_stderr_to_log():
         artifacts.generate_artifacts(
             model,
             requires_grad=list(trainable),

@@ -192,6 +192,8 @@ def _build(
         "selector.onnx": check_against_torch(work / "selector.onnx", selector, check_x, gate_names),
     }
 
+    variants = _export_variants(ctx, derivation, costs, work, check_x, validation, say)
+
     names = initializer_names(work / "model.onnx")
     param_names = {n for n, _ in sub.named_parameters()}
     by_part: dict[str, list[str]] = {}
@@ -271,6 +273,7 @@ def _build(
         },
         selector={"file": "selector.onnx", "outputs": gate_names, "top_k": cfg.top_k},
         validation=validation,
+        variants=variants,
     )
     manifest.validation["exporter"] = f"eclm {__version__}"
 
@@ -329,6 +332,41 @@ def _build(
             over["memory_bytes"] = measured["inference_memory_bytes"] / profile.memory_budget_bytes
     write_manifest(work, manifest, _signer(req))
     return manifest, over
+
+
+VARIANT_LADDER = (("half", 0.5), ("quarter", 0.25))
+
+
+def _export_variants(ctx: _Context, derivation: Derivation, costs: dict[str, PartCost], work: Path,
+                     check_x: np.ndarray, validation: dict[str, Any], say: Step) -> list[dict[str, Any]]:
+    """Cheaper sub-models the device switches to when its free resources drop: the knapsack at half and
+    a quarter of the main model's cost, and the minimal one (the most important module of each layer).
+    """
+    importance = [np.asarray(r) for r in derivation.importance]
+    main = derivation.cost.dims()
+    seen = {json.dumps(derivation.selection)}
+    out: list[dict[str, Any]] = []
+    options: list[tuple[str, Derivation | None]] = []
+    for name, scale in VARIANT_LADDER:
+        try:
+            # Compute shrinks; memory and transfer keep the main model's (a variant only ever needs less).
+            budgets = {**main, "flops": main["flops"] * scale}
+            options.append((name, derive(costs, importance, budgets)))
+        except InfeasibleBudgetError:
+            options.append((name, None))
+    options.append(("minimal", derive(costs, importance, derivation.budgets, min_share=1.01)))
+    for name, d in options:
+        if d is None or json.dumps(d.selection) in seen:
+            continue
+        seen.add(json.dumps(d.selection))
+        rel = f"variants/{name}/model.onnx"
+        say(f"exporting variant {name}")
+        model = Normalised(SubModel(ctx.model, d.selection), ctx.mean, ctx.std).eval()
+        export_onnx(model, work / rel, ctx.cfg.input_shape, ["logits"])
+        validation[rel] = check_against_torch(work / rel, model, check_x, ["logits"])
+        out.append({"name": name, "file": rel, "selection": d.selection, "estimated": d.cost.to_dict(),
+                    "relative_flops": d.cost.flops / max(1, derivation.cost.flops)})
+    return sorted(out, key=lambda v: -v["estimated"]["flops"])
 
 
 def _signer(req: ExportRequest) -> Signer | None:

@@ -4,8 +4,8 @@ We use the TorchScript exporter (``dynamo=False``) at opset 17: it keeps every p
 graph initializer named after its state-dict key, which is what ONNX Runtime's
 ``generate_artifacts`` needs to mark parameters trainable or frozen and what the device needs to
 map its deltas back to bank modules; its IR version (8) is one ONNX Runtime 1.19 accepts. Batch
-normalisation is exported in eval mode (frozen running statistics) and constant folding is off,
-so it is not fused into convolutions and its scale and shift stay trainable.
+normalisation is exported as its eval-mode arithmetic (see :class:`FrozenBatchNorm2d`) and constant
+folding is off, so its running statistics stay frozen and its scale and shift stay trainable.
 """
 
 from __future__ import annotations
@@ -22,6 +22,45 @@ MAX_IR_VERSION = 10  # ONNX Runtime 1.19.2 refuses newer IR versions
 INPUT_NAME = "input"
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """Batch normalisation with frozen running statistics, written as a per-channel scale and shift.
+
+    ONNX Runtime's ``generate_artifacts`` turns every BatchNormalization node of the training graph
+    into training mode (batch statistics, running statistics rewritten by each step, even in frozen
+    parts). Exporting the eval-mode arithmetic instead keeps training and inference identical and
+    the statistics fixed, while ``weight`` and ``bias`` stay trainable. State-dict names match
+    ``nn.BatchNorm2d`` (without ``num_batches_tracked``).
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        if bn.weight is None or bn.bias is None or bn.running_mean is None or bn.running_var is None:
+            raise ValueError("only affine BatchNorm with running statistics can be frozen")
+        self.weight = nn.Parameter(bn.weight.detach().clone())
+        self.bias = nn.Parameter(bn.bias.detach().clone())
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.eps = float(bn.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` below ``module`` (in place) by :class:`FrozenBatchNorm2d`."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child))
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
 class Normalised(nn.Module):
     """Wraps a network so that it takes raw inputs: (x - mean) / std per channel, then the network."""
 
@@ -30,7 +69,7 @@ class Normalised(nn.Module):
 
     def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
-        self.net = net
+        self.net = freeze_batchnorm(net)
         self.register_buffer("norm_mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("norm_std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
 

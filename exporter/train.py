@@ -23,6 +23,9 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # One thread: results then do not depend on how many cores the machine has (the reduction order
+    # of a multi-threaded kernel does), so the same seed gives the same bank; the models are small.
+    torch.set_num_threads(1)
     g = torch.Generator()
     g.manual_seed(seed)
     return g
