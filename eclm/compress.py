@@ -63,15 +63,16 @@ def encode(tensors: dict[str, np.ndarray], codec: Codec) -> tuple[bytes, dict[st
     dtypes: dict[str, str] = {}
     for name, arr in sorted(tensors.items()):
         a = np.asarray(arr)
+        a = a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a  # the wire is little-endian
         shapes[name] = list(a.shape)
-        dtypes[name] = str(a.dtype)
+        dtypes[name] = a.dtype.str
         if a.dtype.kind != "f":  # integer buffers travel exactly
             out[name] = np.ascontiguousarray(a)
             continue
         flat = a.astype(np.float32).reshape(-1)
-        if codec.top is not None and flat.size > 0:
-            k = max(1, int(round(codec.top * flat.size)))
-            idx = np.sort(np.argpartition(np.abs(flat), -k)[-k:]).astype(np.int32)
+        if codec.top is not None:
+            k = min(flat.size, max(1, int(round(codec.top * flat.size))))
+            idx = np.sort(np.argpartition(np.abs(flat), -k)[-k:]).astype(np.int32) if k else np.zeros(0, np.int32)
             out[name + "::idx"] = idx
             flat = flat[idx]
         if codec.precision == "fp16":
@@ -113,7 +114,7 @@ def decode(data: bytes, header: dict[str, Any]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for name, shape in shapes.items():
             v = stored[name]
-            if not str(dtypes.get(name, "float32")).startswith("float"):
+            if np.dtype(dtypes.get(name, "<f4")).kind != "f":
                 out[name] = v.reshape(shape)
                 continue
             if codec.precision == "int8":

@@ -59,7 +59,13 @@ def make_handler(service: EdgeService) -> type[BaseHTTPRequestHandler]:
             service.metrics.requests.labels(self.path.split("?")[0], str(int(status))).inc()
 
         def _body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length must be a non-negative integer",
+                               "send the body's size in bytes")
             if length > service.cfg.max_body_bytes:
                 raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"body of {length} bytes exceeds {service.cfg.max_body_bytes}", "send smaller batches")
@@ -102,6 +108,7 @@ def make_handler(service: EdgeService) -> type[BaseHTTPRequestHandler]:
                     known = "GET /v1/status, GET /metrics, POST /v1/predict, POST /v1/samples, POST /v1/train"
                     raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}", f"endpoints: {known}")
             except ApiError as exc:
+                self.close_connection = True  # the body may be unread: do not parse it as the next request
                 self._send(exc.status, {"error": exc.message, "hint": exc.hint})
             except DataError as exc:
                 self._send(HTTPStatus.BAD_REQUEST, {"error": exc.message, "hint": exc.hint or ""})
@@ -113,6 +120,13 @@ def make_handler(service: EdgeService) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802
             self._dispatch("GET")
+
+        def _not_allowed(self) -> None:
+            self.close_connection = True
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"method {self.command} is not supported",
+                                                       "hint": "use GET or POST"})
+
+        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # noqa: N815
 
         def do_POST(self) -> None:  # noqa: N802
             self._dispatch("POST")

@@ -152,7 +152,8 @@ class EdgeService:
         held = self.store.add(x, y)
         self.metrics.samples_held.set(held)
         triggered = False
-        if self.cfg.train_every_samples > 0 and self._new_samples() >= self.cfg.train_every_samples:
+        if (self.serving.trainable and self.cfg.train_every_samples > 0
+                and self._new_samples() >= self.cfg.train_every_samples):
             triggered = self.start_training("samples")
         return {"stored": len(y), "held": held, "training_started": triggered}
 

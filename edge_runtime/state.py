@@ -64,7 +64,10 @@ class StateDir:
         digest = bundle_digest(source)
         target = self.bundle_dir(digest)
         if target.is_dir():
-            return digest, verify_bundle(target)
+            try:
+                return digest, verify_bundle(target)
+            except BundleError:  # the installed copy was damaged: replace it from the intact source
+                shutil.rmtree(target)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "bundles"))
         try:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
