@@ -89,7 +89,12 @@ class SyncCore:
             if isinstance(msg, wire.ProfileMessage):
                 return self._on_profile(device, msg)
             if isinstance(msg, wire.StatusMessage):
-                self.ledger.touch_device(device, online=int(msg.online), bundle=msg.bundle)
+                fields: dict[str, Any] = {"online": int(msg.online), "bundle": msg.bundle}
+                if msg.event:
+                    log.info("device %s reports %s: %s", device, msg.event, msg.detail)
+                    fields["last_event"] = json.dumps({"event": msg.event, **msg.detail}, default=str)
+                    self._count(f"event_{msg.event}")
+                self.ledger.touch_device(device, **fields)
                 return []
             self._reject("unexpected_type", f"{msg.TYPE} from {device} on {topic}")
         except EclmError as exc:

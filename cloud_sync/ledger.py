@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS rejects (reason TEXT PRIMARY KEY, count INTEGER NOT N
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, online INTEGER NOT NULL DEFAULT 0,
     bundle TEXT NOT NULL DEFAULT '', modules TEXT NOT NULL DEFAULT '{}', importance TEXT NOT NULL DEFAULT '[]',
-    trainable INTEGER NOT NULL DEFAULT 1, profile TEXT NOT NULL DEFAULT '', last_derived TEXT NOT NULL DEFAULT ''
+    trainable INTEGER NOT NULL DEFAULT 1, profile TEXT NOT NULL DEFAULT '', last_derived TEXT NOT NULL DEFAULT '',
+    last_event TEXT NOT NULL DEFAULT ''
 );
 """
 

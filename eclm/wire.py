@@ -114,6 +114,8 @@ class StatusMessage:
     online: bool
     bundle: str = ""
     generation: int = 0
+    event: str = ""  # e.g. "rollback", "variant", "drift"
+    detail: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
 
 

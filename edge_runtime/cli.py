@@ -72,7 +72,7 @@ def serve(
     })
     service = EdgeService(cfg)
     server = make_server(service, cfg.host, cfg.port)
-    service.start_scheduler()
+    service.start_monitors()
     sync = None
     if cfg.broker:
         from edge_runtime.sync import EdgeSync

@@ -39,6 +39,12 @@ class EdgeConfig:
     max_payload: int = 256 * 2**10  # deltas above this are sent in chunks
     resend_s: float = 30.0  # resend an unacknowledged delta after this long
     profile_name: str = ""  # the device profile the cloud derives bundles for (default: the bundle's)
+    drift: bool = True  # watch importance and accuracy drift and act on it
+    resource_interval_s: float = 1.0  # how often free memory, CPU and latency are read (0: never)
+    min_free_memory_mb: float = 64.0  # below this: step down to a cheaper variant
+    max_cpu_busy: float = 0.9  # share of all cores busy above which we step down
+    max_latency_ms: float = 0.0  # p95 of our predictions above which we step down (0: the profile's target)
+    resource_patience: int = 3  # consecutive readings before a step down or up
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EdgeConfig)}

@@ -34,6 +34,8 @@ class EdgeMetrics:
         self.uplink_bytes = Counter("eclm_edge_uplink_bytes", "Bytes published to the broker", registry=r)
         self.downlink_bytes = Counter("eclm_edge_downlink_bytes", "Bytes received from the broker", registry=r)
         self.broker_connected = Gauge("eclm_edge_broker_connected", "1 while connected to the broker", registry=r)
+        self.variant_level = Gauge("eclm_edge_variant_level", "Rung of the variant ladder serving (0: main model)",
+                                   registry=r)
         self.bundle_rejections = Counter("eclm_edge_bundle_rejections", "Bundles refused", registry=r)
 
     def render(self) -> bytes:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,11 @@ import numpy as np
 from eclm.errors import BundleError, DataError, TrainingUnavailableError
 from eclm.ort import load_onnxruntime
 from edge_runtime.config import EdgeConfig
+from edge_runtime.drift import DriftMonitor
 from edge_runtime.metrics import EdgeMetrics
 from edge_runtime.model import ServingModel
 from edge_runtime.outbox import Outbox
+from edge_runtime.resources import Ladder, ProcReader, Thresholds
 from edge_runtime.state import Pointer, StateDir
 from edge_runtime.store import SampleStore
 from edge_runtime.trainer import TrainOutcome, TrainSettings, new_delta_id, run_training
@@ -44,6 +49,16 @@ class EdgeService:
         self.started = time.time()
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.latencies: deque[float] = deque(maxlen=200)
+        self._variants: dict[str, list[ServingModel]] = {}
+        self.level = 0
+        self.last_switch: dict[str, Any] | None = None
+        self.active = self.serving
+        self.drift = DriftMonitor(self._reference())
+        self._routing_inbox: queue.Queue[np.ndarray] = queue.Queue(maxsize=4)
+        self._last_routing = 0.0
+        self.want_bundle = False
         self._refresh_gauges()
 
     # -- bundles and generations
@@ -115,11 +130,16 @@ class EdgeService:
 
     # -- predictions and samples
     def predict(self, x: np.ndarray) -> dict[str, Any]:
-        serving = self.serving  # one reference for the whole request, whatever swaps meanwhile
+        serving = self.active  # one reference for the whole request, whatever swaps meanwhile
         x = serving.check_input(x)
         t = time.perf_counter()
         probs = serving.predict(x)
-        self.metrics.predict_latency.observe(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t
+        self.latencies.append(elapsed * 1e3)
+        self.metrics.predict_latency.observe(elapsed)
+        if self.cfg.drift and t - self._last_routing > 0.2 and not self._routing_inbox.full():
+            self._last_routing = t  # the routing of unlabelled inputs is judged off the request path
+            self._routing_inbox.put_nowait(x)
         self.metrics.predicted.inc(len(x))
         return {
             "probabilities": probs.round(6).tolist(),
@@ -127,6 +147,7 @@ class EdgeService:
             "labels": serving.labels,
             "generation": serving.generation,
             "bundle": serving.digest,
+            "variant": self.variant_name(),
         }
 
     def _label_indices(self, labels: list[Any]) -> np.ndarray:
@@ -149,13 +170,22 @@ class EdgeService:
         y = self._label_indices(labels)
         if len(y) != len(x):
             raise DataError(f"{len(x)} inputs but {len(y)} labels", hint="send one label per input")
+        drifted = False
+        if self.cfg.drift:
+            correct = self.serving.logits(x).argmax(axis=1) == y
+            drifted = self.drift.observe_labels(correct)
         held = self.store.add(x, y)
         self.metrics.samples_held.set(held)
         triggered = False
-        if (self.serving.trainable and self.cfg.train_every_samples > 0
+        can_train = self.serving.trainable and self.level == 0
+        if drifted:
+            self._notify("drift", {"kind": "accuracy", **self.drift.report()})
+            if can_train and len(self.store.training_set()) >= self.cfg.min_train_samples:
+                triggered = self.start_training("drift:accuracy")
+        if (not triggered and can_train and self.cfg.train_every_samples > 0
                 and self._new_samples() >= self.cfg.train_every_samples):
             triggered = self.start_training("samples")
-        return {"stored": len(y), "held": held, "training_started": triggered}
+        return {"stored": len(y), "held": held, "training_started": triggered, "drift": drifted}
 
     def _new_samples(self) -> int:
         return self.store.last_id() - int(self.store.get_meta("trained_upto", "0") or 0)
@@ -285,20 +315,10 @@ class EdgeService:
     # -- importance and updates from the cloud
     def importance(self, max_samples: int = 512) -> list[list[float]] | None:
         """Mean routing weight of every bank module over the newest stored samples (via selector.onnx)."""
-        serving = self.serving
-        path = serving.bundle_dir / serving.manifest.selector.get("file", "selector.onnx")
-        if not path.is_file() or self.store.count() == 0:
+        if self.store.count() == 0:
             return None
-        if getattr(self, "_selector_path", None) != path:
-            ort = load_onnxruntime()
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.log_severity_level = 3
-            self._selector = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self._selector_path = path
-        x = self.store.recent(max_samples).x
-        gates = self._selector.run(None, {self._selector.get_inputs()[0].name: x})
-        return [[float(v) for v in np.asarray(g).mean(axis=0)] for g in gates]
+        gates = self.routing(self.store.recent(max_samples).x)
+        return None if gates is None else [[float(v) for v in g.mean(axis=0)] for g in gates]
 
     def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
         """Load new module versions into the serving weights; kept only if the holdout does not get worse."""
@@ -340,6 +360,7 @@ class EdgeService:
                               "holdout_after": after, "versions": fresh,
                               "reason": "the update did worse on the holdout than the serving model"}
                     self.last_update = result
+                    self._notify("rollback", result)
                     return result
                 n = self.state.next_generation()
                 gen = self.state.commit_generation(work, n, {
@@ -380,6 +401,7 @@ class EdgeService:
                     self.metrics.update_rollbacks.inc()
                     result = {"applied": False, "rolled_back": True, "bundle": digest, "holdout_before": before,
                               "holdout_after": after, "reason": "the bundle did worse on the holdout"}
+                    self._notify("rollback", result)
                 else:
                     self.state.write_pointer(Pointer(digest, 0))
                     self.serving = candidate
@@ -393,6 +415,113 @@ class EdgeService:
         self._refresh_gauges()
         return result
 
+    # -- listeners (the sync client tells the cloud)
+    def _notify(self, event: str, detail: dict[str, Any]) -> None:
+        log.info("%s: %s", event, detail)
+        for listener in list(self.listeners):
+            try:
+                listener(event, detail)
+            except Exception:  # a listener never breaks the runtime
+                log.exception("listener failed on %s", event)
+
+    # -- drift
+    def _reference(self) -> list[list[float]]:
+        return [[float(v) for v in row] for row in self.serving.manifest.importance]
+
+    def routing(self, x: np.ndarray) -> list[np.ndarray] | None:
+        """The selector's routing weights of ``x`` over every bank module, per layer."""
+        serving = self.serving
+        path = serving.bundle_dir / serving.manifest.selector.get("file", "selector.onnx")
+        if not path.is_file():
+            return None
+        if getattr(self, "_selector_path", None) != path:
+            ort = load_onnxruntime()
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.log_severity_level = 3
+            self._selector = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._selector_path = path
+        return [np.asarray(g) for g in self._selector.run(None, {self._selector.get_inputs()[0].name: x})]
+
+    def _drift_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                x = self._routing_inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                gates = self.routing(x)
+                if gates is not None and self.drift.observe_routing(gates):
+                    self.want_bundle = True
+                    self._notify("drift", {"kind": "importance", **self.drift.report()})
+            except Exception:
+                log.exception("importance drift check failed")
+
+    # -- resources and the variant ladder
+    def variants(self) -> list[ServingModel]:
+        """Cheaper models of the serving bundle, most expensive first (loaded once per bundle)."""
+        s = self.serving
+        if s.digest not in self._variants:
+            found = []
+            for v in s.manifest.variants:
+                path = s.bundle_dir / v["file"]
+                if path.is_file():
+                    found.append(replace(s, generation=0, model_path=path, checkpoint_path=None, versions=None))
+            self._variants = {s.digest: found}
+        return self._variants[s.digest]
+
+    def variant_name(self) -> str:
+        if self.level == 0:
+            return "main"
+        return str(self.serving.manifest.variants[self.level - 1]["name"])
+
+    def set_level(self, level: int, reason: str) -> None:
+        """Serve rung ``level`` of the ladder (0: the main model); predictions never stop."""
+        variants = self.variants()
+        level = max(0, min(level, len(variants)))
+        target = self.serving if level == 0 else variants[level - 1]
+        self.level = level
+        self.active = target  # one reference swap
+        self.metrics.variant_level.set(level)
+        self.last_switch = {"level": level, "variant": self.variant_name(), "reason": reason, "at": time.time()}
+        self._notify("variant", dict(self.last_switch))
+
+    def _latency_p95(self) -> float:
+        values = list(self.latencies)
+        return float(np.percentile(values, 95)) if len(values) >= 5 else float("nan")
+
+    def start_monitors(self) -> None:
+        """Start the drift and resource threads (and the training schedule, if one is set)."""
+        if self.cfg.drift:
+            threading.Thread(target=self._drift_loop, name="eclm-drift", daemon=True).start()
+        if self.cfg.resource_interval_s > 0:
+            threading.Thread(target=self._resource_loop, name="eclm-resources", daemon=True).start()
+        self.start_scheduler()
+
+    def ladder(self) -> Ladder:
+        cfg = self.cfg
+        latency = cfg.max_latency_ms or float(self.serving.manifest.profile.get("latency_target_ms", 100.0))
+        return Ladder(len(self.variants()) + 1, Thresholds(
+            min_free_memory_mb=cfg.min_free_memory_mb, recover_free_memory_mb=2 * cfg.min_free_memory_mb,
+            max_cpu_busy=cfg.max_cpu_busy, recover_cpu_busy=min(cfg.max_cpu_busy, 0.6),
+            max_latency_ms=latency, recover_latency_ms=latency / 2, patience=cfg.resource_patience))
+
+    def _resource_loop(self) -> None:
+        reader = ProcReader(self._latency_p95)
+        ladder = self.ladder()
+        digest = self.serving.digest
+        while not self._stop.wait(self.cfg.resource_interval_s):
+            try:
+                if self.serving.digest != digest:  # a new bundle: a new ladder, back to its main model
+                    digest, ladder = self.serving.digest, self.ladder()
+                    self.set_level(0, "new bundle")
+                self.last_readings = reader()
+                decision = ladder.decide(self.last_readings)
+                if decision is not None:
+                    self.set_level(*decision)
+            except Exception:
+                log.exception("resource check failed")
+
     # -- schedule
     def start_scheduler(self) -> None:
         if self.cfg.train_interval_s <= 0 or self._scheduler is not None:
@@ -400,7 +529,7 @@ class EdgeService:
 
         def loop() -> None:
             while not self._stop.wait(self.cfg.train_interval_s):
-                if self.serving.trainable and self._new_samples() > 0:
+                if self.serving.trainable and self.level == 0 and self._new_samples() > 0:
                     self.start_training("schedule")
 
         self._scheduler = threading.Thread(target=loop, name="eclm-schedule", daemon=True)
@@ -408,6 +537,10 @@ class EdgeService:
 
     # -- status
     def _refresh_gauges(self) -> None:
+        if getattr(self, "level", 0) == 0:
+            self.active = self.serving
+        if hasattr(self, "drift") and self.drift.reference != self._reference():
+            self.drift.rebase(self._reference())
         self.metrics.generation.set(self.serving.generation)
         if hasattr(self, "outbox"):
             self.metrics.outbox_entries.set(len(self.outbox))
@@ -429,6 +562,9 @@ class EdgeService:
             "outbox": {"entries": len(self.outbox), "bytes": self.outbox.bytes_pending()},
             "module_versions": s.module_versions,
             "last_update": self.last_update,
+            "variant": {"level": self.level, "name": self.variant_name(), "last_switch": self.last_switch,
+                        "readings": vars(self.last_readings) if hasattr(self, "last_readings") else None},
+            "drift": self.drift.report(),
             "resources": _resources(),
             "uptime_s": time.time() - self.started,
         }

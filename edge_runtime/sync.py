@@ -64,6 +64,7 @@ class EdgeSync:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._threads: list[threading.Thread] = []
+        service.listeners.append(self._on_event)
 
     # -- connection
     def start(self) -> None:
@@ -108,6 +109,17 @@ class EdgeSync:
             self.service.metrics.uplink_bytes.inc(len(part))
 
     # -- outgoing
+    def _on_event(self, event: str, detail: dict[str, Any]) -> None:
+        """Tell the cloud about rollbacks, variant switches and drift; ask for a bundle on importance drift."""
+        if not self.connected.is_set():
+            return
+        s = self.service.serving
+        status = wire.StatusMessage(self.device, True, s.digest, s.generation, event,
+                                    {k: v for k, v in detail.items() if isinstance(v, str | int | float | bool | dict)})
+        self._publish(topics.status(self.device), wire.encode(status))
+        if event == "drift" and detail.get("kind") == "importance":
+            self.publish_profile(want_bundle=True)
+
     def publish_profile(self, want_bundle: bool = False) -> None:
         """Tell the cloud where this device's data routes, what it holds and what it is."""
         s = self.service.serving
