@@ -83,6 +83,9 @@ class SyncCore:
             reason = "oversized" if "exceeds the limit" in exc.message else "malformed"
             self._reject(reason, f"from {device}: {exc.message}")
             return []
+        except Exception as exc:  # whatever a payload does to the parser, it is only a bad message
+            self._reject("malformed", f"from {device}: {type(exc).__name__}: {exc}")
+            return []
         try:
             if isinstance(msg, wire.DeltaMessage):
                 return self._on_delta(device, msg, payload)

@@ -147,14 +147,14 @@ class Merger:
         lineage: dict[str, list[str]] = {}
         lr = self.settings.server_lr
         for part_id, contribs in sorted(by_part.items()):
-            groups: dict[tuple[str, ...], list[Contribution]] = defaultdict(list)
-            for c in contribs:
-                groups[tuple(sorted(c.tensors))].append(c)
+            # Per parameter: each one merges the deltas that carry it, so devices that trained
+            # different subsets of a module are each counted once.
             updated = dict(self.params[part_id])
-            for group in groups.values():
-                merged = strategy(group)
-                for name, d in merged.tensors.items():
-                    updated[name] = (updated[name].astype(np.float32) + lr * d).astype(updated[name].dtype)
+            for name in sorted({n for c in contribs for n in c.tensors}):
+                carrying = [Contribution(c.delta_id, {name: c.tensors[name]}, c.weight)
+                            for c in contribs if name in c.tensors]
+                d = strategy(carrying).tensors[name]
+                updated[name] = (updated[name].astype(np.float32) + lr * d).astype(updated[name].dtype)
             new_params[part_id] = updated
             lineage[part_id] = [c.delta_id for c in contribs]
         kept, before, after, harms = self._gate(new_params, sorted(lineage))

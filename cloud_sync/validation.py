@@ -32,7 +32,7 @@ def check_delta(msg: DeltaMessage, bank_id: str, versions: dict[str, int],
     """Validate ``msg`` against the bank (current ``versions`` and parameter arrays by part)."""
     if msg.bank_id != bank_id:
         return Verdict(False, "unknown_bank", f"delta for bank {msg.bank_id}, this bank is {bank_id}")
-    if not msg.parts or len(msg.tensors) > limits.max_tensors:
+    if not msg.parts or any(not names for names in msg.parts.values()) or len(msg.tensors) > limits.max_tensors:
         return Verdict(False, "empty_or_oversized", "a delta must name 1..max_tensors parameters")
     listed = {n for names in msg.parts.values() for n in names}
     if listed != set(msg.tensors):

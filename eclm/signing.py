@@ -50,6 +50,8 @@ class Verifier:
         """Raise :class:`BundleError` unless ``signature`` is this key's valid signature of ``data``."""
         if not signature:
             raise BundleError(f"{what} is not signed", hint="only signed updates are accepted; sign it in the cloud")
+        if not isinstance(signature, dict) or not isinstance(signature.get("sig"), str):
+            raise BundleError(f"{what} has a malformed signature", hint="it is refused; re-sign it")
         if signature.get("alg") != ALGORITHM or signature.get("key_id") != self.key_id:
             raise BundleError(
                 f"{what} is signed by key {signature.get('key_id')!r}, not the trusted key {self.key_id}",

@@ -198,7 +198,7 @@ def decode(data: bytes, verifier: Verifier | None = None, max_bytes: int | None 
         raise DataError("truncated or oversized message header", hint="resend the message")
     try:
         header = json.loads(data[start : start + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DataError(f"message header is not JSON: {exc}", hint="resend the message") from exc
     body = data[start + n :]
     if not isinstance(header, dict):

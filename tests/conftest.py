@@ -1,0 +1,65 @@
+"""Session fixtures: one real digits module bank and one real bundle per registered device profile.
+
+Everything here is real: the bank is trained with torch on scikit-learn's digits, the bundles are
+exported to ONNX with ONNX Runtime training artifacts and measured by the torch-free probe.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _eclm_testutil import DEVICE_CLASSES, SEED
+
+from device_profiles import available_profiles
+from eclm.manifest import BundleManifest
+from exporter.bank import BankInfo
+from exporter.cloud import TrainOptions, train_bank
+from exporter.data import Splits, load_dataset, split
+from exporter.export import ExportRequest, export_bundle
+
+# One intra-op thread: the models are tiny, and on a shared 2-core machine torch's default two
+# OpenMP threads spin against other processes (training measured 15x slower under load). It also
+# makes the trained tensors independent of the machine's core count (the reduction order changes
+# with the thread count). Override with ECLM_TEST_TORCH_THREADS.
+torch.set_num_threads(int(os.environ.get("ECLM_TEST_TORCH_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def digits_bank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BankInfo]:
+    """The digits bank trained once with the default (full) epochs and seed 0."""
+    bank_dir = tmp_path_factory.mktemp("digits-bank") / "bank"
+    info = train_bank(TrainOptions(dataset="digits", bank_dir=bank_dir, seed=SEED))
+    return bank_dir, info
+
+
+@pytest.fixture(scope="session")
+def digits_bundles(
+    digits_bank: tuple[Path, BankInfo], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, BundleManifest]]:
+    """A bundle for every registered profile, derived for a device that sees classes 1, 4 and 7."""
+    bank_dir, _ = digits_bank
+    root = tmp_path_factory.mktemp("bundles")
+    out: dict[str, tuple[Path, BundleManifest]] = {}
+    for name in available_profiles():
+        out_dir = root / name
+        manifest = export_bundle(ExportRequest(bank_dir, profile=name, out_dir=out_dir, classes=DEVICE_CLASSES))
+        out[name] = (out_dir, manifest)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_splits() -> Splits:
+    """The seeded split the bank was trained with; ``pool`` is the devices' (held-out) data."""
+    return split(load_dataset("digits"), SEED)
+
+
+@pytest.fixture(scope="session")
+def device_batch(digits_splits: Splits) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pool samples of the device's classes: what a board would feed its sub-model."""
+    pool = digits_splits.pool
+    mask = np.isin(pool.y, DEVICE_CLASSES)
+    return pool.x[mask].astype(np.float32), pool.y[mask].astype(np.int64)
