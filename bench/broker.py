@@ -5,8 +5,10 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -66,3 +68,70 @@ class Mosquitto:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class EmbeddedBroker:
+    """A pure-Python broker (amqtt) in a background thread, for machines without mosquitto."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._loop: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import asyncio
+
+        from amqtt.broker import Broker
+
+        config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+                  "sys_interval": 0, "auth": {"allow-anonymous": True}}
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            broker = Broker(config, loop=loop)
+            loop.run_until_complete(broker.start())
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="eclm-embedded-broker", daemon=True)
+        self._thread.start()
+        if not ready.wait(15):
+            raise RuntimeError("the embedded broker did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None
+
+
+class ExternalBroker:
+    """A broker someone else runs; nothing to start or stop."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def start_broker(url: str | None, folder: Path) -> Mosquitto | EmbeddedBroker | ExternalBroker:
+    """The broker named by ``url``; else a private mosquitto when the binary exists; else an embedded one."""
+    broker: Mosquitto | EmbeddedBroker | ExternalBroker
+    if url:
+        broker = ExternalBroker(url)
+    elif mosquitto_binary() is not None:
+        broker = Mosquitto(folder)
+    else:
+        broker = EmbeddedBroker()
+    broker.start()
+    return broker

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from eclm.cli_support import make_app, parse_int_list, reports_errors
+from eclm.cli_support import make_app, reports_errors
 
 app = make_app("ECLM on one machine: the demo and the benchmarks.")
 
@@ -22,22 +22,25 @@ def _root() -> None:
 @reports_errors
 def demo(
     workdir: Path = typer.Option(Path("eclm-demo"), "--workdir", envvar="ECLM_DEMO_DIR",
-                                 help="Where the bank and bundles go."),
-    profile: str = typer.Option("pi4", "--profile", help="Device profile to export for."),
-    classes: str = typer.Option("1,4,7", "--classes", help="The device's classes."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data split and training."),
+                                 help="Where the bank, keys, bundles, device states, logs and the plot go "
+                                 "(replaced on every run)."),
+    broker: str = typer.Option(None, "--broker", envvar="ECLM_BROKER",
+                               help="Use this MQTT broker; default: a private mosquitto if installed, else an "
+                               "embedded pure-Python broker."),
+    steps: int = typer.Option(6, "--steps", min=1, help="Adaptation steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data split, training and sampling."),
 ) -> None:
-    """Train the digits cloud model, export a sub-model for one board and report what it reaches."""
+    """Run the whole loop on this machine: cloud training, a broker, the merger daemon and three edge
+    runtimes as separate processes in drifting environments; ends with a table and a PNG plot.
+    """
     from tqdm import tqdm
 
+    from bench.demo import render as render_demo
     from bench.demo import run_demo
-    from eclm.manifest import read_manifest
-    from exporter.bank import DirectoryBank
-    from exporter.summary import bank_summary, bundle_summary
 
     bars: dict[str, tqdm] = {}
 
-    def progress(stage: str, epoch: int, total: int, stats: dict[str, float]) -> None:
+    def train_progress(stage: str, epoch: int, total: int, stats: dict[str, float]) -> None:
         if stage not in bars:
             bars[stage] = tqdm(total=total, desc=f"cloud {stage}", unit="epoch")
         bar = bars[stage]
@@ -46,16 +49,13 @@ def demo(
         if epoch == total:
             bar.close()
 
-    cls = parse_int_list(classes, "--classes") or [1, 4, 7]
-    result = run_demo(workdir, profile, cls, seed, progress, lambda m: typer.echo(f"- {m}", err=True))
-    typer.echo(bank_summary(DirectoryBank(result.bank_dir).info(), str(result.bank_dir)))
-    typer.echo(bundle_summary(read_manifest(result.bundle_dir), str(result.bundle_dir)))
-    typer.echo("")
-    typer.echo(f"| model | accuracy on held-out samples of classes {cls} ({result.samples} samples) |")
-    typer.echo("|---|---|")
-    typer.echo(f"| full cloud model (PyTorch) | {result.full_model_accuracy_on_classes:.4f} |")
-    typer.echo(f"| {profile} sub-model (ONNX Runtime) | {result.bundle_accuracy_on_classes:.4f} |")
-    typer.echo(f"\nbank test accuracy on all classes: {result.bank_test_accuracy:.4f}")
+    result = run_demo(workdir, broker, steps, seed, lambda m: typer.echo(f"- {m}", err=True), train_progress)
+    typer.echo(render_demo(result))
+    typer.echo(f"\ncloud model test accuracy {result.bank_test_accuracy:.4f}; deltas {result.cloud}; "
+               f"broker {result.broker}")
+    if result.plot is not None:
+        typer.echo(f"plot: {result.plot}")
+    typer.echo(f"logs: {workdir / 'logs'}; finished in {result.seconds:.0f} s, nothing left running")
 
 
 @app.command()

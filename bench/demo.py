@@ -1,63 +1,241 @@
-"""`eclm demo` today: train the digits bank, export a pi4 bundle for a class subset, report accuracy."""
+"""`eclm demo`: the whole loop on one machine, in drifting environments, in a few minutes.
+
+The cloud trains the digits model; a broker starts (the one named, else a private mosquitto, else an
+embedded pure-Python one); the merger daemon and three edge runtimes run as separate processes.
+Each step, every device meets its environment of the moment (its class mix changes, a corruption
+appears, CPU load appears and goes), is measured, collects labelled samples, adapts (drift-triggered
+or scheduled fine-tuning, deltas to the cloud, merged modules back), and is measured again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bench.evaluate import bundle_accuracy
+from bench.corruptions import corrupt
+from bench.procs import Edge, daemon, ledger_rows, wait_until
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A device's environment from a step on: its classes, a corruption, CPU load on the machine."""
+
+    step: int
+    classes: tuple[int, ...]
+    corruption: str = "none"
+    cpu_load: bool = False
+
+
+@dataclass(frozen=True)
+class DemoDevice:
+    """One simulated site."""
+
+    name: str
+    profile: str
+    phases: tuple[Phase, ...]
+    watches_cpu: bool = False
+
+    def phase(self, step: int) -> Phase:
+        return [p for p in self.phases if p.step <= step][-1]
+
+
+DEVICES = (
+    DemoDevice("line-1", "pi4", (Phase(0, (1, 4, 7)), Phase(2, (1, 4, 7), "rotation"))),
+    DemoDevice("line-2", "pi4", (Phase(0, (0, 2, 5)), Phase(3, (0, 2, 5, 6, 8)))),
+    DemoDevice("camera-3", "pi4", (Phase(0, (3, 6, 9), "noise"), Phase(4, (3, 6, 9), "noise", cpu_load=True),
+                                   Phase(5, (3, 6, 9), "noise")), watches_cpu=True),
+)
+
+
+@dataclass
+class StepRecord:
+    """What one device looked like at one step."""
+
+    device: str
+    step: int
+    environment: str
+    accuracy_before: float
+    accuracy_after: float
+    uplink_bytes: float
+    variant: str
+    training: str
+
+
+@dataclass
 class DemoResult:
-    """What the demo made and measured."""
+    """Everything the demo measured, and where it wrote its files."""
 
-    bank_dir: Path
-    bundle_dir: Path
+    workdir: Path
     bank_test_accuracy: float
-    full_model_accuracy_on_classes: float
-    bundle_accuracy_on_classes: float
-    classes: list[int]
-    samples: int
+    broker: str
+    records: list[StepRecord] = field(default_factory=list)
+    plot: Path | None = None
+    seconds: float = 0.0
+    cloud: dict[str, Any] = field(default_factory=dict)
 
 
-def run_demo(
-    workdir: Path,
-    profile: str = "pi4",
-    classes: Sequence[int] = (1, 4, 7),
-    seed: int = 0,
-    progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
-    step: Callable[[str], None] | None = None,
-) -> DemoResult:
-    """Train, export, and measure the bundle on the device pool's samples of ``classes``."""
-    import torch
+def _env_name(p: Phase) -> str:
+    return f"classes {','.join(map(str, p.classes))}" + (f", {p.corruption}" if p.corruption != "none" else "") + (
+        ", CPU load" if p.cpu_load else "")
 
-    from exporter.bank import DirectoryBank
+
+class CpuLoad:
+    """Busy processes, one per core, to make CPU pressure real."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def on(self, n: int = 2) -> None:
+        while len(self.procs) < n:
+            self.procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+
+    def off(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        self.procs = []
+
+
+def _samples(pool_x: np.ndarray, pool_y: np.ndarray, phase: Phase, n: int, rng: np.random.Generator,
+             seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.flatnonzero(np.isin(pool_y, phase.classes))
+    pick = rng.choice(idx, size=min(n, len(idx)), replace=False)
+    return corrupt(pool_x[pick], phase.corruption, seed=seed), pool_y[pick]
+
+
+def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed: int = 0,
+             progress: Callable[[str], None] | None = None,
+             train_progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> DemoResult:
+    """Run the loop; every process it starts is stopped before it returns."""
+    from bench.broker import start_broker
+    from eclm.signing import generate_keys
     from exporter.cloud import TrainOptions, train_bank
     from exporter.data import load_dataset, split
     from exporter.export import ExportRequest, export_bundle
-    from exporter.torchio import model_from_bank
-    from exporter.train import to_tensors
 
-    bank_dir = workdir / "bank"
-    bundle_dir = workdir / "bundles" / profile
-    info = train_bank(TrainOptions(dataset="digits", bank_dir=bank_dir, seed=seed), progress)
-    export_bundle(ExportRequest(bank_dir=bank_dir, profile=profile, out_dir=bundle_dir, classes=list(classes)), step)
-    pool = split(load_dataset("digits"), seed).pool
-    mask = np.isin(pool.y, list(classes))
-    model = model_from_bank(DirectoryBank(bank_dir))
-    xt, yt = to_tensors(pool, info.normalisation["mean"], info.normalisation["std"])
-    with torch.no_grad():
-        full_acc = float((model(xt[torch.from_numpy(mask)]).argmax(1) == yt[torch.from_numpy(mask)]).float().mean())
-    return DemoResult(
-        bank_dir=bank_dir,
-        bundle_dir=bundle_dir,
-        bank_test_accuracy=float(info.metrics["test_accuracy"]),
-        full_model_accuracy_on_classes=full_acc,
-        bundle_accuracy_on_classes=bundle_accuracy(bundle_dir, pool.x[mask], pool.y[mask]),
-        classes=list(classes),
-        samples=int(mask.sum()),
-    )
+    say = progress or (lambda _m: None)
+    t0 = time.time()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    logs = workdir / "logs"
+    logs.mkdir()
+    say("training the cloud model on digits (30% proxy split)")
+    info = train_bank(TrainOptions(dataset="digits", bank_dir=workdir / "bank", seed=seed), train_progress)
+    (workdir / "keys").mkdir()
+    priv, pub = generate_keys(workdir / "keys")
+    broker = start_broker(broker_url, workdir / "broker")
+    say(f"broker at {broker.url} ({type(broker).__name__})")
+    sync = daemon(workdir / "bank", broker.url, priv, logs / "sync.log", "--round-deltas", str(len(DEVICES)),
+                  "--round-seconds", "2")
+    edges: dict[str, Edge] = {}
+    load = CpuLoad()
+    result = DemoResult(workdir, float(info.metrics["test_accuracy"]), broker.url)
+    try:
+        sync.start()
+        for dev in DEVICES:
+            out = workdir / "bundles" / dev.name
+            say(f"exporting the {dev.profile} bundle for {dev.name} (classes {dev.phases[0].classes})")
+            export_bundle(ExportRequest(workdir / "bank", profile=dev.profile, out_dir=out,
+                                        classes=list(dev.phases[0].classes), measure=False, signing_key=priv))
+            # Only camera-3 reacts to CPU load (all devices share this machine's cores here).
+            env = {"ECLM_EDGE_MAX_CPU_BUSY": "0.97" if dev.watches_cpu else "1.01",
+                   "ECLM_EDGE_RESOURCE_PATIENCE": "3"}
+            edges[dev.name] = Edge(dev.name, out, workdir / "state" / dev.name, broker.url, pub,
+                                   logs / f"{dev.name}.log", env=env)
+        for e in edges.values():
+            e.start()
+        pool = split(load_dataset("digits"), seed).pool
+        rng = np.random.default_rng(seed)
+        for step in range(steps):
+            if any(d.phase(step).cpu_load for d in DEVICES):
+                load.on()
+            else:
+                load.off()
+            say(f"step {step + 1}/{steps}")
+            tests: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            for k, dev in enumerate(DEVICES):
+                e, phase = edges[dev.name], dev.phase(step)
+                tests[dev.name] = test_x, test_y = _samples(pool.x, pool.y, phase, 150, rng, seed + 100 * step + k)
+                before = e.accuracy(test_x, test_y)
+                x, y = _samples(pool.x, pool.y, phase, 80, rng, seed + 100 * step + k + 50)
+                code, out = e.post("/v1/samples", {"inputs": x.tolist(), "labels": y.tolist()})
+                status = e.get("/v1/status")
+                if status["variant"]["level"] > 0:
+                    training = "paused (resources)"
+                else:
+                    last = e.train_and_wait()
+                    training = ("drift " if out.get("drift") else "") + (
+                        "served" if last.get("accepted") else f"not served: {last.get('reason', '')[:40]}")
+                result.records.append(StepRecord(dev.name, step, _env_name(phase), before, float("nan"),
+                                                 0.0, status["variant"]["name"], training))
+            for e in edges.values():
+                e.wait_outbox_empty(timeout=60)
+            wait_until(lambda: all(s != "pending" for _, _, s, _ in ledger_rows(workdir / "bank")), 60,
+                       "the cloud to merge the round")
+            time.sleep(1.5)  # module updates reach the devices
+            for dev in DEVICES:
+                e = edges[dev.name]
+                rec = next(r for r in result.records if r.device == dev.name and r.step == step)
+                rec.accuracy_after = e.accuracy(*tests[dev.name])
+                rec.uplink_bytes = e.metric("eclm_edge_uplink_bytes_total")
+                rec.variant = e.get("/v1/status")["variant"]["name"]
+        rows = ledger_rows(workdir / "bank")
+        result.cloud = {s: sum(1 for r in rows if r[2] == s) for s in ("merged", "held", "rejected", "pending")}
+    finally:
+        load.off()
+        for e in edges.values():
+            e.proc.kill()
+        sync.kill()
+        broker.stop()
+    result.plot = plot_accuracy(result, workdir / "accuracy.png")
+    result.seconds = time.time() - t0
+    return result
+
+
+def plot_accuracy(result: DemoResult, path: Path) -> Path | None:
+    """Accuracy before and after adaptation per step and device, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for dev in DEVICES:
+        recs = sorted((r for r in result.records if r.device == dev.name), key=lambda r: r.step)
+        xs, ys = [], []
+        for r in recs:
+            xs += [r.step, r.step + 0.5]
+            ys += [r.accuracy_before, r.accuracy_after]
+        line = ax.plot(xs, ys, marker="o", label=dev.name)[0]
+        for p in dev.phases[1:]:
+            ax.axvline(p.step - 0.05, color=line.get_color(), linestyle=":", alpha=0.6)
+    ax.set_xlabel("adaptation step (dotted: an environment change of the device of that colour)")
+    ax.set_ylabel("accuracy on the current environment")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("ECLM demo: accuracy before and after each adaptation step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(result: DemoResult) -> str:
+    """The per-device table the demo ends with."""
+    lines = ["| device | step | environment | accuracy before -> after | uplink bytes (total) | variant | training |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(result.records, key=lambda r: (r.device, r.step)):
+        lines.append(f"| {r.device} | {r.step + 1} | {r.environment} | {r.accuracy_before:.3f} -> "
+                     f"{r.accuracy_after:.3f} | {r.uplink_bytes:,.0f} | {r.variant} | {r.training} |")
+    return "\n".join(lines)

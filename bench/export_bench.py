@@ -33,8 +33,8 @@ def machine_info() -> dict[str, Any]:
                 if ln.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "platform": platform.platform(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "platform": platform.platform(), "loadavg_1m_at_end": os.getloadavg()[0],
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def torch_peak_child(work: Path) -> None:
@@ -188,7 +188,9 @@ def preface(info: dict[str, Any], command: str, full: dict[str, int], repeats: i
     return f"""# Export benchmark: `{CONFIG}` sub-models per device profile
 
 Measured on {info['cpu']} ({info['cores']} logical cores), Python {info['python']}, torch {info['torch']},
-onnxruntime {info['onnxruntime']}, {info['date']}. Command: `{command}`.
+onnxruntime {info['onnxruntime']}, {info['date']}; 1-min load average {info['loadavg_1m_at_start']:.1f} at
+the start and {info['loadavg_1m_at_end']:.1f} at the end (other work on the host inflates the latencies).
+Command: `{command}`.
 
 - Model: the `{CONFIG}` configuration (4 module layers x 16 modules, 3x32x32 input) at **random
   initialisation** on synthetic data: figures are for sizing and speed, not accuracy. Full modular
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.profiles.split(",") if n] or available_profiles()
     command = "python -m bench.export_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     rows: list[dict[str, Any]] = []
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="eclm-bench-") as tmp:
         bank, imp, bundles = Path(tmp) / "bank", Path(tmp) / "importance.json", Path(tmp) / "bundles"
         print(f"writing a random {CONFIG} bank to {bank}")
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 text = " ".join(f"{type(exc).__name__}: {exc}".split()).replace("|", "/")
                 rows.append({"profile": name, "error": text})
                 tqdm.write(f"  {name}: FAILED {rows[-1]['error']}")
-    info = machine_info()
+    info = {**machine_info(), "loadavg_1m_at_start": load_start}
     doc = preface(info, command, full_cost, args.repeats) + "\n" + tables(rows)
     if ok := [r for r in rows if "error" not in r]:
         doc += (f"\nProcess baselines these peaks sit on (RSS after the imports): ONNX Runtime "
