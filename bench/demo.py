@@ -215,12 +215,12 @@ def plot_accuracy(result: DemoResult, path: Path) -> Path | None:
         recs = sorted((r for r in result.records if r.device == dev.name), key=lambda r: r.step)
         xs, ys = [], []
         for r in recs:
-            xs += [r.step, r.step + 0.5]
+            xs += [r.step + 1, r.step + 1.5]
             ys += [r.accuracy_before, r.accuracy_after]
         line = ax.plot(xs, ys, marker="o", label=dev.name)[0]
         for p in dev.phases[1:]:
-            ax.axvline(p.step - 0.05, color=line.get_color(), linestyle=":", alpha=0.6)
-    ax.set_xlabel("adaptation step (dotted: an environment change of the device of that colour)")
+            ax.axvline(p.step + 0.95, color=line.get_color(), linestyle=":", alpha=0.6)
+    ax.set_xlabel("adaptation step: before at n, after at n + 0.5 (dotted: that device's environment changes)")
     ax.set_ylabel("accuracy on the current environment")
     ax.set_ylim(0, 1.02)
     ax.set_title("ECLM demo: accuracy before and after each adaptation step")

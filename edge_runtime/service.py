@@ -156,8 +156,8 @@ class EdgeService:
         for lab in labels:
             if isinstance(lab, bool):
                 raise DataError(f"label {lab!r} is not a class", hint="send class indices or label names")
-            if isinstance(lab, int) and 0 <= lab < len(names):
-                out.append(lab)
+            if isinstance(lab, int | np.integer) and 0 <= int(lab) < len(names):
+                out.append(int(lab))
             elif isinstance(lab, str) and lab in names:
                 out.append(names[lab])
             else:

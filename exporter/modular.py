@@ -193,15 +193,24 @@ def _prob_in_top_k(clean: Tensor, noisy: Tensor, std: Tensor, k: int) -> Tensor:
 
 
 class ModuleLayer(nn.Module):
-    """A layer of interchangeable modules whose outputs are summed, weighted by the gate."""
+    """A layer of interchangeable modules whose outputs are summed, weighted by the gate.
 
-    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+    With ``sparse`` (the cloud model) a module that no sample of the batch is routed to is not run,
+    as in sparsely gated mixtures; exported sub-models run densely (a graph has no data-dependent
+    branches) over their few modules.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], sparse: bool = False) -> None:
         super().__init__()
         self.mods = nn.ModuleDict(modules)
+        self.sparse = sparse
 
     def forward(self, h: Tensor, weights: Tensor) -> Tensor:
         out = h.new_zeros(())
+        used = (weights != 0).any(dim=0).tolist() if self.sparse else None
         for j, mod in enumerate(self.mods.values()):
+            if used is not None and not used[j]:
+                continue
             out = out + weights[:, j].reshape(-1, 1, 1, 1) * mod(h)
         return out
 
@@ -215,7 +224,8 @@ class ModularNet(nn.Module):
         self.stem = Stem(cfg.input_shape[0], cfg.stem_channels)
         self.selector = Selector(cfg)
         self.layers = nn.ModuleList(
-            ModuleLayer({f"m{i}": make_module(ls, w) for i, w in enumerate(ls.widths)}) for ls in cfg.layers
+            ModuleLayer({f"m{i}": make_module(ls, w) for i, w in enumerate(ls.widths)}, sparse=True)
+            for ls in cfg.layers
         )
         self.head = Head(cfg.layers[-1].out_channels, cfg.num_classes)
 
