@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -33,8 +34,10 @@ class Mosquitto:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.conf = folder / "mosquitto.conf"
+        # As root mosquitto would switch to its own user, which cannot write our persistence folder.
+        user = f"user {getpass.getuser()}\n"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {folder}/\nautosave_interval 1\nmax_queued_messages 100000\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None

@@ -58,22 +58,39 @@ def demo(
     typer.echo(f"logs: {workdir / 'logs'}; finished in {result.seconds:.0f} s, nothing left running")
 
 
+SUITES = ("export", "edge", "sync", "adapt", "paper")
+
+
 @app.command()
 @reports_errors
 def bench(
-    suite: str = typer.Option("export", "--suite", help="Benchmark suite: export (resnet18 sizing and speed)."),
-    out: Path = typer.Option(Path("docs/benchmarks"), "--out", help="Where JSON and markdown results go."),
-    profiles: str = typer.Option(None, "--profiles", help="Comma-separated profiles (default: all)."),
+    suite: str = typer.Option("paper", "--suite",
+                              help="paper: the paper's protocol and baselines; adapt: 20 steps of continuous "
+                              "adaptation with shifts; export, edge, sync: the component benchmarks."),
+    quick: bool = typer.Option(False, "--quick", help="A small version that finishes in minutes (CI)."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds for the paper suite (spread over seeds)."),
+    out: Path = typer.Option(Path("docs/benchmarks"), "--out", help="Where JSON, markdown and PNG plots go."),
 ) -> None:
-    """Run a benchmark suite; results go to OUT as JSON plus a markdown table."""
+    """Run a benchmark suite; results go to OUT as JSON plus a markdown table (and plots)."""
     from eclm.errors import ConfigError
 
-    if suite != "export":
-        raise ConfigError(f"unknown suite {suite!r}; available: export", hint="use --suite export")
-    args = [sys.executable, "-m", "bench.export_bench", "--out", str(out)]
-    if profiles:
-        args += ["--profiles", profiles]
-    raise typer.Exit(subprocess.call(args))
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; available: {', '.join(SUITES)}", hint="use --suite paper")
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    if suite == "adapt":
+        from bench.suites import adapt_suite
+
+        adapt_suite(out, quick, say)
+        typer.echo((out / "adapt.md").read_text())
+    elif suite == "paper":
+        from bench.suites import paper_suite
+
+        paper_suite(out, quick, 1 if quick and seeds == 3 else seeds, say)
+        typer.echo((out / "paper.md").read_text())
+    else:
+        module = {"export": "bench.export_bench", "edge": "bench.edge_bench", "sync": "bench.sync_bench"}[suite]
+        args = [sys.executable, "-m", module, "--out", str(out)] + (["--quick"] if quick and suite == "edge" else [])
+        raise typer.Exit(subprocess.call(args))
 
 
 def main() -> None:

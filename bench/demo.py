@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from bench.corruptions import corrupt
-from bench.procs import Edge, daemon, ledger_rows, wait_until
+from bench.procs import Edge, daemon, ledger_rows, wait_connected, wait_until
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed:
     result = DemoResult(workdir, float(info.metrics["test_accuracy"]), broker.url)
     try:
         sync.start()
+        wait_connected(sync)
         for dev in DEVICES:
             out = workdir / "bundles" / dev.name
             say(f"exporting the {dev.profile} bundle for {dev.name} (classes {dev.phases[0].classes})")

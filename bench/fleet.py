@@ -328,7 +328,7 @@ class EclmArm(LocalArm):
         import shutil
 
         from bench.broker import start_broker
-        from bench.procs import daemon
+        from bench.procs import daemon, wait_connected
         from eclm.signing import generate_keys
 
         self.cloud_bank = work / "eclm-bank"
@@ -340,6 +340,7 @@ class EclmArm(LocalArm):
         self.daemon = daemon(self.cloud_bank, self.broker.url, self.priv, work / "sync.log",
                              "--round-deltas", "1000", "--round-seconds", "1")
         self.daemon.start()
+        wait_connected(self.daemon)
         self.syncs: dict[int, Any] = {}
 
     def _sync(self, d: Device) -> Any:

@@ -59,6 +59,18 @@ class Proc:
             return ""
 
 
+def wait_connected(proc: Proc, timeout: float = 90) -> None:
+    """Block until a daemon's log says it is connected (so it is subscribed before devices publish)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if "connected to mqtt://" in proc.tail(200):
+            return
+        if not proc.alive():
+            raise RuntimeError(f"the sync daemon died:\n{proc.tail()}")
+        time.sleep(0.2)
+    raise TimeoutError(f"the sync daemon did not connect:\n{proc.tail()}")
+
+
 def daemon(bank: Path, broker: str, key: Path, log: Path, *extra: str) -> Proc:
     return Proc(_cmd("cloud_sync.cli", "eclm-cloud", "sync", "--bank", str(bank), "--broker", broker,
                      "--signing-key", str(key), *extra), log)

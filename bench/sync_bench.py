@@ -129,6 +129,15 @@ def _daemon(bank: Path, url: str, key: Path, log: Path, round_deltas: int) -> An
         stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
+def _wait_log(path: Path, text: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} did not appear in {path}")
+
+
 def part_b(bank: Path, work: Path, template: Any, n_devices: int, codec: str, timeout: float) -> dict[str, Any]:
     """Simulated devices over a private mosquitto on loopback against the real daemon."""
     import paho.mqtt.client as mqtt
@@ -144,6 +153,7 @@ def part_b(bank: Path, work: Path, template: Any, n_devices: int, codec: str, ti
     broker = Mosquitto(work / "broker")
     broker.start()
     daemon = _daemon(fleet_bank, broker.url, priv, work / "sync.log", max(1, n_devices // 4))
+    _wait_log(work / "sync.log", "connected to mqtt://", 90)
     sent: dict[str, float] = {}
     acked: dict[str, float] = {}
     updated: dict[str, float] = {}

@@ -57,6 +57,15 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         if "Path" in kind:
             return Path(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
         if kind.startswith("int"):
             return int(value)
         if kind.startswith("float"):

@@ -15,6 +15,7 @@ from eclm.errors import DataError, EclmError
 from edge_runtime.service import EdgeService
 
 log = logging.getLogger("eclm.edge.http")
+KNOWN_PATHS = ("/v1/predict", "/v1/samples", "/v1/train", "/v1/status", "/metrics", "/healthz")
 
 
 class ApiError(Exception):
@@ -56,9 +57,14 @@ def make_handler(service: EdgeService) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
             service.metrics.bytes_out.inc(len(data))
-            service.metrics.requests.labels(self.path.split("?")[0], str(int(status))).inc()
+            path = self.path.split("?")[0]
+            endpoint = path if path in KNOWN_PATHS else "other"  # bounded label values
+            service.metrics.requests.labels(endpoint, str(int(status))).inc()
 
         def _body(self) -> dict[str, Any]:
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "chunked request bodies are not supported",
+                               "send the body with a Content-Length")
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from eclm.errors import DataError
 from eclm.hashing import atomic_write_bytes
 
 SUFFIX = ".delta"
+ACKED = "acked.log"
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,51 @@ class Outbox:
         return OutboxEntry(meta["delta_id"], meta, tensors, path)
 
     def ack(self, delta_id: str) -> bool:
-        """Remove the entry of ``delta_id`` (after the cloud acknowledged it); False if absent."""
+        """Remove the entry of ``delta_id`` (after the cloud acknowledged it); False if absent.
+
+        The id and the samples it covered are appended to ``acked.log`` first, so that after a crash
+        the runtime still knows the delta existed.
+        """
         with self._lock:
             for p in self.folder.glob(f"*-{delta_id}{SUFFIX}"):
+                try:
+                    upto = int(self.read(p).meta.get("trained_upto", 0))
+                except (DataError, ValueError, TypeError):
+                    upto = 0
+                with open(self.folder / ACKED, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"delta_id": delta_id, "trained_upto": upto}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
                 p.unlink()
                 return True
         return False
+
+    def _acked(self) -> list[dict[str, Any]]:
+        path = self.folder / ACKED
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+        return out
+
+    def known_ids(self) -> set[str]:
+        """Ids of every delta kept: pending or already acknowledged."""
+        ids = {p.name[:-len(SUFFIX)].split("-", 1)[1] for p in self.pending()}
+        return ids | {str(r.get("delta_id")) for r in self._acked()}
+
+    def max_trained_upto(self) -> int:
+        """The newest sample id any kept delta was trained on."""
+        values = [int(r.get("trained_upto", 0)) for r in self._acked()]
+        for p in self.pending():
+            try:
+                values.append(int(self.read(p).meta.get("trained_upto", 0)))
+            except (DataError, ValueError, TypeError):
+                continue
+        return max(values, default=0)
 
     def quarantine(self, path: Path) -> None:
         """Move an unreadable entry aside so it blocks nothing and is not lost."""

@@ -42,6 +42,7 @@ class EdgeService:
         self.store = SampleStore(cfg.state_dir / "samples.sqlite", self.serving.input_shape,
                                  capacity=cfg.max_samples, holdout_every=cfg.holdout_every)
         self.outbox = Outbox(cfg.state_dir / "outbox")
+        self._recover()
         self._train_lock = threading.Lock()
         self._train_thread: threading.Thread | None = None
         self.last_training: dict[str, Any] | None = None
@@ -62,6 +63,33 @@ class EdgeService:
         self._refresh_gauges()
 
     # -- bundles and generations
+    def _recover(self) -> None:
+        """After a crash: roll a committed generation whose delta was kept forward, discard the others,
+        and never retrain samples a kept delta already used.
+        """
+        upto = max(int(self.store.get_meta("trained_upto", "0") or 0), self.outbox.max_trained_upto())
+        self.store.set_meta("trained_upto", str(upto))
+        pointer = self.state.read_pointer()
+        if pointer is None:
+            return
+        kept = self.outbox.known_ids()
+        for n in self.state.generations():
+            if n <= pointer.generation:
+                continue
+            try:
+                info = self.state.verify_generation(n)
+            except BundleError:
+                info = {}
+            if (info.get("bundle") == pointer.bundle and info.get("parent") == pointer.generation
+                    and info.get("delta_id") in kept):
+                log.warning("rolling forward to generation %d (its delta was kept before a crash)", n)
+                pointer = Pointer(pointer.bundle, n)
+                self.state.write_pointer(pointer)
+                self.serving = self._open(pointer)
+            else:
+                log.warning("discarding generation %d, left unfinished by a crash", n)
+                self.state.discard_generation(n)
+
     def _open(self, pointer: Pointer) -> ServingModel:
         bundle_dir = self.state.bundle_dir(pointer.bundle)
         from eclm.manifest import verify_bundle
@@ -226,6 +254,11 @@ class EdgeService:
 
     def train_now(self, reason: str = "api") -> dict[str, Any]:
         """Run one fine-tuning run in the calling thread (for scripts and tests)."""
+        if not self.serving.trainable:
+            raise TrainingUnavailableError(
+                f"this bundle cannot train on the device: {self.serving.manifest.training.get('reason')}",
+                hint="it still serves and collects samples; export a bundle with training artifacts to train",
+            )
         self._train_job(reason)
         assert self.last_training is not None
         return self.last_training
@@ -267,7 +300,9 @@ class EdgeService:
             else:
                 outcome.reason = "worse on the holdout than the serving model; not served (delta kept)"
             outcome.delta_id = new_delta_id()
-            self._keep_delta(serving, outcome, deltas)
+            # Order for kill -9 at any point: the generation is committed, then its delta is kept (it
+            # records the samples it used), then the pointer moves. On restart a committed generation
+            # whose delta was kept is rolled forward; one without is discarded and its samples retrained.
             if outcome.accepted:
                 n = self.state.next_generation()
                 folder = self.state.commit_generation(work, n, {
@@ -275,13 +310,14 @@ class EdgeService:
                     "holdout_before": outcome.holdout_before, "holdout_after": outcome.holdout_after,
                     "module_versions": serving.module_versions,
                 })
+                self._keep_delta(serving, outcome, deltas, upto)
                 new = replace(serving, generation=n, model_path=folder / "model.onnx",
                               checkpoint_path=folder / "checkpoint")
-                # The pointer first: a crash after it restarts on the new generation, one before it on
-                # the old; requests in flight keep the session object they already hold.
                 self.state.write_pointer(Pointer(serving.digest, n))
-                self.serving = new
+                self.serving = new  # requests in flight keep the session object they already hold
                 outcome.generation = n
+            else:
+                self._keep_delta(serving, outcome, deltas, upto)
             self.store.set_meta("trained_upto", str(upto))
             self.metrics.training_runs.labels("accepted" if outcome.accepted else "rejected").inc()
             if outcome.loss_last == outcome.loss_last:
@@ -292,7 +328,7 @@ class EdgeService:
                 shutil.rmtree(work, ignore_errors=True)
 
     def _keep_delta(self, serving: ServingModel, outcome: TrainOutcome,
-                    deltas: dict[str, dict[str, np.ndarray]]) -> None:
+                    deltas: dict[str, dict[str, np.ndarray]], upto: int) -> None:
         versions = serving.module_versions
         meta = {
             "schema_version": 1,
@@ -306,6 +342,7 @@ class EdgeService:
             "metrics": {k: v for k, v in outcome.to_dict().items()
                         if k in ("loss_first", "loss_last", "holdout_before", "holdout_after", "steps")},
             "accepted_locally": outcome.accepted,
+            "trained_upto": upto,
             "created": time.time(),
         }
         flat = {name: arr for part in deltas.values() for name, arr in part.items()}

@@ -97,6 +97,13 @@ class StateDir:
         work.replace(target)
         return target
 
+    def generations(self) -> list[int]:
+        """Committed generation numbers, ascending."""
+        return sorted(int(p.name) for p in (self.root / "gens").iterdir() if p.name.isdigit())
+
+    def discard_generation(self, n: int) -> None:
+        shutil.rmtree(self.gen_dir(n), ignore_errors=True)
+
     def verify_generation(self, n: int) -> dict[str, Any]:
         """The generation's record, after checking every file's sha256."""
         folder = self.gen_dir(n)

@@ -79,7 +79,9 @@ def run_training(serving: ServingModel, train: Batch, holdout: Batch, settings: 
     trainer.set_learning_rate(settings.learning_rate)
     trainable = set(trainer.trainable_names())
     start = {n: trainer.parameter(n) for n in trainable}
-    rng = np.random.default_rng(settings.seed + int(outcome.started))
+    # Seeded by the run's position (generation, samples): the same state and samples give the same delta.
+    last_id = int(train.ids[-1]) if len(train) else 0
+    rng = np.random.default_rng([settings.seed, serving.generation, len(train), last_id])
     losses: list[float] = []
     for _ in range(settings.epochs):
         order = rng.permutation(len(train))

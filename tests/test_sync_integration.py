@@ -13,7 +13,7 @@ from broker import Mosquitto, mosquitto_binary
 from eclm.signing import generate_keys
 from exporter.data import load_dataset, split
 from exporter.export import ExportRequest, export_bundle
-from sync_harness import Edge, daemon, ledger_rows, ledger_versions, wait_until
+from sync_harness import Edge, daemon, ledger_rows, ledger_versions, wait_connected, wait_until
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 
@@ -56,6 +56,7 @@ def test_three_rounds_five_devices(digits_bank, tmp_path: Path) -> None:
     edges: dict[str, Edge] = {}
     try:
         sync.start()
+        wait_connected(sync)
         for dev, (classes, _) in DEVICES.items():
             out = tmp_path / f"bundle-{dev}"
             export_bundle(ExportRequest(bank, profile="pi4", out_dir=out, classes=classes, measure=False,

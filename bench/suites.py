@@ -1,0 +1,271 @@
+"""Benchmark suites behind `eclm bench`: continuous adaptation (``adapt``) and the paper's protocol (``paper``).
+
+Each writes ``<suite>.json``, ``<suite>.md`` and PNG plots to the output folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import machine_info, md_table, write_results
+from bench.fleet import CloudArm, EclmArm, FedAvgArm, FleetConfig, HeteroFLArm, LocalArm, Pool, Shift, make_fleet, run
+
+Say = Callable[[str], None]
+
+# METHOD.md section 5, Table 1 (the paper's numbers on its data; ours are measured on digits).
+PAPER_TABLE = {
+    "CIFAR-10 m=2, ResNet18": {"none": 73.55, "local": 84.19, "fedavg": 73.68, "heterofl": 70.19, "eclm": 90.86},
+    "CIFAR-10 m=5": {"none": 73.55, "local": 73.56, "fedavg": 76.12, "heterofl": 77.32, "eclm": 85.76},
+}
+ARM_NAMES = {"none": "no adaptation", "local": "local only (LA)", "fedavg": "FedAvg", "heterofl": "HeteroFL",
+             "eclm": "ECLM"}
+
+
+def _bank(work: Path, seed: int, say: Say) -> Path:
+    from exporter.cloud import TrainOptions, train_bank
+
+    bank = work / f"bank-{seed}"
+    if not (bank / "bank.json").exists():
+        say(f"training the cloud model (seed {seed})")
+        train_bank(TrainOptions(dataset="digits", bank_dir=bank, seed=seed))
+    return bank
+
+
+def _pool(seed: int) -> Pool:
+    from exporter.data import load_dataset, split
+
+    pool = split(load_dataset("digits"), seed).pool
+    return Pool(pool.x, pool.y, seed)
+
+
+def _run_arms(names: list[str], bank: Path, work: Path, cfg: FleetConfig, say: Say) -> dict[str, Any]:
+    devices = make_fleet(cfg, 10)
+    arms: list[Any] = []
+    try:
+        for name in names:
+            if name == "none":
+                arms.append(CloudArm(bank))
+            elif name == "fedavg":
+                arms.append(FedAvgArm(bank, cfg.seed))
+            elif name == "heterofl":
+                arms.append(HeteroFLArm(bank, cfg.seed))
+            elif name == "local":
+                arms.append(LocalArm(bank, work, devices))
+            elif name == "eclm":
+                arms.append(EclmArm(bank, work, devices))
+        return run(arms, cfg, _pool(cfg.seed), devices,
+                   lambda step, accs: say(f"  step {step + 1}/{cfg.steps}: " +
+                                          ", ".join(f"{k} {v:.3f}" for k, v in accs.items())))
+    finally:
+        for a in arms:
+            a.close()
+
+
+def recovery(history: list[dict[str, Any]], arm: str, tolerance: float = 0.02, window: int = 3) -> list[int | None]:
+    """Steps from each shift until the shifted devices are back within ``tolerance`` of their level before
+    it (mean of up to ``window`` earlier steps they took part in); None if they never are.
+    """
+    out: list[int | None] = []
+    for row in history:
+        for dev in row["shifted"]:
+            before = [h[arm][dev] for h in history if h["step"] < row["step"] and dev in h[arm]][-window:]
+            if not before:
+                continue
+            level = float(np.mean(before)) - tolerance
+            after = [(h["step"] - row["step"], h[arm][dev]) for h in history if h["step"] >= row["step"]
+                     and dev in h[arm]]
+            out.append(next((d for d, a in after if a >= level), None))
+    return out
+
+
+def adapt_suite(out: Path, quick: bool, say: Say) -> dict[str, Any]:
+    """20 adaptation steps of 6 devices with scheduled shifts: no adaptation, local only, ECLM."""
+    work = Path(tempfile.mkdtemp(prefix="eclm-adapt-"))
+    t0 = time.time()
+    try:
+        bank = _bank(work, 0, say)
+        steps = 8 if quick else 20
+        s = steps // 4
+        cfg = FleetConfig(devices=6, per_round=6, classes_per_device=3, steps=steps, corruptions=("none",),
+                          test_samples=100, seed=0, shifts=(
+                              Shift(s, (0, 1), corruption="rotation"),
+                              Shift(2 * s, (2, 3), classes=(0, 5, 6, 8)),
+                              Shift(3 * s, (4, 5), corruption="noise")))
+        res = _run_arms(["none", "local", "eclm"], bank, work, cfg, say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    acc = res["accuracy_per_step"]
+    rec = {arm: recovery(res["history"], arm) for arm in acc}
+    secs = {arm: float(np.mean(res["seconds"][arm])) for arm in acc}
+    summary = {arm: {"mean_accuracy": float(np.mean(v)), "recovery_steps": rec[arm],
+                     "mean_recovery_steps": float(np.mean([r for r in rec[arm] if r is not None]))
+                     if any(r is not None for r in rec[arm]) else None,
+                     "never_recovered": sum(r is None for r in rec[arm]),
+                     "seconds_per_step": secs[arm]} for arm, v in acc.items()}
+    results = {"machine": machine_info(), "config": _cfg_dict(cfg), "summary": summary,
+               "accuracy_per_step": acc, "seconds": time.time() - t0}
+    plot = _plot_steps(acc, out / "adapt_accuracy.png", [sh.step for sh in cfg.shifts],
+                       "Continuous adaptation: mean accuracy of the fleet per step")
+    rows = [[ARM_NAMES[a], s["mean_accuracy"], s["mean_recovery_steps"] if s["mean_recovery_steps"] is not None
+             else "-", s["never_recovered"], s["seconds_per_step"]] for a, s in summary.items()]
+    md = f"""# Continuous adaptation: {steps} steps with shifts
+
+Command: `eclm bench --suite adapt{' --quick' if quick else ''}`; {results['machine']['cpu']},
+{results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s.
+
+Six devices (3 classes each, 50-150 digits samples) adapt every step; half of each device's samples is
+replaced by fresh ones each step. Shifts: at step {s + 1} devices 0 and 1 see rotated inputs, at step
+{2 * s + 1} devices 2 and 3 see another class mix (0, 5, 6, 8), at step {3 * s + 1} devices 4 and 5 see
+noisy inputs. Accuracy is measured after each step on fresh held-out samples of each device's current
+environment. Recovery: steps from a shift until the shifted device is back within 2 points of its
+level before the shift (0: it already is right after adapting in the shift's step).
+
+{md_table(["arm", "accuracy averaged over the steps", "mean steps to recover", "never recovered",
+           "seconds per step"], rows)}
+
+![accuracy per step]({plot.name})
+"""
+    write_results(out, "adapt", results, md)
+    return results
+
+
+def paper_suite(out: Path, quick: bool, seeds: int, say: Say) -> dict[str, Any]:
+    """METHOD.md section 5 on digits: m = 2 and m = 5, all arms, accuracy over steps and bytes."""
+    t0 = time.time()
+    arms = ["none", "local", "fedavg", "heterofl", "eclm"]
+    base = FleetConfig(devices=20, per_round=5, steps=3, seed=0) if quick else FleetConfig()
+    settings = {"m=2": replace(base, classes_per_device=2), "m=5": replace(base, classes_per_device=5)}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in settings}
+    work = Path(tempfile.mkdtemp(prefix="eclm-paper-"))
+    try:
+        for seed in range(seeds):
+            bank = _bank(work, seed, say)
+            for name, cfg in settings.items():
+                say(f"setting {name}, seed {seed}")
+                runs[name].append(_run_arms(arms, bank, work / f"{name}-{seed}", replace(cfg, seed=seed), say))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary: dict[str, Any] = {}
+    for name, rs in runs.items():
+        summary[name] = {}
+        for arm in arms:
+            first = [r["accuracy_per_step"][arm][0] for r in rs]
+            avg = [float(np.mean(r["accuracy_per_step"][arm])) for r in rs]
+            up = [float(np.mean([b["uplink"] for b in r["bytes"][arm]])) for r in rs]
+            down = [float(np.mean([b["downlink"] for b in r["bytes"][arm]])) for r in rs]
+            secs = [float(np.mean(r["seconds"][arm])) for r in rs]
+            summary[name][arm] = {"after_one_step": (float(np.mean(first)), float(np.std(first))),
+                                  "averaged": (float(np.mean(avg)), float(np.std(avg))),
+                                  "uplink_bytes": float(np.mean(up)), "downlink_bytes": float(np.mean(down)),
+                                  "seconds_per_step": float(np.mean(secs))}
+    results = {"machine": machine_info(), "quick": quick, "seeds": seeds, "config": _cfg_dict(base),
+               "summary": summary, "seconds": time.time() - t0,
+               "accuracy_per_step": {k: [r["accuracy_per_step"] for r in rs] for k, rs in runs.items()}}
+    plots = [_plot_steps({a: list(np.mean([r["accuracy_per_step"][a] for r in rs], axis=0)) for a in arms},
+                         out / f"paper_accuracy_{k.replace('=', '')}.png", [], f"Accuracy per step, {k}")
+             for k, rs in runs.items()]
+    bytes_plot = _plot_bytes(summary, out / "paper_bytes.png")
+    write_results(out, "paper", results, _paper_md(results, plots, bytes_plot, quick))
+    return results
+
+
+def _paper_md(results: dict[str, Any], plots: list[Path], bytes_plot: Path, quick: bool) -> str:
+    s = results["summary"]
+    arms = ["none", "local", "fedavg", "heterofl", "eclm"]
+
+    def cell(v: tuple[float, float]) -> str:
+        return f"{100 * v[0]:.2f} ± {100 * v[1]:.2f}"
+
+    table1 = [[f"digits {k}, modular CNN (ours, after one step)"] + [cell(s[k][a]["after_one_step"]) for a in arms]
+              for k in s]
+    table1 += [[f"digits {k} (ours, averaged over the steps)"] + [cell(s[k][a]["averaged"]) for a in arms] for k in s]
+    table1 += [[f"{k} (paper)"] + [f"{v[a]:.2f}" for a in arms] for k, v in PAPER_TABLE.items()]
+    comm = []
+    for k in s:
+        fed = s[k]["fedavg"]["uplink_bytes"]
+        for a in arms:
+            up = s[k][a]["uplink_bytes"]
+            comm.append([k, ARM_NAMES[a], f"{up:,.0f}", f"{s[k][a]['downlink_bytes']:,.0f}",
+                         f"{fed / up:.1f}x" if up else "-", f"{s[k][a]['seconds_per_step']:.1f}"])
+    c = results["config"]
+    best = {k: max(arms, key=lambda a: s[k][a]["averaged"][0]) for k in s}
+    return f"""# The paper's protocol on digits
+
+Command: `eclm bench --suite paper{' --quick' if quick else ''}`; {results['machine']['cpu']},
+{results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s;
+{results['seeds']} seeds (mean ± standard deviation over seeds).
+
+Protocol (METHOD.md section 5 on the data we have): {c['devices']} devices, {c['per_round']} per round,
+50-150 samples each of m classes from the devices' 70% of digits, a per-device corruption (none,
+rotation, noise, contrast, blur), half of each device's samples replaced at every step, {c['steps']}
+steps. Accuracy is that of the devices of the round after adapting, on fresh held-out samples of
+their environment. The paper's figures are on CIFAR-10 with ResNet18, shown for shape only.
+
+{md_table(["setting", *[ARM_NAMES[a] for a in arms]], table1)}
+
+Best arm averaged over the steps: {', '.join(f'{k}: {ARM_NAMES[v]}' for k, v in best.items())}.
+
+## Communication and time per round (per participating device)
+{md_table(["setting", "arm", "uplink bytes", "downlink bytes", "FedAvg uplink / this", "seconds per step"], comm)}
+
+{chr(10).join(f'![{p.stem}]({p.name})' for p in plots)}
+![bytes per round]({bytes_plot.name})
+"""
+
+
+def _cfg_dict(cfg: FleetConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def _plot_steps(acc: dict[str, list[float]], path: Path, shifts: list[int], title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for arm, values in acc.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=ARM_NAMES.get(arm, arm))
+    for s in shifts:
+        ax.axvline(s + 1, color="grey", linestyle=":")
+    ax.set_xlabel("adaptation step" + (" (dotted: shifts)" if shifts else ""))
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_bytes(summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = ["fedavg", "heterofl", "eclm"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.35
+    for j, (k, s) in enumerate(summary.items()):
+        ax.bar(np.arange(len(arms)) + j * width, [s[a]["uplink_bytes"] / 1024 for a in arms], width, label=k)
+    ax.set_xticks(np.arange(len(arms)) + width / 2, [ARM_NAMES[a] for a in arms])
+    ax.set_ylabel("uplink KiB per device per round")
+    ax.set_title("Bytes per round")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
