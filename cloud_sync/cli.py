@@ -86,7 +86,8 @@ def sync(
     strategy: str = typer.Option("weighted", "--strategy", help="weighted (importance x samples), trimmed, median."),
     gate_margin: float = typer.Option(0.02, "--gate-margin",
                                       help="Hold back a merge that lowers validation accuracy by more than this."),
-    max_staleness: int = typer.Option(3, "--max-staleness", help="Versions a delta's base may lag behind."),
+    max_staleness: int = typer.Option(10, "--max-staleness",
+                                      help="Versions a delta's base may lag behind (stale deltas weigh less)."),
     max_payload: int = typer.Option(4 * 2**20, "--max-payload", help="Reject messages larger than this (bytes)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:

@@ -55,14 +55,17 @@ class RoundResult:
                 "reason": self.reason}
 
 
-def module_weight(msg: wire.DeltaMessage, part_id: str) -> float:
-    """Importance of the module for the sending device x its sample count (METHOD.md section 4)."""
+def module_weight(msg: wire.DeltaMessage, part_id: str, current_version: int | None = None) -> float:
+    """Importance of the module for the sending device x its sample count (METHOD.md section 4),
+    divided by 1 + staleness (versions its base lags behind), as asynchronous federated learning does.
+    """
     importance = 1.0
     if msg.importance and part_id.startswith("L") and "M" in part_id:
         layer, index = (int(v) for v in part_id[1:].split("M"))
         if layer < len(msg.importance) and index < len(msg.importance[layer]):
             importance = float(msg.importance[layer][index])
-    return max(importance, 1e-6) * max(1, msg.sample_count)
+    staleness = max(0, (current_version or 0) - msg.base_versions.get(part_id, current_version or 0))
+    return max(importance, 1e-6) * max(1, msg.sample_count) / (1 + staleness)
 
 
 class Merger:
@@ -135,13 +138,14 @@ class Merger:
         round_no = self.ledger.next_round()
         by_part: dict[str, list[Contribution]] = defaultdict(list)
         ids = []
+        current_versions = self.versions()
         for s in stored:
             msg = wire.decode(s.payload)
             assert isinstance(msg, wire.DeltaMessage)
             ids.append(msg.delta_id)
             for part_id, names in msg.parts.items():
                 by_part[part_id].append(Contribution(msg.delta_id, {n: msg.tensors[n] for n in names},
-                                                     module_weight(msg, part_id)))
+                                                     module_weight(msg, part_id, current_versions.get(part_id))))
         strategy = STRATEGIES[self.settings.strategy]
         new_params = dict(self.params)
         lineage: dict[str, list[str]] = {}

@@ -13,7 +13,7 @@ from eclm.wire import DeltaMessage
 class Limits:
     """What a delta may be."""
 
-    max_staleness: int = 3  # versions a delta's base may lag behind the bank's current version
+    max_staleness: int = 10  # versions a delta's base may lag behind the bank's current version
     max_relative_norm: float = 1.0  # ||delta|| <= this x (||parameter|| + 1) per parameter
     max_tensors: int = 10_000
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from broker import Mosquitto, mosquitto_binary
+from sync_harness import Edge, daemon, ledger_rows, ledger_versions, wait_connected, wait_until
 
 from bench.corruptions import corrupt
-from broker import Mosquitto, mosquitto_binary
 from eclm.signing import generate_keys
 from exporter.data import load_dataset, split
 from exporter.export import ExportRequest, export_bundle
-from sync_harness import Edge, daemon, ledger_rows, ledger_versions, wait_connected, wait_until
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 
