@@ -24,12 +24,18 @@ class ServingModel:
     checkpoint_path: Path | None
     versions: dict[str, int] | None = None  # module versions of this generation (default: the bundle's)
     threads: int = 1
+    overrides: dict[str, np.ndarray] | None = None  # initializer values replacing the graph's own
 
     def __post_init__(self) -> None:
         ort = load_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        self._override_values = []
+        for name, value in (self.overrides or {}).items():
+            ortvalue = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+            self._override_values.append(ortvalue)  # the session reads it; keep it alive as long
+            options.add_initializer(name, ortvalue)
         self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(int(d) for d in self.manifest.input["shape"][1:])

@@ -496,16 +496,33 @@ class EdgeService:
 
     # -- resources and the variant ladder
     def variants(self) -> list[ServingModel]:
-        """Cheaper models of the serving bundle, most expensive first (loaded once per bundle)."""
+        """Cheaper models of the serving bundle, most expensive first, carrying the serving generation's
+        trained weights for the modules and head they share with it (loaded once per generation).
+        """
         s = self.serving
-        if s.digest not in self._variants:
+        key = f"{s.digest}/{s.generation}"
+        if key not in self._variants:
+            trained = self._trained_values(s)
             found = []
             for v in s.manifest.variants:
                 path = s.bundle_dir / v["file"]
-                if path.is_file():
-                    found.append(replace(s, generation=0, model_path=path, checkpoint_path=None, versions=None))
-            self._variants = {s.digest: found}
-        return self._variants[s.digest]
+                if not path.is_file():
+                    continue
+                prefixes = ["net.head."] + [f"net.layers.{la}.mods.m{i}." for la, idx in enumerate(v["selection"])
+                                            for i in idx]
+                overrides = {n: a for n, a in trained.items() if n.startswith(tuple(prefixes))}
+                found.append(replace(s, model_path=path, checkpoint_path=None, overrides=overrides))
+            self._variants = {key: found}
+        return self._variants[key]
+
+    def _trained_values(self, s: ServingModel) -> dict[str, np.ndarray]:
+        """Trainable parameters of a trained generation (empty for the bundle as shipped)."""
+        if s.generation == 0 or s.checkpoint_path is None or not s.trainable:
+            return {}
+        from eclm.ort_train import OrtTrainer
+
+        trainer = OrtTrainer(s.bundle_dir / s.manifest.training["folder"], checkpoint=s.checkpoint_path)
+        return {n: trainer.parameter(n) for n in trainer.trainable_names()}
 
     def variant_name(self) -> str:
         if self.level == 0:
@@ -576,6 +593,8 @@ class EdgeService:
     def _refresh_gauges(self) -> None:
         if getattr(self, "level", 0) == 0:
             self.active = self.serving
+        elif hasattr(self, "_variants") and self.variants():  # a new generation: its weights, same rung
+            self.active = self.variants()[min(self.level, len(self.variants())) - 1]
         if hasattr(self, "drift") and self.drift.reference != self._reference():
             self.drift.rebase(self._reference())
         self.metrics.generation.set(self.serving.generation)
