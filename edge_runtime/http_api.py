@@ -45,6 +45,9 @@ def make_handler(service: EdgeService) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "eclm-edge/0.1"
         protocol_version = "HTTP/1.1"
+        # Headers and body are written separately; with Nagle's algorithm the body would wait for
+        # the client's delayed ACK (~40 ms per request).
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("%s " + format, self.address_string(), *args)

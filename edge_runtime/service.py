@@ -169,9 +169,10 @@ class EdgeService:
             self._last_routing = t  # the routing of unlabelled inputs is judged off the request path
             self._routing_inbox.put_nowait(x)
         self.metrics.predicted.inc(len(x))
+        labels = serving.labels
         return {
-            "probabilities": probs.round(6).tolist(),
-            "predictions": [serving.labels[i] for i in probs.argmax(axis=1)],
+            "probabilities": probs.tolist(),
+            "predictions": [labels[i] for i in probs.argmax(axis=1).tolist()],
             "labels": serving.labels,
             "generation": serving.generation,
             "bundle": serving.digest,
