@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -165,9 +166,10 @@ class EdgeService:
         elapsed = time.perf_counter() - t
         self.latencies.append(elapsed * 1e3)
         self.metrics.predict_latency.observe(elapsed)
-        if self.cfg.drift and t - self._last_routing > 0.2 and not self._routing_inbox.full():
+        if self.cfg.drift and t - self._last_routing > 0.2:
             self._last_routing = t  # the routing of unlabelled inputs is judged off the request path
-            self._routing_inbox.put_nowait(x)
+            with contextlib.suppress(queue.Full):
+                self._routing_inbox.put_nowait(x)
         self.metrics.predicted.inc(len(x))
         labels = serving.labels
         return {
@@ -526,17 +528,18 @@ class EdgeService:
         return {n: trainer.parameter(n) for n in trainer.trainable_names()}
 
     def variant_name(self) -> str:
-        if self.level == 0:
+        variants = self.serving.manifest.variants
+        if self.level == 0 or self.level > len(variants):
             return "main"
-        return str(self.serving.manifest.variants[self.level - 1]["name"])
+        return str(variants[self.level - 1]["name"])
 
     def set_level(self, level: int, reason: str) -> None:
         """Serve rung ``level`` of the ladder (0: the main model); predictions never stop."""
         variants = self.variants()
         level = max(0, min(level, len(variants)))
         target = self.serving if level == 0 else variants[level - 1]
+        self.active = target  # one reference swap, before the level it is reported under
         self.level = level
-        self.active = target  # one reference swap
         self.metrics.variant_level.set(level)
         self.last_switch = {"level": level, "variant": self.variant_name(), "reason": reason, "at": time.time()}
         self._notify("variant", dict(self.last_switch))
@@ -592,6 +595,9 @@ class EdgeService:
 
     # -- status
     def _refresh_gauges(self) -> None:
+        if getattr(self, "level", 0) > 0 and getattr(self, "_ladder_bundle", None) != self.serving.digest:
+            self.level = 0  # another bundle serves: its own ladder starts at its main model
+        self._ladder_bundle = self.serving.digest
         if getattr(self, "level", 0) == 0:
             self.active = self.serving
         elif hasattr(self, "_variants") and self.variants():  # a new generation: its weights, same rung
