@@ -38,7 +38,7 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table; floats are shown with 3 significant digits."""
     def cell(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+            return f"{v:.3g}" if abs(v) < 1e3 else f"{v:,.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
