@@ -85,6 +85,16 @@ class ServingModel:
         e = np.exp(z)
         return np.asarray(e / e.sum(axis=1, keepdims=True))
 
+    def log_loss(self, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
+        """Mean cross-entropy of the labels (NaN without samples)."""
+        if len(y) == 0:
+            return float("nan")
+        total = 0.0
+        for i in range(0, len(y), batch):
+            p = self.predict(x[i : i + batch])
+            total += float(-np.log(np.clip(p[np.arange(len(p)), y[i : i + batch]], 1e-12, 1.0)).sum())
+        return total / len(y)
+
     def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
         if len(y) == 0:
             return float("nan")
