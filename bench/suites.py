@@ -146,6 +146,10 @@ def paper_suite(out: Path, quick: bool, seeds: int, say: Say) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in settings}
     work = Path(tempfile.mkdtemp(prefix="eclm-paper-"))
     try:
+        from bench.train_cost import measure
+
+        say("measuring edge training against full-model training")
+        resources = measure(_bank(work, 0, say), work)
         for seed in range(seeds):
             bank = _bank(work, seed, say)
             for name, cfg in settings.items():
@@ -167,7 +171,7 @@ def paper_suite(out: Path, quick: bool, seeds: int, say: Say) -> dict[str, Any]:
                                   "uplink_bytes": float(np.mean(up)), "downlink_bytes": float(np.mean(down)),
                                   "seconds_per_step": float(np.mean(secs))}
     results = {"machine": machine_info(), "quick": quick, "seeds": seeds, "config": _cfg_dict(base),
-               "summary": summary, "seconds": time.time() - t0,
+               "summary": summary, "seconds": time.time() - t0, "resources": resources,
                "accuracy_per_step": {k: [r["accuracy_per_step"] for r in rs] for k, rs in runs.items()}}
     plots = [_plot_steps({a: list(np.mean([r["accuracy_per_step"][a] for r in rs], axis=0)) for a in arms},
                          out / f"paper_accuracy_{k.replace('=', '')}.png", [], f"Accuracy per step, {k}")
@@ -197,6 +201,23 @@ def _paper_md(results: dict[str, Any], plots: list[Path], bytes_plot: Path, quic
                          f"{fed / up:.1f}x" if up else "-", f"{s[k][a]['seconds_per_step']:.1f}"])
     c = results["config"]
     best = {k: max(arms, key=lambda a: s[k][a]["averaged"][0]) for k in s}
+    r = results.get("resources") or {}
+    ratios = [s[k]["fedavg"]["uplink_bytes"] / s[k]["eclm"]["uplink_bytes"] for k in s if s[k]["eclm"]["uplink_bytes"]]
+    goals = [
+        f"- ECLM best in every setting (averaged over the steps): "
+        f"{'met' if all(v == 'eclm' for v in best.values()) else '**not met**'} "
+        f"({', '.join(f'{k}: best {ARM_NAMES[v]}' for k, v in best.items())}).",
+        f"- Communication at least 10x below FedAvg: {'met' if ratios and min(ratios) >= 10 else '**not met**'} "
+        f"({', '.join(f'{x:.1f}x' for x in ratios)}).",
+    ]
+    if r:
+        goals.append(
+            f"- Edge training memory at least 5x below full-model training: "
+            f"{'met' if r['memory_ratio'] >= 5 else '**not met**'} ({r['memory_ratio']:.1f}x: "
+            f"{r['edge_training_memory_bytes'] / 2**20:.1f} MiB for the pi4 sub-model's training step with "
+            f"ONNX Runtime, {r['full_training_memory_bytes'] / 2**20:.1f} MiB for the whole model with PyTorch; "
+            f"time per batch {r['edge_step_ms']:.1f} ms vs {r['full_step_ms']:.1f} ms, "
+            f"{r['latency_ratio']:.1f}x).")
     return f"""# The paper's protocol on digits
 
 Command: `eclm bench --suite paper{' --quick' if quick else ''}`; {results['machine']['cpu']},
@@ -211,7 +232,8 @@ their environment. The paper's figures are on CIFAR-10 with ResNet18, shown for 
 
 {md_table(["setting", *[ARM_NAMES[a] for a in arms]], table1)}
 
-Best arm averaged over the steps: {', '.join(f'{k}: {ARM_NAMES[v]}' for k, v in best.items())}.
+## Goals
+{chr(10).join(goals)}
 
 ## Communication and time per round (per participating device)
 {md_table(["setting", "arm", "uplink bytes", "downlink bytes", "FedAvg uplink / this", "seconds per step"], comm)}
@@ -269,3 +291,20 @@ def _plot_bytes(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def add_resources(out: Path, say: Say) -> None:
+    """Measure the training-cost figures and re-render ``paper.md`` from ``paper.json`` with them."""
+    import json
+
+    from bench.train_cost import measure
+
+    path = out / "paper.json"
+    results = json.loads(path.read_text())
+    work = Path(tempfile.mkdtemp(prefix="eclm-cost-"))
+    try:
+        results["resources"] = measure(_bank(work, 0, say), work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    plots = sorted(out.glob("paper_accuracy_*.png"))
+    write_results(out, "paper", results, _paper_md(results, plots, out / "paper_bytes.png", results["quick"]))
