@@ -88,7 +88,7 @@ def _quiet_ort() -> None:
 # Settings turned off in the in-process runs (where the runtime has them): the drift monitor starts
 # training runs of its own when add_samples sees accuracy drop, and the resource monitor swaps in
 # cheaper model variants when the host is busy; either would change what is measured. They are set
-# on the loaded config, because load_config turns booleans into (always true) strings.
+# on the loaded config, and only where EdgeConfig has them.
 QUIET_SETTINGS: dict[str, Any] = {"drift": False, "resource_interval_s": 0.0}
 
 
@@ -292,7 +292,7 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
     out["ratio_service_p50"] = out["service"]["p50_ms"] / out["bare"]["p50_ms"]
     out["ratio_serving_p50"] = out["serving"]["p50_ms"] / out["bare"]["p50_ms"]
     out["overhead_service_us"] = (out["service"]["p50_ms"] - out["bare"]["p50_ms"]) * 1e3
-    out["max_abs_diff_rounded_probs"] = diff
+    out["max_abs_diff_probs"] = diff
     out["model_path"] = str(serving.model_path)
     out["torch_in_sys_modules"] = "torch" in sys.modules
     service.close()
@@ -412,6 +412,9 @@ def _manifest(bundle: Path) -> dict[str, Any]:
     return json.loads((bundle / "manifest.json").read_text())
 
 
+_SAVED_THIS_RUN: set[Path] = set()
+
+
 def _torch_spec(bundle: Path, bank: Path, work: Path, build: str) -> dict[str, Any]:
     """What a torch child needs to build the bundle's sub-model (``meta``: from the sub-model's own tensors)."""
     from exporter.bank import DirectoryBank
@@ -423,7 +426,8 @@ def _torch_spec(bundle: Path, bank: Path, work: Path, build: str) -> dict[str, A
             "trainable_parts": man["training"]["trainable_parts"]}
     if build == "meta":
         state = work / f"sub-{bundle.name}.safetensors"
-        if not state.exists():
+        if state not in _SAVED_THIS_RUN:  # written by this run's code, never reused from a kept --work
+            _SAVED_THIS_RUN.add(state)
             from safetensors.torch import save_file
 
             sub = torch_submodel({**spec, "build": "bank"})
@@ -659,6 +663,8 @@ def child_train_ort(spec: dict[str, Any]) -> dict[str, Any]:
     ckpt = serving.checkpoint_path
     bare = OrtTrainer(folder, checkpoint=ckpt)
     bare.set_learning_rate(lr)
+    bare1 = OrtTrainer(folder, checkpoint=ckpt, threads=1)  # diagnostic: one intra-op thread
+    bare1.set_learning_rate(lr)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     api_state = ort_api.CheckpointState.load_checkpoint(str(ckpt))
@@ -677,10 +683,10 @@ def child_train_ort(spec: dict[str, Any]) -> dict[str, Any]:
 
     batch, empty = Batch(x, y, np.arange(1, bs + 1)), Batch(x[:0], y[:0], np.arange(0))
     steps = spec["steps_per_round"]
-    times: dict[str, list[float]] = {"runtime": [], "ort_c": [], "ort_api": []}
+    times: dict[str, list[float]] = {"runtime": [], "ort_c": [], "ort_api": [], "ort_c_1t": []}
     run_seconds, first_ms, losses = [], [], {}
     for _ in range(2):  # warm-up of the long-lived baselines
-        bare.train_step(x, y), api_step()
+        bare.train_step(x, y), api_step(), bare1.train_step(x, y)
 
     def runtime_block(r: int) -> None:
         workdir = Path(spec["work"]) / f"run-{r}"
@@ -689,25 +695,35 @@ def child_train_ort(spec: dict[str, Any]) -> dict[str, Any]:
         # A one-batch training set: every step of the run sees this batch.
         outcome, _ = run_training(serving, batch, empty, TrainSettings(steps + 1, bs, lr), workdir)
         times["runtime"] += [v * 1e3 for v in outcome.step_seconds[1:]]
+        block_p50["runtime"].append(float(np.median(outcome.step_seconds[1:])) * 1e3)
         first_ms.append(outcome.step_seconds[0] * 1e3)
         run_seconds.append(outcome.seconds)
         losses["runtime"] = outcome.loss_last
         shutil.rmtree(workdir, ignore_errors=True)
 
     def block(key: str, fn: Any) -> None:
+        start = len(times[key])
         for _ in range(steps):
             t = time.perf_counter()
             losses[key] = fn()
             times[key].append((time.perf_counter() - t) * 1e3)
+        block_p50[key].append(float(np.median(times[key][start:])))
 
+    block_p50: dict[str, list[float]] = {k: [] for k in times}
     blocks = [runtime_block, lambda r: block("ort_c", lambda: bare.train_step(x, y)),
-              lambda r: block("ort_api", api_step)]
+              lambda r: block("ort_api", api_step), lambda r: block("ort_c_1t", lambda: bare1.train_step(x, y))]
     for r in range(spec["rounds"]):
-        for b in blocks[r % 3:] + blocks[: r % 3]:  # rotate the order every round
+        for b in blocks[r % 4:] + blocks[: r % 4]:  # rotate the order every round
             b(r)
     service.close()
     out: dict[str, Any] = {k: _pcts(v, (50, 90)) for k, v in times.items()}
-    out.update(steps_timed={k: len(v) for k, v in times.items()}, rounds=spec["rounds"],
+    # Paired per round (blocks of one round ran seconds apart): robust to the host's load drifting.
+    paired = {k: float(np.median(np.array(block_p50["runtime"]) / np.array(block_p50[k])))
+              for k in ("ort_c", "ort_api", "ort_c_1t")}
+    # The least disturbed block of each path: an estimate of the cost without interference.
+    out["best_block_p50_ms"] = {k: min(v) for k, v in block_p50.items()}
+    out.update(steps_timed={k: len(v) for k, v in times.items()}, rounds=spec["rounds"], paired_ratio=paired,
+               block_p50_ms=block_p50,
                run_training_seconds_p50=float(np.median(run_seconds)),
                runtime_first_step_ms_p50=float(np.median(first_ms)), loss_last=losses,
                trainable_tensors=len(bare.trainable_names()))
@@ -752,9 +768,9 @@ def bench_training(prep: dict[str, Any], work: Path, quick: bool, say: Any) -> l
         man = _manifest(bundle)
         data, bs, lr = _train_data(bundle, work)
         small = key.startswith("digits")
-        steps, rounds = (20, 6) if small else (6, 3 if quick else 6)
-        if quick and small:
-            steps = 10
+        steps, rounds = (20, 10) if small else (6, 6)
+        if quick:
+            steps, rounds = (10, 5) if small else (4, 3)
         state = work / f"state-train-{key}"
         shutil.rmtree(state, ignore_errors=True)
         say(f"D: training step, {key}: runtime vs OrtTrainer vs onnxruntime.training.api (subprocess)")
@@ -768,8 +784,9 @@ def bench_training(prep: dict[str, Any], work: Path, quick: bool, say: Any) -> l
         p = {k: ort_res[k]["p50_ms"] for k in ("runtime", "ort_c", "ort_api")}
         rows.append({"bundle": key, "trainable_parts": man["training"]["trainable_parts"], "batch_size": bs,
                      **ort_res, "torch": torch_res["torch"], "torch_detail": torch_res,
-                     "ratio_runtime_vs_ort_api": p["runtime"] / p["ort_api"],
-                     "ratio_runtime_vs_ort_c": p["runtime"] / p["ort_c"],
+                     "ratio_runtime_vs_ort_api": ort_res["paired_ratio"]["ort_api"],
+                     "ratio_runtime_vs_ort_c": ort_res["paired_ratio"]["ort_c"],
+                     "ratio_pooled_p50_vs_ort_api": p["runtime"] / p["ort_api"],
                      "ratio_runtime_vs_torch": p["runtime"] / torch_res["torch"]["p50_ms"],
                      "torch_threads": threads, "ort_threads": f"default ({threads} = physical cores)"})
     return rows
@@ -903,7 +920,7 @@ def tables(res: dict[str, Any]) -> str:
                 "127.0.0.1; a bare session on the same model runs in the client process, interleaved. "
                 "`eclm-edge serve` is the edge venv's console script; the second server of each bundle is a "
                 "diagnostic: the runtime's own handler (`make_handler`) subclassed only to set "
-                "`disable_nagle_algorithm = True`.", "",
+                "`disable_nagle_algorithm = True` (no change where the runtime sets it itself).", "",
                 "| bundle | server | requests | HTTP p50 / p99 ms | bare session p50 / p99 ms | HTTP - bare p50 ms "
                 "| request bytes | variants served |", "|---|---|--:|--:|--:|--:|--:|---|"]
         for r in c:
@@ -916,15 +933,16 @@ def tables(res: dict[str, Any]) -> str:
                        f"| {r['request_bytes']} | {', '.join(r.get('variants_seen', [])) or '–'} |")
         out.append("")
     if d := res.get("training"):
-        out += ["**D. Training step** (batch 16, the bundle's trainable parts, p50 ms). Goal: runtime / bare ORT "
-                "training API (`onnxruntime.training.api`) <= 1.15.", "",
+        out += ["**D. Training step** (batch 16, the bundle's trainable parts, p50 ms over all timed steps). "
+                "Goal: runtime / bare ORT training API (`onnxruntime.training.api`) <= 1.15. The runtime / ORT "
+                "ratios are paired: the median over rounds of the ratio of the blocks' p50s in that round.", "",
                 "| bundle | trainable parts | runtime step | OrtTrainer (C binding) | `onnxruntime.training.api` "
                 "| PyTorch | runtime / api | runtime / C binding | runtime / PyTorch | within goal "
-                "| runtime: first step of a run; whole `run_training` |",
-                "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|"]
+                "| runtime: first step of a run; whole `run_training` | diagnostic: OrtTrainer, 1 thread |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|"]
         for r in d:
             if "error" in r:
-                out.append(f"| {r['bundle']} | error: {r['error']} |" + " |" * 9)
+                out.append(f"| {r['bundle']} | error: {r['error']} |" + " |" * 10)
                 continue
             ok = "yes" if r["ratio_runtime_vs_ort_api"] <= 1.15 else "**no**"
             out.append(f"| {r['bundle']} | {len(r['trainable_parts'])} | {r['runtime']['p50_ms']:.2f} "
@@ -932,7 +950,8 @@ def tables(res: dict[str, Any]) -> str:
                        f"| {r['ratio_runtime_vs_ort_api']:.2f} | {r['ratio_runtime_vs_ort_c']:.2f} "
                        f"| {r['ratio_runtime_vs_torch']:.2f} | {ok} | {r['runtime_first_step_ms_p50']:.1f} ms; "
                        f"{r['run_training_seconds_p50']:.2f} s for "
-                       f"{r['steps_timed']['runtime'] // max(1, r['rounds']) + 1} steps |")
+                       f"{r['steps_timed']['runtime'] // max(1, r['rounds']) + 1} steps "
+                       f"| {r['ort_c_1t']['p50_ms']:.2f} (runtime / this {r['paired_ratio']['ort_c_1t']:.2f}) |")
         out.append("")
     if e := res.get("adaptation"):
         out += ["**E. Digits adaptation** (pi4 bundle exported for the device's classes; accuracy of the served "
@@ -1011,7 +1030,8 @@ API and PyTorch (D), and on-device adaptation of three simulated digits devices 
 Machine: {m['cpu']} ({m['cores']} logical cores, {m['physical_cores']} physical), {m['platform']},
 Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']} (cloud venv); edge venv
 `{ev['path']}` (`{ev['install']}`): onnxruntime-training-cpu {ev_v.get('onnxruntime-training-cpu')},
-numpy {ev_v.get('numpy')}, torch {ev_v.get('torch')} — `import torch` there: {ev['import_torch']}.
+numpy {ev_v.get('numpy')}, torch {ev_v.get('torch') or 'not installed'} — `import torch` there:
+{ev['import_torch']}.
 Code at commit {m['commit']} (plus the work tree's uncommitted changes).
 Date {m['date']}; load average (1 min) {m['load_avg_1m']:.2f} at the start and
 {res['load_avg_end']:.2f} at the end (other processes share this host: absolute times are noisy,
@@ -1022,12 +1042,16 @@ How:
   in export.md: sizes and speed only) and of a `digits` bank trained with
   `train_bank(TrainOptions(dataset="digits", seed=0))`; for E, one pi4 bundle per device exported with
   `classes=` its classes. Trainable parts are the bundle's `training.trainable_parts`.
+- Runtimes built in-process (A, B, D, E) turn the runtime's drift and resource monitors off (`drift=False`,
+  `resource_interval_s=0` set on the loaded config): the drift monitor would start training runs of its
+  own from `add_samples`, the resource monitor would swap in cheaper variants on this busy host.
 - A: each figure from a fresh subprocess. Edge: the edge venv's python runs `EdgeService`
   (`load_config(overrides=...)`, state dir in tmp, `train_every_samples=0`, `epochs=1`, batch 16):
   batch-1 predictions, `add_samples`, `train_now()` (which also evaluates the holdout before and
   after, writes the new generation and opens it), a few more predictions. PyTorch (cloud venv): the
-  same sub-model `Normalised(SubModel(...), mean, std)`, BatchNorm in eval mode, the bundle's trainable
-  parts trainable (`L{{l}}M{{i}}` -> `net.layers.{{l}}.mods.m{{i}}.`, `head` -> `net.head.`), AdamW
+  same sub-model `Normalised(SubModel(...), mean, std)` (BatchNorm frozen as exported), eval mode,
+  the bundle's trainable parts trainable (`L{{l}}M{{i}}` -> `net.layers.{{l}}.mods.m{{i}}.`, `head` ->
+  `net.head.`), AdamW
   (lr 1e-3, ORT's AdamW defaults: betas 0.9/0.999, eps 1e-6, no weight decay), the same predictions,
   the store's training split (every 5th sample held out) in batches of 16 for 1 epoch and the holdout
   evaluated before and after. Two PyTorch builds: from the sub-model's own tensors (on the meta device,
@@ -1036,9 +1060,6 @@ How:
 - B: in one edge-venv process: `EdgeService.predict(x)`, `service.serving.predict(x)` (session +
   softmax) and a bare `InferenceSession.run` on `service.serving.model_path` with the runtime's
   session options (1 intra-op thread), batch 1, rounds rotating the order, after warm-up.
-- In-process runs (A, B, D, E) turn the runtime's drift and resource monitors off (`drift=False`,
-  `resource_interval_s=0` set on the loaded config): the drift monitor would start training runs of its
-  own from `add_samples`, the resource monitor would swap in cheaper variants on this busy host.
 - C: `eclm-edge serve` of the edge venv as a subprocess on a free 127.0.0.1 port, `--train-every 0`,
   `ECLM_EDGE_RESOURCE_INTERVAL_S=0` (no variant swaps), drift monitor as shipped (on);
   http.client keep-alive, the request body encoded once; the bare session in the client process
@@ -1049,7 +1070,9 @@ How:
   so every step sees the same batch, timed by its own `step_seconds` (each run's first step, the
   fresh trainer's warm-up, dropped and reported apart); `OrtTrainer` directly (the C binding the
   runtime drives); `onnxruntime.training.api` (`CheckpointState.load_checkpoint`, `Module`,
-  `Optimizer`); all on the same artifacts, checkpoint and batch, ORT's default threads. PyTorch: the
+  `Optimizer`); all on the same artifacts, checkpoint and batch, ORT's default threads (and, as a
+  diagnostic, a long-lived `OrtTrainer(threads=1)`: the runtime builds a fresh trainer with ORT's
+  default thread pool for every run, which suffers most when other processes load the cores). PyTorch: the
   same sub-model, trainable parts, batch and AdamW, `torch.set_num_threads` = ORT's default intra-op
   threads (the physical cores), alone in its own process (in one process with idle ORT sessions its
   OpenMP threads lose to their spinning threads on this small host and the step is many times
@@ -1059,7 +1082,8 @@ How:
   set. Accuracy of the served model on the test set before and after `add_samples` + `train_now()`
   (the runtime keeps every 5th local sample as its own holdout and serves the run only if the holdout
   accuracy does not drop: "accepted"). "clean" = the same test samples uncorrupted.
-"""
+""" + ("- **--quick run**: fewer rounds and repeats, the digits bank trained on a shorter schedule, E without "
+       "the 10-epoch runs.\n" if res["quick"] else "")
 
 
 def main(argv: list[str] | None = None) -> int:

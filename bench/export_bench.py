@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,8 @@ def latency(sub: Any, onnx_path: Path, x: np.ndarray, threads: int, repeats: int
         with torch.inference_mode():
             diff = float(np.abs(sub(xt).numpy() - sess.run(None, {name: x})[0]).max())
             for _ in range(max(5, repeats // 10)):  # warm-up
-                runs["torch"](), runs["ort"]()
+                runs["torch"]()
+                runs["ort"]()
             for i in range(repeats):
                 for key in ("torch", "ort") if i % 2 == 0 else ("ort", "torch"):
                     t = time.perf_counter()
@@ -116,7 +118,7 @@ def latency(sub: Any, onnx_path: Path, x: np.ndarray, threads: int, repeats: int
 
 
 def bench_profile(name: str, bank: Path, imp: Path, out: Path, full: Any, repeats: int,
-                  say: Any) -> dict[str, Any]:
+                  say: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
     from device_profiles import load_profile
@@ -194,7 +196,8 @@ Command: `{command}`.
 
 - Model: the `{CONFIG}` configuration (4 module layers x 16 modules, 3x32x32 input) at **random
   initialisation** on synthetic data: figures are for sizing and speed, not accuracy. Full modular
-  model: {full['params'] / 1e6:.2f} M parameters, {full['flops'] / 1e6:.0f} MFLOPs per batch-1 forward.
+  model: {full['params'] / 1e6:.2f} M parameters, {full['flops'] / 1e6:.0f} MFLOPs per batch-1 forward with every
+  module run (the cloud model's sparse execution runs only routed modules; sub-models run all theirs).
 - Importance: a uniform importance file (every module 1.0) is passed to the exporter, since a randomly
   initialised selector would route all inputs to the same two modules per layer and budgets would not
   bind; the knapsack then picks modules by budget alone.
@@ -205,7 +208,8 @@ Command: `{command}`.
 - Memory: ORT peaks are the bundle manifest's `costs.measured` (torch-free subprocess, VmHWM minus RSS
   after importing onnxruntime); torch eager peak is VmHWM minus RSS after importing torch and the model
   code, in a fresh subprocess with one batch-1 forward. Export time is the wall clock of `export_bundle`
-  (ONNX export, checks, training artifacts and both measurement subprocesses).
+  (ONNX export of the model, its selector and smaller variants, checks, training artifacts, and both
+  measurement subprocesses).
 - "over budget" lists the manifest's `within_budget` checks that failed.
 """
 
