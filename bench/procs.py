@@ -32,6 +32,7 @@ class Proc:
         self.args = args
         self.log = log
         self.env = env or {}
+        self.metrics_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -72,8 +73,12 @@ def wait_connected(proc: Proc, timeout: float = 90) -> None:
 
 
 def daemon(bank: Path, broker: str, key: Path, log: Path, *extra: str) -> Proc:
-    return Proc(_cmd("cloud_sync.cli", "eclm-cloud", "sync", "--bank", str(bank), "--broker", broker,
-                     "--signing-key", str(key), *extra), log)
+    """``eclm-cloud sync`` as a process; its Prometheus port is ``proc.metrics_port``."""
+    port = free_port()
+    proc = Proc(_cmd("cloud_sync.cli", "eclm-cloud", "sync", "--bank", str(bank), "--broker", broker,
+                     "--signing-key", str(key), "--metrics-port", str(port), *extra), log)
+    proc.metrics_port = port
+    return proc
 
 
 class Edge:

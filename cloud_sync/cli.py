@@ -89,6 +89,8 @@ def sync(
     max_staleness: int = typer.Option(10, "--max-staleness",
                                       help="Versions a delta's base may lag behind (stale deltas weigh less)."),
     max_payload: int = typer.Option(4 * 2**20, "--max-payload", help="Reject messages larger than this (bytes)."),
+    metrics_port: int = typer.Option(9464, "--metrics-port", envvar="ECLM_SYNC_METRICS_PORT",
+                                     help="Prometheus /metrics on 127.0.0.1 at this port (0: off)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Run the merger daemon: validate and store deltas, merge them in rounds, send updated modules back.
@@ -113,6 +115,13 @@ def sync(
         merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, limits=Limits(max_staleness=max_staleness)),
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None)
+    if metrics_port:
+        from cloud_sync.metrics import serve_metrics
+
+        try:
+            serve_metrics(daemon.core, metrics_port)
+        except OSError as exc:
+            logging.getLogger("eclm.sync").warning("no /metrics: port %d: %s (use --metrics-port)", metrics_port, exc)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop.set())
     try:
         daemon.run()

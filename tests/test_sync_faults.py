@@ -188,6 +188,12 @@ def test_duplicate_malformed_and_oversized(digits_bank, tmp_path: Path) -> None:
         assert status["rejected_by_reason"].get("malformed", 0) >= 1
         assert status["rejected_by_reason"].get("oversized", 0) >= 1
         assert rig.sync.alive()
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{rig.sync.metrics_port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'eclm_sync_rejected_total{reason="malformed"}' in metrics, metrics[:2000]
+        assert 'eclm_sync_events_total{kind="duplicate"}' in metrics
         produced = rig.train("f-b")  # the daemon still serves valid deltas
         rig.edges["f-b"].wait_outbox_empty()
         assert produced in [r[0] for r in ledger_rows(rig.bank)]
