@@ -139,14 +139,13 @@ def export_bundle(req: ExportRequest, step: Step | None = None) -> BundleManifes
             shutil.rmtree(work, ignore_errors=True)
             raise
         shutil.rmtree(work, ignore_errors=True)
-        # The measured memory exceeded the estimate's budget: derive again under a proportionally tighter one.
-        ratio = over["memory_bytes"]
-        budgets = {**budgets, "memory_bytes": budgets["memory_bytes"] / ratio * 0.95}
-        say(f"measured memory {ratio:.2f}x the budget; deriving a smaller sub-model")
+        # A measurement exceeded what the estimate allowed: derive again under proportionally tighter budgets.
+        budgets = {**budgets, **{d: budgets[d] / r * 0.97 for d, r in over.items()}}
+        say(f"measured {', '.join(f'{d} {r:.2f}x' for d, r in over.items())} the budget; deriving a smaller sub-model")
         derivation = derive(costs, importance, budgets)
     raise InfeasibleBudgetError(
-        f"no sub-model measured within {profile.name}'s memory budget after 3 attempts",
-        hint="raise runtime_memory_budget_mb in the profile or use a larger profile",
+        f"no sub-model measured within {profile.name}'s memory and transfer budgets after 3 attempts",
+        hint="raise the profile's budgets or use a larger profile",
     )
 
 
@@ -330,6 +329,8 @@ def _build(
         }
         if measured["inference_memory_bytes"] > profile.memory_budget_bytes:
             over["memory_bytes"] = measured["inference_memory_bytes"] / profile.memory_budget_bytes
+        if model_bytes > profile.transfer_budget_bytes:
+            over["transfer_bytes"] = model_bytes / profile.transfer_budget_bytes
     write_manifest(work, manifest, _signer(req))
     return manifest, over
 
