@@ -19,6 +19,18 @@ from eclm.ort import load_onnxruntime
 TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), after a training run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def training_available() -> bool:
     """Whether the installed ONNX Runtime was built with the training API."""
     try:
@@ -57,6 +69,7 @@ class OrtTrainer:
         options.log_severity_level = 3  # errors only; the training build defaults to verbose graph logs
         if self.threads:
             options.intra_op_num_threads = self.threads
+        options.enable_cpu_mem_arena = False  # a board runs this for weeks: give memory back after each run
         self.state = c.load_checkpoint(os.fspath(self.checkpoint or self.folder / "checkpoint"))
         self.module = c.Module(
             os.fspath(self.folder / "training_model.onnx"),

@@ -31,6 +31,8 @@ class ServingModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        # No arena: it would keep the memory of the largest batch ever evaluated for good.
+        options.enable_cpu_mem_arena = False
         self._override_values = []
         for name, value in (self.overrides or {}).items():
             ortvalue = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, dtype=np.float32))
@@ -85,7 +87,7 @@ class ServingModel:
         e = np.exp(z)
         return np.asarray(e / e.sum(axis=1, keepdims=True))
 
-    def log_loss(self, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
+    def log_loss(self, x: np.ndarray, y: np.ndarray, batch: int = 32) -> float:
         """Mean cross-entropy of the labels (NaN without samples)."""
         if len(y) == 0:
             return float("nan")
@@ -95,7 +97,7 @@ class ServingModel:
             total += float(-np.log(np.clip(p[np.arange(len(p)), y[i : i + batch]], 1e-12, 1.0)).sum())
         return total / len(y)
 
-    def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
+    def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 32) -> float:
         if len(y) == 0:
             return float("nan")
         correct = 0

@@ -19,6 +19,7 @@ import numpy as np
 
 from eclm.errors import BundleError, DataError, TrainingUnavailableError
 from eclm.ort import load_onnxruntime
+from eclm.ort_train import release_memory
 from edge_runtime.config import EdgeConfig
 from edge_runtime.drift import DriftMonitor
 from edge_runtime.metrics import EdgeMetrics
@@ -276,6 +277,7 @@ class EdgeService:
             self.metrics.training_runs.labels("error").inc()
         finally:
             self._train_lock.release()
+            release_memory()
         self.last_training = {**result, "trigger": reason, "finished": time.time()}
         self._refresh_gauges()
 
