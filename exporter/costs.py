@@ -16,6 +16,9 @@ from exporter.modular import ModularNet, module_id, param_bytes
 SESSION_OVERHEAD_BYTES = 6 * 2**20
 Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
 ACTIVATION_FACTOR = 2.0  # live activations at the peak of a forward pass, in units of the largest output
+# Measured on this project's reference machine (docs/benchmarks/export.md): an ONNX Runtime session
+# holds about 2.5x the weight bytes at its peak (the graph's copy, packed kernels, the run's buffers).
+WEIGHT_COPIES = 2.5
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class SubModelCost:
 def module_dims(cost: PartCost) -> dict[str, float]:
     """A module's additive contribution to each knapsack dimension."""
     return {
-        "memory_bytes": cost.param_bytes + ACTIVATION_FACTOR * cost.activation_bytes,
+        "memory_bytes": WEIGHT_COPIES * cost.param_bytes + ACTIVATION_FACTOR * cost.activation_bytes,
         "flops": float(cost.flops),
         "transfer_bytes": float(cost.param_bytes),
     }
@@ -143,6 +146,6 @@ def submodel_cost(costs: Mapping[str, PartCost], selection: Sequence[Sequence[in
         params=sum(c.params for c in chosen),
         param_bytes=pbytes,
         flops=sum(c.flops for c in chosen),
-        memory_bytes=int(pbytes + ACTIVATION_FACTOR * act + SESSION_OVERHEAD_BYTES),
+        memory_bytes=int(WEIGHT_COPIES * pbytes + ACTIVATION_FACTOR * act + SESSION_OVERHEAD_BYTES),
         transfer_bytes=pbytes,
     )

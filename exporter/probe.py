@@ -43,6 +43,7 @@ def probe_infer(bundle: Path, manifest: dict, repeats: int = 30) -> dict[str, fl
     base = _rss_bytes()
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # as the edge runtime serves
     sess = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
     x = _input_batch(manifest, 1)
     name = sess.get_inputs()[0].name
