@@ -70,6 +70,8 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="A small version that finishes in minutes (CI)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds for the paper suite (spread over seeds)."),
     out: Path = typer.Option(Path("docs/benchmarks"), "--out", help="Where JSON, markdown and PNG plots go."),
+    dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
+                                help="paper and adapt suites: 'digits' or an .npz with X and y (docs/data.md)."),
 ) -> None:
     """Run a benchmark suite; results go to OUT as JSON plus a markdown table (and plots)."""
     from eclm.errors import ConfigError
@@ -80,12 +82,12 @@ def bench(
     if suite == "adapt":
         from bench.suites import adapt_suite
 
-        adapt_suite(out, quick, say)
+        adapt_suite(out, quick, say, dataset)
         typer.echo((out / "adapt.md").read_text())
     elif suite == "paper":
         from bench.suites import paper_suite
 
-        paper_suite(out, quick, 1 if quick and seeds == 3 else seeds, say)
+        paper_suite(out, quick, 1 if quick and seeds == 3 else seeds, say, dataset)
         typer.echo((out / "paper.md").read_text())
     else:
         module = {"export": "bench.export_bench", "edge": "bench.edge_bench", "sync": "bench.sync_bench"}[suite]

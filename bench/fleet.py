@@ -77,12 +77,14 @@ class Pool:
     def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
         self.x, self.y = x, y
         self.rng = np.random.default_rng(seed)
+        self.value_range = (float(x.min()), float(x.max()))
+        self.num_classes = int(y.max()) + 1
 
     def draw(self, classes: tuple[int, ...], corruption: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         idx = np.flatnonzero(np.isin(self.y, classes))
         pick = self.rng.choice(idx, size=n, replace=len(idx) < n)
         seed = int(self.rng.integers(0, 2**31))
-        return corrupt(self.x[pick], corruption, seed=seed), self.y[pick]
+        return corrupt(self.x[pick], corruption, seed=seed, value_range=self.value_range), self.y[pick]
 
 
 def make_fleet(cfg: FleetConfig, num_classes: int) -> list[Device]:

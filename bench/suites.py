@@ -25,29 +25,32 @@ PAPER_TABLE = {
     "CIFAR-10 m=2, ResNet18": {"none": 73.55, "local": 84.19, "fedavg": 73.68, "heterofl": 70.19, "eclm": 90.86},
     "CIFAR-10 m=5": {"none": 73.55, "local": 73.56, "fedavg": 76.12, "heterofl": 77.32, "eclm": 85.76},
 }
+SHIFTED_CLASSES = (0, 5, 6, 8)
 ARM_NAMES = {"none": "no adaptation", "local": "local only (LA)", "fedavg": "FedAvg", "heterofl": "HeteroFL",
              "eclm": "ECLM"}
 
 
-def _bank(work: Path, seed: int, say: Say) -> Path:
+def _bank(work: Path, seed: int, say: Say, dataset: str = "digits") -> Path:
     from exporter.cloud import TrainOptions, train_bank
 
     bank = work / f"bank-{seed}"
     if not (bank / "bank.json").exists():
-        say(f"training the cloud model (seed {seed})")
-        train_bank(TrainOptions(dataset="digits", bank_dir=bank, seed=seed))
+        say(f"training the cloud model on {dataset} (seed {seed})")
+        train_bank(TrainOptions(dataset=dataset, bank_dir=bank, seed=seed))
     return bank
 
 
-def _pool(seed: int) -> Pool:
+def _pool(seed: int, dataset: str = "digits") -> Pool:
     from exporter.data import load_dataset, split
 
-    pool = split(load_dataset("digits"), seed).pool
+    pool = split(load_dataset(dataset), seed).pool
     return Pool(pool.x, pool.y, seed)
 
 
-def _run_arms(names: list[str], bank: Path, work: Path, cfg: FleetConfig, say: Say) -> dict[str, Any]:
-    devices = make_fleet(cfg, 10)
+def _run_arms(names: list[str], bank: Path, work: Path, cfg: FleetConfig, say: Say,
+              dataset: str = "digits") -> dict[str, Any]:
+    pool = _pool(cfg.seed, dataset)
+    devices = make_fleet(cfg, pool.num_classes)
     arms: list[Any] = []
     try:
         for name in names:
@@ -61,7 +64,7 @@ def _run_arms(names: list[str], bank: Path, work: Path, cfg: FleetConfig, say: S
                 arms.append(LocalArm(bank, work, devices))
             elif name == "eclm":
                 arms.append(EclmArm(bank, work, devices))
-        return run(arms, cfg, _pool(cfg.seed), devices,
+        return run(arms, cfg, pool, devices,
                    lambda step, accs: say(f"  step {step + 1}/{cfg.steps}: " +
                                           ", ".join(f"{k} {v:.3f}" for k, v in accs.items())))
     finally:
@@ -86,20 +89,20 @@ def recovery(history: list[dict[str, Any]], arm: str, tolerance: float = 0.02, w
     return out
 
 
-def adapt_suite(out: Path, quick: bool, say: Say) -> dict[str, Any]:
+def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits") -> dict[str, Any]:
     """20 adaptation steps of 6 devices with scheduled shifts: no adaptation, local only, ECLM."""
     work = Path(tempfile.mkdtemp(prefix="eclm-adapt-"))
     t0 = time.time()
     try:
-        bank = _bank(work, 0, say)
+        bank = _bank(work, 0, say, dataset)
         steps = 8 if quick else 20
         s = steps // 4
         cfg = FleetConfig(devices=6, per_round=6, classes_per_device=3, steps=steps, corruptions=("none",),
                           test_samples=100, seed=0, shifts=(
                               Shift(s, (0, 1), corruption="rotation"),
-                              Shift(2 * s, (2, 3), classes=(0, 5, 6, 8)),
+                              Shift(2 * s, (2, 3), classes=SHIFTED_CLASSES),
                               Shift(3 * s, (4, 5), corruption="noise")))
-        res = _run_arms(["none", "local", "eclm"], bank, work, cfg, say)
+        res = _run_arms(["none", "local", "eclm"], bank, work, cfg, say, dataset)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     acc = res["accuracy_per_step"]
@@ -137,7 +140,7 @@ level before the shift (0: it already is right after adapting in the shift's ste
     return results
 
 
-def paper_suite(out: Path, quick: bool, seeds: int, say: Say) -> dict[str, Any]:
+def paper_suite(out: Path, quick: bool, seeds: int, say: Say, dataset: str = "digits") -> dict[str, Any]:
     """METHOD.md section 5 on digits: m = 2 and m = 5, all arms, accuracy over steps and bytes."""
     t0 = time.time()
     arms = ["none", "local", "fedavg", "heterofl", "eclm"]
@@ -149,12 +152,13 @@ def paper_suite(out: Path, quick: bool, seeds: int, say: Say) -> dict[str, Any]:
         from bench.train_cost import measure
 
         say("measuring edge training against full-model training")
-        resources = measure(_bank(work, 0, say), work)
+        resources = measure(_bank(work, 0, say, dataset), work)
         for seed in range(seeds):
-            bank = _bank(work, seed, say)
+            bank = _bank(work, seed, say, dataset)
             for name, cfg in settings.items():
                 say(f"setting {name}, seed {seed}")
-                runs[name].append(_run_arms(arms, bank, work / f"{name}-{seed}", replace(cfg, seed=seed), say))
+                runs[name].append(_run_arms(arms, bank, work / f"{name}-{seed}", replace(cfg, seed=seed), say,
+                                            dataset))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary: dict[str, Any] = {}
@@ -171,6 +175,7 @@ def paper_suite(out: Path, quick: bool, seeds: int, say: Say) -> dict[str, Any]:
                                   "uplink_bytes": float(np.mean(up)), "downlink_bytes": float(np.mean(down)),
                                   "seconds_per_step": float(np.mean(secs))}
     results = {"machine": machine_info(), "quick": quick, "seeds": seeds, "config": _cfg_dict(base),
+               "dataset": dataset,
                "summary": summary, "seconds": time.time() - t0, "resources": resources,
                "accuracy_per_step": {k: [r["accuracy_per_step"] for r in rs] for k, rs in runs.items()}}
     plots = [_plot_steps({a: list(np.mean([r["accuracy_per_step"][a] for r in rs], axis=0)) for a in arms},
@@ -188,9 +193,11 @@ def _paper_md(results: dict[str, Any], plots: list[Path], bytes_plot: Path, quic
     def cell(v: tuple[float, float]) -> str:
         return f"{100 * v[0]:.2f} ± {100 * v[1]:.2f}"
 
-    table1 = [[f"digits {k}, modular CNN (ours, after one step)"] + [cell(s[k][a]["after_one_step"]) for a in arms]
+    data = results.get("dataset", "digits")
+    flags = (" --quick" if quick else "") + ("" if data == "digits" else f" --dataset {data}")
+    table1 = [[f"{data} {k}, modular CNN (ours, after one step)"] + [cell(s[k][a]["after_one_step"]) for a in arms]
               for k in s]
-    table1 += [[f"digits {k} (ours, averaged over the steps)"] + [cell(s[k][a]["averaged"]) for a in arms] for k in s]
+    table1 += [[f"{data} {k} (ours, averaged over the steps)"] + [cell(s[k][a]["averaged"]) for a in arms] for k in s]
     table1 += [[f"{k} (paper)"] + [f"{v[a]:.2f}" for a in arms] for k, v in PAPER_TABLE.items()]
     comm = []
     for k in s:
@@ -218,14 +225,14 @@ def _paper_md(results: dict[str, Any], plots: list[Path], bytes_plot: Path, quic
             f"ONNX Runtime, {r['full_training_memory_bytes'] / 2**20:.1f} MiB for the whole model with PyTorch; "
             f"time per batch {r['edge_step_ms']:.1f} ms vs {r['full_step_ms']:.1f} ms, "
             f"{r['latency_ratio']:.1f}x).")
-    return f"""# The paper's protocol on digits
+    return f"""# The paper's protocol on {data}
 
-Command: `eclm bench --suite paper{' --quick' if quick else ''}`; {results['machine']['cpu']},
+Command: `eclm bench --suite paper{flags}`; {results['machine']['cpu']},
 {results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s;
 {results['seeds']} seeds (mean ± standard deviation over seeds).
 
 Protocol (METHOD.md section 5 on the data we have): {c['devices']} devices, {c['per_round']} per round,
-50-150 samples each of m classes from the devices' 70% of digits, a per-device corruption (none,
+50-150 samples each of m classes from the devices' 70% of the data, a per-device corruption (none,
 rotation, noise, contrast, blur), half of each device's samples replaced at every step, {c['steps']}
 steps. Accuracy is that of the devices of the round after adapting, on fresh held-out samples of
 their environment. The paper's figures are on CIFAR-10 with ResNet18, shown for shape only.
