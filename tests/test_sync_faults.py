@@ -78,6 +78,12 @@ class Rig:
         ids = [r[0] for r in rows]
         assert len(ids) == len(set(ids))
         assert set(produced) <= set(ids), set(produced) - set(ids)
+        # bank.json is rewritten just after the ledger commits a round: give an ongoing round a moment.
+        def agrees() -> bool:
+            info, versions = DirectoryBank(self.bank).info(), ledger_versions(self.bank)
+            return all(rec.version == versions.get(pid, 1) for pid, rec in info.parts.items())
+
+        wait_until(agrees, 20, "bank.json to agree with the ledger")
         info = DirectoryBank(self.bank).info()
         versions = ledger_versions(self.bank)
         for pid, rec in info.parts.items():
