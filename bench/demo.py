@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import pyplot
 from bench.corruptions import corrupt
 from bench.procs import Edge, daemon, ledger_rows, wait_connected, wait_until
 
@@ -205,10 +206,7 @@ def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed:
 def plot_accuracy(result: DemoResult, path: Path) -> Path | None:
     """Accuracy before and after adaptation per step and device, as a PNG."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))

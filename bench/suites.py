@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import machine_info, md_table, write_results
+from bench.common import machine_info, md_table, pyplot, write_results
 from bench.fleet import CloudArm, EclmArm, FedAvgArm, FleetConfig, HeteroFLArm, LocalArm, Pool, Shift, make_fleet, run
 
 Say = Callable[[str], None]
@@ -257,11 +257,7 @@ def _cfg_dict(cfg: FleetConfig) -> dict[str, Any]:
 
 
 def _plot_steps(acc: dict[str, list[float]], path: Path, shifts: list[int], title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for arm, values in acc.items():
@@ -280,11 +276,7 @@ def _plot_steps(acc: dict[str, list[float]], path: Path, shifts: list[int], titl
 
 
 def _plot_bytes(summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     arms = ["fedavg", "heterofl", "eclm"]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.35

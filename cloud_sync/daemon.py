@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import shutil
 import tempfile
 import threading
@@ -134,7 +133,7 @@ class SyncCore:
         return [self._ack(device, msg.delta_id, "stored" if stored else "duplicate")]
 
     def _on_profile(self, device: str, msg: wire.ProfileMessage) -> list[Publication]:
-        known = {d["device_id"]: d for d in self.ledger.devices()}.get(device)
+        known = self.ledger.device(device)
         self.ledger.touch_device(device, online=1, bundle=msg.bundle, modules=msg.modules,
                                  importance=msg.importance, trainable=int(msg.trainable), profile=msg.profile_name)
         # Drift signal (METHOD.md section 4): the measured importance has moved away from the one the
@@ -228,7 +227,6 @@ class SyncDaemon:
         self.core = SyncCore(settings, signer)
         self.settings = settings
         self.broker = BrokerUrl.parse(settings.broker)
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.client: Any = None

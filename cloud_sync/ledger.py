@@ -164,9 +164,16 @@ class Ledger:
             db.execute(f"UPDATE devices SET last_seen = ?{', ' + sets if sets else ''} WHERE device_id = ?",
                        (time.time(), *cols.values(), device_id))
 
-    def devices(self) -> list[dict[str, Any]]:
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        found = self.devices(device_id)
+        return found[0] if found else None
+
+    def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            cur = self._db.execute("SELECT * FROM devices ORDER BY device_id")
+            if device_id is None:
+                cur = self._db.execute("SELECT * FROM devices ORDER BY device_id")
+            else:
+                cur = self._db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,))
             names = [d[0] for d in cur.description]
             rows = cur.fetchall()
         out = []

@@ -17,7 +17,8 @@ from cloud_sync.validation import Limits, Verdict, check_delta
 from eclm import wire
 from eclm.errors import ConfigError
 from eclm.hashing import sha256_file
-from exporter.bank import DirectoryBank
+from exporter.bank import BankInfo, DirectoryBank
+from exporter.config import ModelConfig
 
 log = logging.getLogger("eclm.sync.merge")
 
@@ -78,8 +79,9 @@ class Merger:
         self.reconcile()
         info = self.bank.info()
         self.bank_id = info.bank_id
+        self.config = ModelConfig.from_dict(info.config)
         self.params: dict[str, dict[str, np.ndarray]] = {pid: self.bank.read_part(pid) for pid in info.parts}
-        self._val = self._validation_data()
+        self._val = self._validation_data(info)
 
     def reconcile(self) -> None:
         """Make ``bank.json`` agree with the ledger (after a crash between commit and rewrite)."""
@@ -100,11 +102,10 @@ class Merger:
             log.warning("bank.json lagged behind the ledger; reconciled")
             self.bank.write_info(info)
 
-    def _validation_data(self) -> tuple[Any, Any] | None:
+    def _validation_data(self, info: BankInfo) -> tuple[Any, Any] | None:
         from exporter.data import load_dataset, split
         from exporter.train import to_tensors
 
-        info = self.bank.info()
         try:
             splits = split(load_dataset(info.dataset), info.seed)
         except Exception as exc:  # a bank whose data is not here cannot be gated
@@ -121,12 +122,11 @@ class Merger:
     def validation_accuracy(self, params: dict[str, dict[str, np.ndarray]]) -> float:
         if self._val is None:
             return float("nan")
-        from exporter.config import ModelConfig
         from exporter.torchio import model_from_tensors
         from exporter.train import accuracy
 
         flat = {k: v for part in params.values() for k, v in part.items()}
-        model = model_from_tensors(ModelConfig.from_dict(self.bank.info().config), flat)
+        model = model_from_tensors(self.config, flat)
         return accuracy(model, *self._val)
 
     def run_round(self) -> RoundResult | None:

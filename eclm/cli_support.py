@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,7 +52,3 @@ def parse_int_list(text: str | None, what: str) -> list[int] | None:
         return [int(t) for t in text.split(",") if t.strip() != ""]
     except ValueError as exc:
         raise ConfigError(f"{what} must be comma-separated integers, got {text!r}", hint="e.g. 1,4,7") from exc
-
-
-def echo_err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

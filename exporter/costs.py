@@ -100,9 +100,6 @@ def part_costs(model: ModularNet) -> dict[str, PartCost]:
     }
 
 
-FIXED_PARTS = ("stem", "selector.embed", "head")
-
-
 def fixed_part_ids(num_layers: int) -> list[str]:
     """Parts every sub-model carries, whatever modules it selects."""
     return ["stem", "selector.embed", *[f"selector.gate{i}" for i in range(num_layers)], "head"]

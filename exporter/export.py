@@ -26,7 +26,7 @@ from exporter.artifacts import TRAIN_FOLDER, TrainingPlan, generate, plan_traini
 from exporter.bank import DirectoryBank
 from exporter.config import ModelConfig
 from exporter.costs import PartCost, fixed_part_ids
-from exporter.data import load_dataset, split
+from exporter.data import Dataset, load_dataset, split
 from exporter.derive import Derivation, derive
 from exporter.importance import importance_from_classes, importance_from_samples, read_importance_file
 from exporter.modular import ModularNet, SelectorGraph, SubModel, module_id
@@ -79,6 +79,7 @@ class _Context:
     samples: np.ndarray  # raw proxy samples, for checks
     labels_y: np.ndarray
     value_range: tuple[float, float]
+    labels: list[str]
 
 
 def _importance(req: ExportRequest, ctx: _Context, x_norm: torch.Tensor) -> tuple[list[np.ndarray], dict[str, Any]]:
@@ -119,8 +120,8 @@ def export_bundle(req: ExportRequest, step: Step | None = None) -> BundleManifes
     proxy_y = np.concatenate([splits.train.y, splits.val.y])
     mean, std = info.normalisation["mean"], info.normalisation["std"]
     ctx = _Context(cfg, model, profile, mean, std, proxy_x, proxy_y,
-                   (float(ds.x.min()), float(ds.x.max())))
-    x_norm, _ = to_tensors(type(splits.train)(ds.name, proxy_x, proxy_y, ds.labels), mean, std)
+                   (float(ds.x.min()), float(ds.x.max())), [str(s) for s in info.labels])
+    x_norm, _ = to_tensors(Dataset(ds.name, proxy_x, proxy_y, ds.labels), mean, std)
     importance, derived_for = _importance(req, ctx, x_norm)
     costs = {pid: PartCost(**rec.costs) for pid, rec in info.parts.items() if rec.costs}
 
@@ -252,7 +253,7 @@ def _build(
             "normalisation": {"mean": ctx.mean, "std": ctx.std, "in_graph": True},
         },
         output={"name": "logits", "shape": [-1, cfg.num_classes], "kind": "logits"},
-        labels=[str(s) for s in DirectoryBank(req.bank_dir).info().labels],
+        labels=list(ctx.labels),
         derived_for=derived_for,
         importance=derivation.importance,
         costs={"estimated": derivation.cost.to_dict(), "budgets": derivation.budgets},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -329,7 +328,3 @@ def count_params(mod: nn.Module) -> int:
 def param_bytes(mod: nn.Module) -> int:
     """Bytes of parameters and buffers (running statistics), as stored at fp32."""
     return int(sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers())))
-
-
-def conv_out(size: int, stride: int) -> int:
-    return int(math.ceil(size / stride))

@@ -63,3 +63,27 @@ def device_batch(digits_splits: Splits) -> tuple[np.ndarray, np.ndarray]:
     pool = digits_splits.pool
     mask = np.isin(pool.y, DEVICE_CLASSES)
     return pool.x[mask].astype(np.float32), pool.y[mask].astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def pi4(digits_bundles: dict[str, tuple[Path, BundleManifest]]) -> Path:
+    """The pi4 bundle: on-device training and a ladder of cheaper variants."""
+    path, manifest = digits_bundles["pi4"]
+    assert manifest.training["available"] and len(manifest.variants) >= 1
+    return path
+
+
+@pytest.fixture(scope="session")
+def zero(digits_bundles: dict[str, tuple[Path, BundleManifest]]) -> Path:
+    """A bundle without on-device training (the profile has no ORT training API)."""
+    path, manifest = digits_bundles["pi-zero-2w"]
+    assert manifest.training["available"] is False
+    return path
+
+
+@pytest.fixture(scope="session")
+def xy(device_batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The device batch, checked to be raw 8x8 digits of the device's classes."""
+    x, y = device_batch
+    assert x.shape[1:] == (1, 8, 8) and len(x) > 300
+    return x, y

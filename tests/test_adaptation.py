@@ -45,13 +45,6 @@ OTHER_CLASSES = [c for c in range(10) if c not in DEVICE_CLASSES]
 
 
 @pytest.fixture(scope="module")
-def pi4(digits_bundles: Bundles) -> Path:
-    path, manifest = digits_bundles["pi4"]
-    assert manifest.training["available"] and len(manifest.variants) >= 1
-    return path
-
-
-@pytest.fixture(scope="module")
 def own(digits_splits: Splits) -> tuple[np.ndarray, np.ndarray]:
     """Pool samples (the devices' data) of the device's classes 1, 4, 7."""
     pool = digits_splits.pool

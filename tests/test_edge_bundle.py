@@ -18,21 +18,6 @@ from edge_runtime.model import ServingModel
 Bundles = dict[str, tuple[Path, BundleManifest]]
 
 
-@pytest.fixture(scope="module")
-def pi4(digits_bundles: Bundles) -> Path:
-    return digits_bundles["pi4"][0]
-
-
-@pytest.fixture(scope="module")
-def zero(digits_bundles: Bundles) -> Path:
-    return digits_bundles["pi-zero-2w"][0]
-
-
-@pytest.fixture(scope="module")
-def xy(device_batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    return device_batch
-
-
 def _edit_manifest(bundle: Path, edit: Callable[[dict], None]) -> None:
     data = json.loads((bundle / "manifest.json").read_text())
     edit(data)

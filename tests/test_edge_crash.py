@@ -24,16 +24,6 @@ Bundles = dict[str, tuple[Path, BundleManifest]]
 SERVE_ARGS = ["--train-every", "0", "--epochs", "8"]  # a run of ~0.5 s: long enough to be hit at a delay
 
 
-@pytest.fixture(scope="module")
-def pi4(digits_bundles: Bundles) -> Path:
-    return digits_bundles["pi4"][0]
-
-
-@pytest.fixture(scope="module")
-def xy(device_batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    return device_batch
-
-
 def _rows(x: np.ndarray) -> list:
     return x.reshape(len(x), -1).tolist()
 

@@ -17,11 +17,6 @@ Bundles = dict[str, tuple[Path, BundleManifest]]
 
 
 @pytest.fixture(scope="module")
-def xy(device_batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    return device_batch
-
-
-@pytest.fixture(scope="module")
 def server(digits_bundles: Bundles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeServer]:
     srv = EdgeServer(tmp_path_factory.mktemp("http") / "state", digits_bundles["pi4"][0],
                      ["--train-every", "0", "--device-id", "board-http"]).start()

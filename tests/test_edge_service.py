@@ -21,26 +21,6 @@ from exporter.bank import BankInfo, DirectoryBank
 Bundles = dict[str, tuple[Path, BundleManifest]]
 
 
-@pytest.fixture(scope="module")
-def pi4(digits_bundles: Bundles) -> Path:
-    return digits_bundles["pi4"][0]
-
-
-@pytest.fixture(scope="module")
-def zero(digits_bundles: Bundles) -> Path:
-    """A bundle without on-device training (the profile has no ORT training API)."""
-    path, manifest = digits_bundles["pi-zero-2w"]
-    assert manifest.training["available"] is False
-    return path
-
-
-@pytest.fixture(scope="module")
-def xy(device_batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    x, y = device_batch
-    assert x.shape[1:] == (1, 8, 8) and len(x) > 300
-    return x, y
-
-
 def _all_samples(svc: EdgeService) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every stored sample ordered by id: (ids, x, y)."""
     tr, ho = svc.store.training_set(), svc.store.holdout_set()
