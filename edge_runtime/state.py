@@ -72,16 +72,16 @@ class StateDir:
         later than the newest it served (a replay).
         """
         digest = bundle_digest(source)
+        self._admit(digest, verify_bundle(source, verifier), made_for, newer_only)
         target = self.bundle_dir(digest)
         if target.is_dir():
             try:
                 manifest = verify_bundle(target, verifier)
-            except BundleError:  # the installed copy was damaged: replace it from the intact source
-                shutil.rmtree(target)
+            except BundleError:  # the installed copy was damaged: replaced below from the intact source
+                pass
             else:
                 self._admit(digest, manifest, made_for, newer_only)
                 return digest, manifest
-        self._admit(digest, verify_bundle(source, verifier), made_for, newer_only)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "bundles"))
         try:
             copy_bundle(source, tmp)
@@ -89,6 +89,8 @@ class StateDir:
             if bundle_digest(tmp) != digest:
                 raise BundleError(f"bundle {source} changed while it was installed", hint="install it again")
             self._admit(digest, manifest, made_for, newer_only)
+            if target.exists():
+                shutil.rmtree(target)
             tmp.replace(target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
