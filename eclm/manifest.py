@@ -201,6 +201,12 @@ def bundle_problems(root: Path, manifest: BundleManifest, verifier: Verifier | N
             problems.append(exc.message)
     if not manifest.files:
         problems.append(f"manifest of {root} lists no files")
+    problems.extend(f"the manifest refers to {rel!r}, which it does not list" for rel in _referenced(manifest)
+                    if rel not in manifest.files)
+    folder = manifest.training.get("folder")
+    if folder is not None and not (isinstance(folder, str) and any(r.startswith(f"{folder}/") for r in manifest.files)
+                                   and ".." not in folder.split("/") and not folder.startswith("/")):
+        problems.append(f"the manifest's training folder {folder!r} holds none of its listed files")
     entries = walk(root)
     for rel in sorted(manifest.files):
         try:
@@ -223,6 +229,12 @@ def bundle_problems(root: Path, manifest: BundleManifest, verifier: Verifier | N
         elif rel != MANIFEST and rel not in manifest.files:
             problems.append(f"{rel} is not listed in the manifest")
     return problems
+
+
+def _referenced(manifest: BundleManifest) -> list[str]:
+    """Every file the runtime opens by a name the manifest gives: each must be one of the listed files."""
+    refs = ["model.onnx", str(manifest.selector.get("file", "selector.onnx"))]
+    return refs + [str(v.get("file")) for v in manifest.variants if isinstance(v, dict)]
 
 
 def verify_bundle(root: str | Path, verifier: Verifier | None = None) -> BundleManifest:

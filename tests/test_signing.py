@@ -491,3 +491,16 @@ def test_manifest_field_types_are_checked(bundle: Path, key: str, value: Any) ->
     (bundle / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(BundleError, match=key):
         read_manifest(bundle)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda d: d["selector"].update(file="/etc/passwd"), "refers to '/etc/passwd'"),
+    (lambda d: d["variants"].append({"name": "evil", "file": "../../etc/passwd"}), "refers to '../../etc/passwd'"),
+    (lambda d: d["training"].update(folder="../../etc"), "training folder '../../etc'"),
+], ids=["selector", "variant", "training-folder"])
+def test_files_the_manifest_names_must_be_listed(bundle: Path, edit: Any, match: str) -> None:
+    data = json.loads((bundle / MANIFEST).read_text())
+    edit(data)
+    (bundle / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=match):
+        verify_bundle(bundle)
