@@ -168,7 +168,7 @@ class SyncCore:
             out = work / "bundle"
             export_bundle(ExportRequest(bank_dir=self.settings.bank_dir, profile=profile_name, out_dir=out,
                                         importance_file=imp_file, measure=False,
-                                        signing_key=self.settings.signing_key))
+                                        signing_key=self.settings.signing_key, device_id=device))
             archive = tar_bundle(out)
             digest = bundle_digest(out)
         finally:

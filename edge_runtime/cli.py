@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import typer
@@ -21,13 +22,29 @@ def _root() -> None:
 
 @app.command()
 @reports_errors
-def verify(bundle: Path = typer.Option(..., "--bundle", "-b", envvar="ECLM_BUNDLE", help="Bundle directory.")) -> None:
-    """Check every file of a bundle against the sha256 in its manifest; exit 14 on any mismatch."""
+def verify(
+    bundle: Path = typer.Option(..., "--bundle", "-b", envvar="ECLM_BUNDLE", help="Bundle directory."),
+    trust_key: Path = typer.Option(None, "--trust-key", envvar="ECLM_TRUST_KEY", exists=True, dir_okay=False,
+                                   help="The cloud's public key (signing.pub): the manifest must carry its signature."),
+) -> None:
+    """Check a bundle as `serve` does: every file against its sha256, regular files only (no links), and with
+    --trust-key the signature over the manifest; exit 14 listing every problem.
+    """
     from eclm.manifest import verify_bundle
+    from eclm.signing import load_verifier
 
-    man = verify_bundle(bundle)
-    typer.echo(f"bundle {bundle} verified: {len(man.files)} files, profile {man.profile['name']}, "
-               f"bank {man.bank_id}, training {'yes' if man.training['available'] else 'no'}")
+    verifier = load_verifier(trust_key) if trust_key is not None else None
+    man = verify_bundle(bundle, verifier)
+    if verifier is not None:
+        signature = f"signed by {verifier.key_id}"
+    elif man.signature:
+        signature = f"signature NOT checked (signed by key {man.signature.get('key_id')}; pass --trust-key)"
+    else:
+        signature = "signature NOT checked (unsigned; pass --trust-key to require a signature)"
+    issued = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(man.issued_at))
+    typer.echo(f"bundle {bundle} verified: {len(man.files)} files, {signature}, "
+               f"device {man.device_id or 'any'}, profile {man.profile_name}, issued {issued}, bank {man.bank_id}, "
+               f"training {'yes' if man.training.get('available') else 'no'}")
 
 
 @app.command()

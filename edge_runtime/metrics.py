@@ -37,6 +37,9 @@ class EdgeMetrics:
         self.variant_level = Gauge("eclm_edge_variant_level", "Rung of the variant ladder serving (0: main model)",
                                    registry=r)
         self.bundle_rejections = Counter("eclm_edge_bundle_rejections", "Bundles refused", registry=r)
+        self.unsigned_bundles_allowed = Gauge("eclm_edge_unsigned_bundles_allowed",
+                                              "1 when bundles serve without signature checks (no trust key)",
+                                              registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from eclm.errors import BundleError, DataError, TrainingUnavailableError
+from eclm.manifest import MadeFor
 from eclm.ort import load_onnxruntime
 from eclm.ort_train import release_memory
+from eclm.signing import load_verifier
 from edge_runtime.config import EdgeConfig
 from edge_runtime.drift import DriftMonitor
 from edge_runtime.metrics import EdgeMetrics
@@ -39,6 +41,11 @@ class EdgeService:
     def __init__(self, cfg: EdgeConfig) -> None:
         self.cfg = cfg
         self.metrics = EdgeMetrics()
+        self.verifier = load_verifier(cfg.trust_key) if cfg.trust_key else None
+        self.metrics.unsigned_bundles_allowed.set(0 if self.verifier else 1)
+        if self.verifier is None:
+            log.warning("no --trust-key: bundles are served WITHOUT signature checks (anyone who can hand this "
+                        "device a bundle decides what it runs); pass --trust-key with the cloud's signing.pub")
         self.state = StateDir(cfg.state_dir)
         self.serving = self._open_initial(cfg.bundle)
         self.store = SampleStore(cfg.state_dir / "samples.sqlite", self.serving.input_shape,
@@ -96,7 +103,7 @@ class EdgeService:
         bundle_dir = self.state.bundle_dir(pointer.bundle)
         from eclm.manifest import verify_bundle
 
-        manifest = verify_bundle(bundle_dir)
+        manifest = verify_bundle(bundle_dir, self.verifier)
         training_folder = manifest.training.get("folder")
         base_ckpt = bundle_dir / training_folder / "checkpoint" if training_folder else None
         gen = pointer.generation
@@ -127,13 +134,21 @@ class EdgeService:
         pointer = self.state.read_pointer()
         if bundle is not None:
             try:
-                digest, _ = self.state.install_bundle(bundle)
+                digest, manifest = self.state.install_bundle(bundle, self.verifier, self._made_for(update=False))
             except BundleError as exc:
                 self.metrics.bundle_rejections.inc()
                 if pointer is None:
                     raise
                 log.error("refusing bundle %s: %s; serving the previous one", bundle, exc.message)
             else:
+                replaced = self.state.replay_reason(digest, manifest) if pointer is not None else None
+                if replaced is not None and pointer is not None:
+                    try:  # the bundle argument was replaced by an update since: what replaced it serves on
+                        serving = self._open(pointer)
+                        log.warning("not serving --bundle %s: %s; serving %s", bundle, replaced, pointer.bundle)
+                        return serving
+                    except BundleError as exc:
+                        log.error("the bundle that replaced --bundle cannot serve (%s); serving --bundle", exc.message)
                 if pointer is None or pointer.bundle != digest:
                     pointer = Pointer(digest, 0)
                     self.state.write_pointer(pointer)
@@ -144,10 +159,17 @@ class EdgeService:
             )
         return self._open(pointer)
 
+    def _made_for(self, update: bool) -> MadeFor:
+        """Who a bundle must be made for: an update from the cloud names this device and its profile; a local
+        bundle may name no device, and its profile is checked only when profile_name is configured.
+        """
+        profile = self.cfg.profile_name or (self.serving.manifest.profile_name if update else None)
+        return MadeFor(self.cfg.device_id, profile or None, require_device=update)
+
     def install_bundle(self, bundle: Path) -> dict[str, Any]:
         """Verify and swap in a new bundle; a bad one is refused and the current one keeps serving."""
         try:
-            digest, _ = self.state.install_bundle(bundle)
+            digest, _ = self.state.install_bundle(bundle, self.verifier, self._made_for(update=False))
             new = self._open(Pointer(digest, 0))
         except BundleError:
             self.metrics.bundle_rejections.inc()
@@ -422,19 +444,26 @@ class EdgeService:
         return result
 
     def install_bundle_archive(self, archive: bytes, verifier: Any) -> dict[str, Any]:
-        """Unpack a bundle sent by the cloud, check its signature and hashes, and swap it in if not worse."""
+        """Unpack a bundle sent by the cloud, check its signature, hashes, device, profile and that it is newer
+        than every bundle served here, and swap it in if not worse.
+        """
         import tempfile
 
         from eclm.archive import untar_bundle
-        from eclm.manifest import verify_bundle
+        from eclm.manifest import bundle_digest
 
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.state.root / "bundles"))
         try:
+            if verifier is None:
+                raise BundleError("a bundle update must be signed, and this device has no trust key",
+                                  hint="start eclm-edge serve with --trust-key (the cloud's signing.pub)")
             untar_bundle(archive, tmp / "b")
-            verify_bundle(tmp / "b", verifier)
+            if bundle_digest(tmp / "b") == self.serving.digest:
+                return {"applied": False, "bundle": self.serving.digest, "reason": "already serving this bundle"}
             with self._train_lock:
                 serving = self.serving
-                digest, _ = self.state.install_bundle(tmp / "b")
+                digest, _ = self.state.install_bundle(tmp / "b", verifier, self._made_for(update=True),
+                                                      newer_only=True)
                 candidate = self._open(Pointer(digest, 0))
                 holdout = self.store.holdout_set()
                 before = serving.accuracy(holdout.x, holdout.y)
@@ -630,9 +659,18 @@ class EdgeService:
             "variant": {"level": self.level, "name": self.variant_name(), "last_switch": self.last_switch,
                         "readings": vars(self.last_readings) if hasattr(self, "last_readings") else None},
             "drift": self.drift.report(),
+            "trust": self._trust(),
             "resources": _resources(),
             "uptime_s": time.time() - self.started,
         }
+
+    def _trust(self) -> dict[str, Any]:
+        """Whether only signed bundles serve, with which key, and who the serving bundle was made for."""
+        m = self.serving.manifest
+        return {"signed_only": self.verifier is not None,
+                "key_id": self.verifier.key_id if self.verifier else None,
+                "bundle_signed": bool(m.signature), "bundle_key_id": (m.signature or {}).get("key_id"),
+                "bundle_device": m.device_id, "bundle_profile": m.profile_name, "bundle_issued_at": m.issued_at}
 
     def close(self) -> None:
         self._stop.set()

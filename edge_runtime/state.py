@@ -3,7 +3,8 @@
 Layout::
 
     STATE/current.json          which bundle and generation serve (written atomically, last)
-    STATE/bundles/<digest>/     verified copies of installed bundles
+    STATE/served.json           every bundle that served, with its issue time (refuses replays)
+    STATE/bundles/<digest>/     verified copies of installed bundles (copied without following links)
     STATE/gens/<n>/             model.onnx + checkpoint of a fine-tuned generation, generation.json
     STATE/samples.sqlite        the sample store
     STATE/outbox/               deltas waiting to be sent
@@ -17,15 +18,19 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from eclm.errors import BundleError
 from eclm.hashing import atomic_write_json, sha256_file
-from eclm.manifest import BundleManifest, bundle_digest, verify_bundle
+from eclm.manifest import BundleManifest, MadeFor, bundle_digest, copy_bundle, read_manifest, verify_bundle
+from eclm.signing import Verifier
 
 POINTER = "current.json"
+SERVED = "served.json"
+MAX_SERVED_RECORDS = 256
 
 
 @dataclass(frozen=True)
@@ -58,25 +63,97 @@ class StateDir:
     def bundle_dir(self, digest: str) -> Path:
         return self.root / "bundles" / digest
 
-    def install_bundle(self, source: Path) -> tuple[str, BundleManifest]:
-        """Verify ``source``, copy it in, verify the copy; returns its digest and manifest."""
-        verify_bundle(source)
+    def install_bundle(self, source: Path, verifier: Verifier | None = None, made_for: MadeFor | None = None,
+                       newer_only: bool = False) -> tuple[str, BundleManifest]:
+        """Verify ``source``, copy it in without following links, verify the copy; returns its digest and manifest.
+
+        With a ``verifier`` the bundle must carry its valid signature; ``made_for`` checks the device and
+        profile it names; ``newer_only`` refuses a bundle this device already served or one issued no
+        later than the newest it served (a replay).
+        """
         digest = bundle_digest(source)
+        self._admit(digest, verify_bundle(source, verifier), made_for, newer_only)
         target = self.bundle_dir(digest)
         if target.is_dir():
             try:
-                return digest, verify_bundle(target)
-            except BundleError:  # the installed copy was damaged: replace it from the intact source
-                shutil.rmtree(target)
+                manifest = verify_bundle(target, verifier)
+            except BundleError:  # the installed copy was damaged: replaced below from the intact source
+                pass
+            else:
+                self._admit(digest, manifest, made_for, newer_only)
+                return digest, manifest
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "bundles"))
         try:
-            shutil.copytree(source, tmp, dirs_exist_ok=True)
-            manifest = verify_bundle(tmp)
+            copy_bundle(source, tmp)
+            manifest = verify_bundle(tmp, verifier)  # what serves is the copy: check it, not the source
+            if bundle_digest(tmp) != digest:
+                raise BundleError(f"bundle {source} changed while it was installed", hint="install it again")
+            self._admit(digest, manifest, made_for, newer_only)
+            if target.exists():
+                shutil.rmtree(target)
             tmp.replace(target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return digest, manifest
+
+    def _admit(self, digest: str, manifest: BundleManifest, made_for: MadeFor | None, newer_only: bool) -> None:
+        if made_for is not None:
+            made_for.check(manifest)
+        if newer_only:
+            reason = self.replay_reason(digest, manifest)
+            if reason is not None:
+                raise BundleError(reason, hint="a bundle update must be newer than every bundle this device served")
+
+    # what served
+    def served(self) -> list[dict[str, Any]]:
+        """Every bundle that served here, oldest first (digest, issue time, device, profile, since)."""
+        try:
+            data = json.loads((self.root / SERVED).read_text())
+            return [dict(b) for b in data["bundles"]]
+        except FileNotFoundError:
+            return []
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{self.root / SERVED} is unreadable: {exc}",
+                              hint="it protects against replayed bundles; restore it or start a fresh state dir"
+                              ) from exc
+
+    def newest_issued(self) -> float:
+        try:
+            return float(json.loads((self.root / SERVED).read_text())["newest_issued_at"])
+        except FileNotFoundError:
+            return 0.0
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{self.root / SERVED} is unreadable: {exc}",
+                              hint="it protects against replayed bundles; restore it or start a fresh state dir"
+                              ) from exc
+
+    def replay_reason(self, digest: str, manifest: BundleManifest) -> str | None:
+        """Why the bundle would be a replay (None if it is not): served and replaced before, or issued no
+        later than the newest bundle that served here.
+        """
+        current = self.read_pointer()
+        if current is not None and current.bundle == digest:
+            return None
+        for record in self.served():
+            if record.get("digest") == digest:
+                return (f"bundle {digest} was already served here (from {_when(record.get('since'))}) and has been "
+                        "replaced; a replayed bundle is refused")
+        newest = self.newest_issued()
+        if manifest.issued_at <= newest:
+            return (f"bundle {digest} was issued {_when(manifest.issued_at)}, not after the newest bundle this "
+                    f"device served (issued {_when(newest)}); a replayed bundle is refused")
+        return None
+
+    def _record_served(self, digest: str) -> None:
+        records = self.served()
+        if records and records[-1].get("digest") == digest:
+            return
+        manifest = read_manifest(self.bundle_dir(digest))
+        records.append({"digest": digest, "issued_at": manifest.issued_at, "device_id": manifest.device_id,
+                        "profile": manifest.profile_name, "since": time.time()})
+        newest = max(self.newest_issued(), manifest.issued_at)
+        atomic_write_json(self.root / SERVED, {"bundles": records[-MAX_SERVED_RECORDS:], "newest_issued_at": newest})
 
     # generations
     def gen_dir(self, n: int) -> Path:
@@ -128,4 +205,15 @@ class StateDir:
             return None
 
     def write_pointer(self, pointer: Pointer) -> None:
+        """Make ``pointer`` serve; a bundle that starts serving is recorded first."""
+        current = self.read_pointer()
+        if current is None or current.bundle != pointer.bundle:
+            self._record_served(pointer.bundle)
         atomic_write_json(self.root / POINTER, pointer.to_dict())
+
+
+def _when(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(t)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "an unknown time"

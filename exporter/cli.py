@@ -27,6 +27,8 @@ def export(
     no_measure: bool = typer.Option(False, "--no-measure", help="Skip the measurement subprocesses."),
     signing_key: Path = typer.Option(None, "--signing-key", envvar="ECLM_SIGNING_KEY", exists=True, dir_okay=False,
                                      help="Sign the manifest with this Ed25519 key (from `eclm-cloud keys`)."),
+    device_id: str = typer.Option(None, "--device-id",
+                                  help="Make the bundle for this device only (the manifest names it)."),
 ) -> None:
     """Write a bundle: model.onnx, selector.onnx, ORT training artifacts (if the board trains), manifest.json.
 
@@ -63,6 +65,7 @@ def export(
             profiles_dir=profiles_dir,
             measure=not no_measure,
             signing_key=signing_key,
+            device_id=device_id,
         ),
         step=lambda msg: typer.echo(f"- {msg}", err=True),
     )

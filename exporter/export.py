@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class ExportRequest:
     measure: bool = True
     max_train_layers: int | None = None
     signing_key: Path | None = None  # Ed25519 private key (PEM): sign the manifest
+    device_id: str | None = None  # the device the bundle is made for (None: any device)
 
 
 def part_of(name: str) -> str:
@@ -274,6 +276,8 @@ def _build(
         selector={"file": "selector.onnx", "outputs": gate_names, "top_k": cfg.top_k},
         validation=validation,
         variants=variants,
+        device_id=req.device_id,
+        issued_at=time.time(),
     )
     manifest.validation["exporter"] = f"eclm {__version__}"
 

@@ -576,7 +576,7 @@ def test_bundle_archives_are_verified_and_worse_bundles_rolled_back(
     verifier = load_verifier(keys / "signing.pub")
     worse = tmp_path / "other-classes"
     export_bundle(ExportRequest(bank_dir, profile="pi4", out_dir=worse, classes=[0, 2, 3], measure=False,
-                                signing_key=keys / "signing.key"))
+                                signing_key=keys / "signing.key", device_id="device"))
     assert read_manifest(worse).signature is not None
 
     unsigned = tmp_path / "unsigned"

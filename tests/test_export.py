@@ -72,7 +72,7 @@ def test_bundle_verifies(name: str, digits_bundles, digits_bank) -> None:
     out_dir, manifest = digits_bundles[name]
     verified = verify_bundle(out_dir)
     assert verified.to_dict() == manifest.to_dict() == read_manifest(out_dir).to_dict()
-    assert manifest.kind == "eclm-bundle" and manifest.schema_version == 1
+    assert manifest.kind == "eclm-bundle" and manifest.schema_version == 2
     assert manifest.bank_id == digits_bank[1].bank_id
     assert manifest.config == "digits"
     assert manifest.profile["name"] == name

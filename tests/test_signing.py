@@ -14,9 +14,20 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from eclm.archive import MAX_ARCHIVE_MEMBERS, tar_bundle, untar_bundle
+from eclm.archive import MAX_ARCHIVE_MEMBERS, MAX_UNPACKED_BYTES, tar_bundle, untar_bundle
 from eclm.errors import BundleError, ConfigError
-from eclm.manifest import MANIFEST, BundleManifest, read_manifest, verify_bundle, write_manifest
+from eclm.hashing import sha256_file
+from eclm.manifest import (
+    MANIFEST,
+    BundleManifest,
+    MadeFor,
+    bundle_digest,
+    copy_bundle,
+    hash_files,
+    read_manifest,
+    verify_bundle,
+    write_manifest,
+)
 from eclm.signing import Signer, Verifier, generate_keys, key_id, load_signer, load_verifier
 from exporter.export import ExportRequest, export_bundle
 
@@ -351,3 +362,145 @@ def test_truncated_archive(bundle: Path, tmp_path: Path) -> None:
     archive = tar_bundle(bundle)
     with pytest.raises(BundleError):
         untar_bundle(archive[: len(archive) // 2], tmp_path / "t")
+
+
+def test_too_much_unpacked_data_is_refused(tmp_path: Path) -> None:
+    assert MAX_UNPACKED_BYTES >= 64 * 2**20  # room for a real bundle
+    archive = _tar([_file("a", b"x" * 600), _file("b", b"y" * 600)])
+    with pytest.raises(BundleError, match="unpacks to more than 1000 bytes"):
+        untar_bundle(archive, tmp_path / "t", max_bytes=1000)
+    assert not (tmp_path / "t").exists()
+    untar_bundle(archive, tmp_path / "t", max_bytes=1200)
+    assert (tmp_path / "t" / "b").read_bytes() == b"y" * 600
+
+
+def test_duplicate_archive_members_are_refused(tmp_path: Path) -> None:
+    archive = _tar([_file("manifest.json", b"{}"), _file("manifest.json", b"{ }")])
+    with pytest.raises(BundleError, match="twice"):
+        untar_bundle(archive, tmp_path / "t")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regular files inside the bundle only
+
+
+def test_a_symlink_with_its_hash_in_the_manifest_is_refused(bundle: Path) -> None:
+    (bundle / "selector.onnx").unlink()
+    (bundle / "selector.onnx").symlink_to("/etc/passwd")
+    data = json.loads((bundle / MANIFEST).read_text())
+    data["files"]["selector.onnx"] = sha256_file("/etc/passwd")
+    (bundle / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="selector.onnx is a symbolic link"):
+        verify_bundle(bundle)
+
+
+def test_a_symlink_to_a_file_inside_the_bundle_is_refused(bundle: Path) -> None:
+    (bundle / "copy.onnx").symlink_to("model.onnx")
+    with pytest.raises(BundleError, match="copy.onnx is a symbolic link"):
+        verify_bundle(bundle)
+
+
+def test_a_symlinked_manifest_is_refused(bundle: Path, tmp_path: Path) -> None:
+    shutil.move(bundle / MANIFEST, tmp_path / "elsewhere.json")
+    (bundle / MANIFEST).symlink_to(tmp_path / "elsewhere.json")
+    for check in (verify_bundle, read_manifest, bundle_digest):
+        with pytest.raises(BundleError, match="manifest.json is a symbolic link"):
+            check(bundle)
+
+
+def test_special_files_are_refused_without_blocking(bundle: Path) -> None:
+    import os
+
+    os.mkfifo(bundle / "pipe")
+    with pytest.raises(BundleError, match="pipe is a special file"):
+        verify_bundle(bundle)
+    data = json.loads((bundle / MANIFEST).read_text())
+    data["files"]["pipe"] = "0" * 64  # listed: opening it must not wait for a writer
+    (bundle / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="pipe is a special file"):
+        verify_bundle(bundle)
+
+
+def test_the_exporter_refuses_to_hash_a_symlink(bundle: Path) -> None:
+    (bundle / "link").symlink_to("/etc/passwd")
+    with pytest.raises(BundleError, match="link is a symbolic link"):
+        hash_files(bundle)
+
+
+def test_copy_never_follows_a_symlink(bundle: Path, tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    copy_bundle(bundle, good)
+    verify_bundle(good)
+    (bundle / "selector.onnx").unlink()
+    (bundle / "selector.onnx").symlink_to(good / "selector.onnx")  # the very bytes the manifest expects
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(BundleError, match="selector.onnx is a symbolic link"):
+        copy_bundle(bundle, bad)
+    assert not (bad / "selector.onnx").exists()
+
+
+def test_copy_checks_every_hash(bundle: Path, tmp_path: Path) -> None:
+    (bundle / "model.onnx").write_bytes(b"swapped after verification")
+    with pytest.raises(BundleError, match="model.onnx does not match its sha256"):
+        copy_bundle(bundle, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Who a bundle was made for
+
+
+def test_an_export_names_its_device_profile_and_issue_time(digits_bank: Any, keys: tuple[Path, Path],
+                                                          signed_bundle: Path, tmp_path: Path) -> None:
+    unnamed = read_manifest(signed_bundle)
+    assert unnamed.device_id is None and unnamed.profile["name"] == PROFILE and unnamed.issued_at > 0
+    out = tmp_path / "named"
+    export_bundle(ExportRequest(digits_bank[0], profile=PROFILE, out_dir=out, measure=False, signing_key=keys[0],
+                                device_id="board-7"))
+    named = verify_bundle(out, load_verifier(keys[1]))
+    assert named.device_id == "board-7" and named.issued_at > unnamed.issued_at
+
+
+def _manifest(device_id: str | None, profile: str = "pi4") -> BundleManifest:
+    data = {f.name: f.default for f in dataclasses.fields(BundleManifest)
+            if f.default is not dataclasses.MISSING}
+    return BundleManifest(**{**data, "bank_id": "b", "config": "c", "profile": {"name": profile}, "selection": [],
+                             "modules": [], "fixed_parts": [], "input": {}, "output": {}, "labels": [],
+                             "derived_for": {}, "importance": [], "costs": {}, "training": {}, "selector": {},
+                             "device_id": device_id, "issued_at": 1.0})
+
+
+def test_made_for() -> None:
+    MadeFor("dev1", "pi4", require_device=True).check(_manifest("dev1"))
+    MadeFor("dev1", None).check(_manifest(None, "pi-zero-2w"))  # no device, any profile: a first bundle
+    with pytest.raises(BundleError, match="made for device 'dev2'; this device is 'dev1'"):
+        MadeFor("dev1", None).check(_manifest("dev2"))
+    with pytest.raises(BundleError, match="names no device"):
+        MadeFor("dev1", "pi4", require_device=True).check(_manifest(None))
+    with pytest.raises(BundleError, match="made for profile 'pi-zero-2w'; this device runs 'pi4'"):
+        MadeFor("dev1", "pi4").check(_manifest("dev1", "pi-zero-2w"))
+
+
+@pytest.mark.parametrize(("key", "value"), [("device_id", 7), ("device_id", ""), ("issued_at", "yesterday"),
+                                            ("issued_at", None), ("labels", "abc"), ("files", ["model.onnx"]),
+                                            ("profile", {"no": "name"})])
+def test_manifest_field_types_are_checked(bundle: Path, key: str, value: Any) -> None:
+    data = json.loads((bundle / MANIFEST).read_text())
+    data[key] = value
+    (bundle / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=key):
+        read_manifest(bundle)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda d: d["selector"].update(file="/etc/passwd"), "refers to '/etc/passwd'"),
+    (lambda d: d["variants"].append({"name": "evil", "file": "../../etc/passwd"}), "refers to '../../etc/passwd'"),
+    (lambda d: d["training"].update(folder="../../etc"), "training folder '../../etc'"),
+], ids=["selector", "variant", "training-folder"])
+def test_files_the_manifest_names_must_be_listed(bundle: Path, edit: Any, match: str) -> None:
+    data = json.loads((bundle / MANIFEST).read_text())
+    edit(data)
+    (bundle / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=match):
+        verify_bundle(bundle)
