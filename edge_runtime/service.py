@@ -315,8 +315,9 @@ class EdgeService:
             if not deltas:
                 self.metrics.training_runs.labels("failed").inc()
                 return outcome.to_dict()
-            outcome.holdout_before = serving.accuracy(holdout.x, holdout.y)
             candidate = _with_values(serving, trained)
+            write_params(work, candidate.trained)  # the generation's files first, then the holdout gate
+            outcome.holdout_before = serving.accuracy(holdout.x, holdout.y)
             outcome.holdout_after = candidate.accuracy(holdout.x, holdout.y)
             if len(holdout) == 0:
                 outcome.reason = "no holdout samples to judge the run; not served"
@@ -330,7 +331,6 @@ class EdgeService:
             # whose delta was kept is rolled forward; one without is discarded and its samples retrained.
             if outcome.accepted:
                 n = self.state.next_generation()
-                write_params(work, candidate.trained)
                 self.state.commit_generation(work, n, {
                     "bundle": serving.digest, "parent": serving.generation, "delta_id": outcome.delta_id,
                     "holdout_before": outcome.holdout_before, "holdout_after": outcome.holdout_after,
@@ -406,6 +406,7 @@ class EdgeService:
             try:
                 holdout = self.store.holdout_set()
                 candidate = _with_values(serving, {n: np.array(a, dtype=np.float32) for n, a in wanted.items()})
+                write_params(work, candidate.trained)
                 before = serving.accuracy(holdout.x, holdout.y)
                 after = candidate.accuracy(holdout.x, holdout.y)
                 new_versions = {**current, **fresh}
@@ -418,7 +419,6 @@ class EdgeService:
                     self._notify("rollback", result)
                     return result
                 n = self.state.next_generation()
-                write_params(work, candidate.trained)
                 self.state.commit_generation(work, n, {
                     "bundle": serving.digest, "parent": serving.generation, "update": fresh,
                     "holdout_before": before, "holdout_after": after, "module_versions": new_versions,

@@ -36,8 +36,8 @@ class OptimizerSpec:
 
     name: str = "adamw"  # "adamw" or "sgd" (with momentum)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 1e-2
+    eps: float = 1e-6  # ONNX Runtime's AdamW default, as bundles had before; steadier than 1e-8 on tiny gradients
+    weight_decay: float = 0.0  # fine-tuning a few epochs on a device: no decay towards zero
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
@@ -53,6 +53,14 @@ class OptimizerSpec:
     def scalars(self) -> tuple[str, ...]:
         """Scalar state tensors (the step count of AdamW's bias correction)."""
         return ("step",) if self.name == "adamw" else ()
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> OptimizerSpec:
+        """The spec a manifest's ``training.optimizer`` describes."""
+        d = dict(data)
+        if "betas" in d:
+            d["betas"] = (float(d["betas"][0]), float(d["betas"][1]))
+        return OptimizerSpec(**d)
 
     def to_dict(self) -> dict[str, Any]:
         if self.name == "sgd":
