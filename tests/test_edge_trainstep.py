@@ -1,0 +1,141 @@
+"""Training on the device with plain ONNX Runtime: the step graph, shared weights, honest refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from test_edge_support import EdgeServer, make_service
+
+from eclm.errors import TrainingUnavailableError
+from eclm.manifest import MANIFEST, hash_files, read_manifest, write_manifest
+from eclm.tensors import read_tensors
+from edge_runtime.state import PARAMS
+
+
+def _rewrite_manifest(bundle: Path, edit) -> None:
+    """Edit the manifest's training section and re-hash the files (the bundle is unsigned)."""
+    manifest = read_manifest(bundle)
+    edit(manifest.training)
+    manifest.files = hash_files(bundle)
+    (bundle / MANIFEST).unlink()
+    write_manifest(bundle, manifest)
+
+
+def _unloadable_step(src: Path, dst: Path) -> Path:
+    """The pi4 bundle with a step graph this ONNX Runtime refuses (an IR version from the future)."""
+    shutil.copytree(src, dst)
+    path = dst / "training" / "train_step.onnx"
+    model = onnx.load(str(path))
+    model.ir_version = 99
+    onnx.save(model, str(path))
+    _rewrite_manifest(dst, lambda t: None)
+    return dst
+
+
+def _no_step(src: Path, dst: Path) -> Path:
+    """The pi4 bundle as an exporter without step graphs wrote it: training available, no `step`."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "training")
+    _rewrite_manifest(dst, lambda t: t.pop("step"))
+    return dst
+
+
+@pytest.mark.parametrize("variant", ["unloadable-step", "no-step"])
+def test_a_bundle_that_cannot_train_here_is_refused_with_its_reason(
+    variant: str, pi4: Path, xy, tmp_path: Path
+) -> None:
+    bundle = (_unloadable_step if variant == "unloadable-step" else _no_step)(pi4, tmp_path / "bundle")
+    svc = make_service(tmp_path / "state", bundle)
+    try:
+        assert svc.serving.trainable is False
+        reason = svc.status()["bundle"]["training_reason"]
+        assert ("does not load in this ONNX Runtime" if variant == "unloadable-step" else "re-export") in reason
+        assert svc.status()["bundle"]["trainable"] is False
+        svc.add_samples(xy[0][:40], xy[1][:40].tolist())
+        with pytest.raises(TrainingUnavailableError, match="cannot train on the device"):
+            svc.start_training("api")
+        with pytest.raises(TrainingUnavailableError):
+            svc.train_now()
+        assert svc.last_training is None and svc.predict(xy[0][:3])["generation"] == 0
+    finally:
+        svc.close()
+
+
+def test_post_train_answers_409_with_the_reason_for_an_unloadable_step_graph(pi4: Path, xy, tmp_path: Path) -> None:
+    bundle = _unloadable_step(pi4, tmp_path / "bundle")
+    srv = EdgeServer(tmp_path / "state", bundle).start()
+    try:
+        status = srv.request("GET", "/v1/status").json()
+        assert status["bundle"]["trainable"] is False
+        assert "does not load in this ONNX Runtime" in status["bundle"]["training_reason"]
+        r = srv.request("POST", "/v1/samples", {"inputs": xy[0][:40].reshape(40, -1).tolist(),
+                                                "labels": xy[1][:40].tolist()})
+        assert r.status == 200 and r.json()["training_started"] is False
+        r = srv.request("POST", "/v1/train")
+        assert r.status == 409, r.body
+        assert "does not load in this ONNX Runtime" in r.json()["error"]
+        assert srv.request("GET", "/v1/status").json()["training"]["last"] is None  # no run started and failed
+        assert srv.request("POST", "/v1/predict", {"inputs": xy[0][:2].reshape(2, -1).tolist()}).status == 200
+    finally:
+        srv.stop()
+
+
+def test_a_run_shares_the_serving_arrays_and_never_writes_them(pi4: Path, xy, tmp_path: Path) -> None:
+    """Frozen parameters are one set of arrays for the old and the new generation; the serving arrays
+    keep their values while the run trains, and the new generation stores only what it changed."""
+    svc = make_service(tmp_path / "state", pi4)
+    try:
+        before = svc.serving
+        snapshot = {n: a.copy() for n, a in before.weights.items()}
+        svc.add_samples(xy[0][:200], xy[1][:200].tolist())
+        for _ in range(8):
+            result = svc.train_now()
+            if result.get("accepted"):
+                break
+        assert result.get("accepted"), result
+        after = svc.serving
+        assert after.generation == result["generation"] and after is not before
+        trainable = set(before.manifest.training["trainable_params"])
+        assert after.changed == frozenset(trainable)
+        for name, array in before.weights.items():
+            np.testing.assert_array_equal(array, snapshot[name])  # the old generation's arrays are intact
+            if name not in trainable:
+                assert after.weights[name] is array  # one array, shared by both sessions
+        assert any(not np.array_equal(after.weights[n], snapshot[n]) for n in trainable)
+        folder = tmp_path / "state" / "gens" / f"{after.generation:06d}"
+        assert sorted(p.name for p in folder.iterdir()) == ["generation.json", PARAMS]
+        stored = read_tensors(folder / PARAMS)
+        assert set(stored) == trainable
+        for name, value in stored.items():
+            np.testing.assert_array_equal(value, after.weights[name])
+        info = json.loads((folder / "generation.json").read_text())
+        assert set(info["files"]) == {PARAMS}
+    finally:
+        svc.close()
+
+
+def test_the_step_graph_is_loaded_once_per_bundle(pi4: Path, tmp_path: Path, monkeypatch) -> None:
+    """The check that the step graph loads runs when a bundle is opened, not for each generation or variant."""
+    import edge_runtime.service as service_module
+
+    calls: list[str] = []
+    real = service_module.open_runner
+
+    def counting(serving):
+        calls.append(serving.digest)
+        return real(serving)
+
+    monkeypatch.setattr(service_module, "open_runner", counting)
+    svc = make_service(tmp_path / "state", pi4)
+    try:
+        assert svc.serving.trainable and len(calls) == 1
+        svc.variants()
+        svc.install_bundle(pi4)
+        assert len(calls) == 1
+    finally:
+        svc.close()
