@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from test_edge_support import EdgeServer, make_service
 
@@ -139,3 +140,31 @@ def test_the_step_graph_is_loaded_once_per_bundle(pi4: Path, tmp_path: Path, mon
         assert len(calls) == 1
     finally:
         svc.close()
+
+
+def test_a_generation_serves_exactly_the_values_it_holds(pi4: Path, xy, tmp_path: Path) -> None:
+    """Parameters handed to the session replace the file's everywhere, also where ONNX Runtime would fold
+    them into constants (a BatchNorm scale is weight * rsqrt(var + eps)): the session answers like a model
+    file holding the same values."""
+    from onnx import numpy_helper
+
+    from eclm.onnx_weights import read_initializers
+    from edge_runtime.model import ServingModel
+
+    weights = read_initializers(pi4 / "model.onnx")
+    rng = np.random.default_rng(0)
+    changed = {n: (a * rng.uniform(0.5, 1.5, a.shape)).astype(np.float32) for n, a in weights.items()
+               if n.startswith("net.") and n.endswith(("bn.weight", "bn.bias", "conv.weight", "fc.weight"))}
+    model = onnx.load(str(pi4 / "model.onnx"))
+    for t in model.graph.initializer:
+        if t.name in changed:
+            t.CopyFrom(numpy_helper.from_array(changed[t.name], t.name))
+    onnx.save(model, str(tmp_path / "baked.onnx"))
+    manifest = read_manifest(pi4)
+    x = xy[0][:32]
+    baked = ort.InferenceSession(str(tmp_path / "baked.onnx"), providers=["CPUExecutionProvider"])
+    expected = baked.run(["logits"], {"input": x})[0]  # plain ONNX Runtime, default options, values in the file
+    handed = ServingModel(manifest, pi4, "handed", 1, pi4 / "model.onnx", {**weights, **changed}, frozenset(changed))
+    bundle = ServingModel(manifest, pi4, "bundle", 0, pi4 / "model.onnx", weights)
+    assert float(np.max(np.abs(bundle.logits(x) - expected))) > 1e-2  # the change matters
+    np.testing.assert_allclose(handed.logits(x), expected, atol=1e-4)
