@@ -86,36 +86,52 @@ def test_post_train_answers_409_with_the_reason_for_an_unloadable_step_graph(pi4
         srv.stop()
 
 
-def test_a_run_shares_the_serving_arrays_and_never_writes_them(pi4: Path, xy, tmp_path: Path) -> None:
-    """Frozen parameters are one set of arrays for the old and the new generation; the serving arrays
-    keep their values while the run trains, and the new generation stores only what it changed."""
+def test_a_run_never_writes_the_serving_arrays(pi4: Path, xy, tmp_path: Path) -> None:
+    """The step reads the serving arrays and writes its own buffers: whatever the run learns, the model
+    that serves during the run (and after it, if the run is not accepted) keeps its values."""
+    from edge_runtime.store import Batch
+    from edge_runtime.trainer import TrainSettings, run_training
+
+    svc = make_service(tmp_path / "state", pi4)
+    try:
+        serving = svc.serving
+        snapshot = {n: a.copy() for n, a in serving.weights.items()}
+        x, y = xy[0][:64], xy[1][:64]
+        train, holdout = Batch(x, y, np.arange(1, 65)), Batch(x[:0], y[:0], np.arange(0))
+        outcome, deltas, trained = run_training(serving, train, holdout, TrainSettings(2, 16, 1e-3))
+        assert outcome.steps == 8 and deltas
+        assert set(trained) == set(serving.manifest.training["trainable_params"])
+        for name, array in serving.weights.items():
+            np.testing.assert_array_equal(array, snapshot[name])
+            assert name not in trained or trained[name] is not array
+        assert any(not np.array_equal(trained[n], snapshot[n]) for n in trained)
+    finally:
+        svc.close()
+
+
+def test_a_new_generation_shares_the_unchanged_arrays_and_stores_the_changed_ones(pi4: Path, tmp_path: Path) -> None:
+    """One set of arrays: a module update (here the head at its current values: never worse, so applied)
+    makes a generation whose session reads the very arrays of its parent for everything it did not change,
+    and whose folder stores only what changed (safetensors)."""
     svc = make_service(tmp_path / "state", pi4)
     try:
         before = svc.serving
-        snapshot = {n: a.copy() for n, a in before.weights.items()}
-        svc.add_samples(xy[0][:200], xy[1][:200].tolist())
-        for _ in range(8):
-            result = svc.train_now()
-            if result.get("accepted"):
-                break
-        assert result.get("accepted"), result
+        head = next(p for p in before.manifest.fixed_parts if p["part_id"] == "head")
+        values = {n.removeprefix("net."): before.weights[n].copy() for n in head["params"]}
+        result = svc.apply_module_update({"head": before.module_versions["head"] + 1}, values)
+        assert result["applied"] is True, result
         after = svc.serving
-        assert after.generation == result["generation"] and after is not before
-        trainable = set(before.manifest.training["trainable_params"])
-        assert after.changed == frozenset(trainable)
+        assert after.generation == result["generation"] and after.changed == frozenset(head["params"])
         for name, array in before.weights.items():
-            np.testing.assert_array_equal(array, snapshot[name])  # the old generation's arrays are intact
-            if name not in trainable:
-                assert after.weights[name] is array  # one array, shared by both sessions
-        assert any(not np.array_equal(after.weights[n], snapshot[n]) for n in trainable)
+            if name not in head["params"]:
+                assert after.weights[name] is array  # shared, not copied
         folder = tmp_path / "state" / "gens" / f"{after.generation:06d}"
         assert sorted(p.name for p in folder.iterdir()) == ["generation.json", PARAMS]
         stored = read_tensors(folder / PARAMS)
-        assert set(stored) == trainable
+        assert set(stored) == set(head["params"])
         for name, value in stored.items():
             np.testing.assert_array_equal(value, after.weights[name])
-        info = json.loads((folder / "generation.json").read_text())
-        assert set(info["files"]) == {PARAMS}
+        assert set(json.loads((folder / "generation.json").read_text())["files"]) == {PARAMS}
     finally:
         svc.close()
 
