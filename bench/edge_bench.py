@@ -7,7 +7,7 @@ A. Peak RSS of the torch-free runtime (``EdgeService`` in an edge-only virtualen
    storing samples and fine-tuning, vs the same work done with PyTorch.
 B. ``EdgeService.predict`` vs a bare ONNX Runtime session on the same model, in one process.
 C. HTTP latency of ``eclm-edge serve`` (POST /v1/predict, batch 1, keep-alive).
-D. The runtime's training step vs the bare ORT training API and vs a PyTorch step.
+D. The runtime's training step vs a bare session on the same step graph and vs a PyTorch step.
 E. On-device adaptation of three digits devices with corrupted, class-skewed local data.
 
 The edge virtualenv is created at ``/tmp/eclm-edge-venv`` (``pip install -e '.[edge]'``) if missing.
