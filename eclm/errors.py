@@ -57,7 +57,8 @@ class ConfigError(EclmError):
 
 class TrainingUnavailableError(EclmError):
     exit_code = 18
-    help = "The serving bundle cannot train on this device (no step graph, or one this ONNX Runtime cannot load); it serves and collects samples only."
+    help = ("The serving bundle cannot train on this device (no step graph, or one this ONNX Runtime cannot load);"
+            " it serves and collects samples only.")
 
 
 class BrokerError(EclmError):
