@@ -30,7 +30,7 @@ def export(
     device_id: str = typer.Option(None, "--device-id",
                                   help="Make the bundle for this device only (the manifest names it)."),
 ) -> None:
-    """Write a bundle: model.onnx, selector.onnx, ORT training artifacts (if the board trains), manifest.json.
+    """Write a bundle: model.onnx, selector.onnx, training/train_step.onnx (if the board trains), manifest.json.
 
     The sub-model maximises module importance (from --importance, --classes, or the bank's proxy
     data) within the profile's memory, compute and transfer budgets. The exporter checks ONNX
