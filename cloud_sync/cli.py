@@ -22,12 +22,15 @@ def train(
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
                                 help="'digits' (ships with scikit-learn) or an .npz with arrays X and y."),
     bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory to write."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the data split, initialisation and order."),
-    config: str = typer.Option("digits", "--config", help="Model configuration: digits or resnet18."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="End-to-end epochs (default from the config)."),
-    enhance_epochs: int = typer.Option(None, "--enhance-epochs", min=0,
-                                       help="Module ability-enhancing epochs (default from the config)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED", help="Seed for the data split, initialisation and order."),
+    config: str = typer.Option("digits", "--config", envvar="ECLM_MODEL_CONFIG",
+                               help="Model configuration: digits or resnet18."),
+    epochs: int = typer.Option(None, "--epochs", min=1, envvar="ECLM_EPOCHS", show_default="the config's",
+                               help="End-to-end epochs."),
+    enhance_epochs: int = typer.Option(None, "--enhance-epochs", min=0, envvar="ECLM_ENHANCE_EPOCHS",
+                                       show_default="the config's", help="Module ability-enhancing epochs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", envvar="ECLM_QUIET", show_default="off",
+                               help="No progress bars."),
 ) -> None:
     """Train end to end on the 30% proxy split, then enhance module ability, and write bank version 1.
 
@@ -65,7 +68,8 @@ def main() -> None:
 
 @app.command()
 @reports_errors
-def keys(out: Path = typer.Option(Path("keys"), "--out", help="Folder for signing.key and signing.pub.")) -> None:
+def keys(out: Path = typer.Option(Path("keys"), "--out", envvar="ECLM_KEYS_DIR",
+                                  help="Folder for signing.key and signing.pub.")) -> None:
     """Create the cloud's Ed25519 signing key pair: keep signing.key in the cloud, give signing.pub to devices."""
     from eclm.signing import generate_keys, load_verifier
 
@@ -80,18 +84,24 @@ def sync(
     bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
     broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="ECLM_BROKER", help="MQTT broker URL."),
     signing_key: Path = typer.Option(None, "--signing-key", envvar="ECLM_SIGNING_KEY", exists=True, dir_okay=False,
-                                     help="Ed25519 key to sign module and bundle updates (without it none are sent)."),
-    round_deltas: int = typer.Option(5, "--round-deltas", min=1, help="Merge once this many deltas are pending."),
-    round_seconds: float = typer.Option(30.0, "--round-seconds", help="... or once the oldest waited this long."),
-    strategy: str = typer.Option("weighted", "--strategy", help="weighted (importance x samples), trimmed, median."),
-    gate_margin: float = typer.Option(0.02, "--gate-margin",
+                                     show_default="none: no updates are sent",
+                                     help="Ed25519 key to sign module and bundle updates."),
+    round_deltas: int = typer.Option(5, "--round-deltas", min=1, envvar="ECLM_SYNC_ROUND_DELTAS",
+                                     help="Merge once this many deltas are pending."),
+    round_seconds: float = typer.Option(30.0, "--round-seconds", envvar="ECLM_SYNC_ROUND_SECONDS",
+                                        help="... or once the oldest waited this long."),
+    strategy: str = typer.Option("weighted", "--strategy", envvar="ECLM_SYNC_STRATEGY",
+                                 help="weighted (importance x samples), trimmed, median."),
+    gate_margin: float = typer.Option(0.02, "--gate-margin", envvar="ECLM_SYNC_GATE_MARGIN",
                                       help="Hold back a merge that lowers validation accuracy by more than this."),
-    max_staleness: int = typer.Option(10, "--max-staleness",
+    max_staleness: int = typer.Option(10, "--max-staleness", envvar="ECLM_SYNC_MAX_STALENESS",
                                       help="Versions a delta's base may lag behind (stale deltas weigh less)."),
-    max_payload: int = typer.Option(4 * 2**20, "--max-payload", help="Reject messages larger than this (bytes)."),
+    max_payload: int = typer.Option(4 * 2**20, "--max-payload", envvar="ECLM_SYNC_MAX_PAYLOAD",
+                                    help="Reject messages larger than this (bytes)."),
     metrics_port: int = typer.Option(9464, "--metrics-port", envvar="ECLM_SYNC_METRICS_PORT",
                                      help="Prometheus /metrics on 127.0.0.1 at this port (0: off)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", envvar="ECLM_SYNC_VERBOSE", show_default="off",
+                                 help="Debug logging."),
 ) -> None:
     """Run the merger daemon: validate and store deltas, merge them in rounds, send updated modules back.
 

@@ -14,12 +14,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def make_app(help_text: str) -> typer.Typer:
-    """A Typer app with locals hidden in tracebacks (they can hold credentials)."""
+    """A Typer app with locals hidden in tracebacks (they can hold credentials) and plain help text.
+
+    ``rich_markup_mode=None``: help is printed as written. With Rich markup, ``[...]`` in a help text
+    (``[edge]``, ``[env ...]``) is read as a style tag and silently dropped.
+    """
     return typer.Typer(
         help=help_text,
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_show_locals=False,
+        rich_markup_mode=None,
     )
 
 
