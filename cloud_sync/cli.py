@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -22,7 +23,8 @@ def train(
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
                                 help="'digits' (ships with scikit-learn) or an .npz with arrays X and y."),
     bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory to write."),
-    seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED", help="Seed for the data split, initialisation and order."),
+    seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED",
+                             help="Seed for the data split, initialisation and order."),
     config: str = typer.Option("digits", "--config", envvar="ECLM_MODEL_CONFIG",
                                help="Model configuration: digits or resnet18."),
     epochs: int = typer.Option(None, "--epochs", min=1, envvar="ECLM_EPOCHS", show_default="the config's",
@@ -143,9 +145,7 @@ def sync(
 @reports_errors
 def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Module versions, devices seen, deltas merged and rejected (by reason)."""
-    import json
-
+    """Module versions, devices seen, deltas merged and rejected (by reason), as tables or JSON."""
     from cloud_sync.daemon import LEDGER
     from cloud_sync.ledger import Ledger
     from exporter.bank import DirectoryBank
@@ -161,14 +161,40 @@ def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK",
     finally:
         ledger.close()
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        from eclm.jsonsafe import dumps
+
+        typer.echo(dumps(report, indent=2))
         return
-    typer.echo(f"bank {report['bank_id']}: {report['parts']} parts; above version 1: "
-               f"{report['module_versions'] or 'none'}")
-    typer.echo(f"deltas: {report['deltas'] or 'none'}; uplink {report['uplink_bytes']} bytes")
-    typer.echo(f"rejected by reason: {report['rejected_by_reason'] or 'none'}")
-    for r in report["recent_rounds"]:
-        typer.echo(f"round {r['round']}: {r['outcome']} (validation {r.get('val_before')} -> {r.get('val_after')})")
-    for d in report["devices"]:
-        typer.echo(f"device {d['device_id']}: {'online' if d['online'] else 'offline'}, profile {d['profile']}, "
-                   f"bundle {d['bundle']}")
+    typer.echo(_status_text(report))
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    """`eclm-cloud status` for people: aligned tables, rounded figures, short digests."""
+    import time
+
+    from eclm.cli_support import text_table
+
+    now = time.time()
+    deltas = report["deltas"] or {}
+    out = [f"bank {report['bank_id']}: {report['parts']} parts, {len(report['module_versions'])} above version 1",
+           "deltas: " + ", ".join(f"{k} {deltas.get(k, 0):,}" for k in ("merged", "held", "rejected", "pending"))
+           + f"; uplink {report['uplink_bytes']:,} bytes"]
+    if report["module_versions"]:
+        out += ["", text_table(["part", "version"], [[k, v] for k, v in report["module_versions"].items()])]
+    if report["rejected_by_reason"]:
+        out += ["", text_table(["rejected because", "deltas"],
+                               [[k, v] for k, v in report["rejected_by_reason"].items()])]
+    if report["recent_rounds"]:
+        out += ["", text_table(["round", "outcome", "validation before", "after"],
+                               [[r["round"], r["outcome"], r.get("val_before"), r.get("val_after")]
+                                for r in report["recent_rounds"]])]
+    if report["devices"]:
+        def ago(t: Any) -> str:
+            return "-" if not isinstance(t, int | float) else f"{max(0.0, now - t):,.0f} s ago"
+
+        out += ["", text_table(["device", "online", "last seen", "profile", "bundle"],
+                               [[d["device_id"], bool(d["online"]), ago(d["last_seen"]), d["profile"],
+                                 (d["bundle"] or "-")[:12]] for d in report["devices"]])]
+    else:
+        out += ["", "no devices seen yet"]
+    return "\n".join(out)

@@ -7,6 +7,7 @@ Layout::
     STATE/gens/<n>/             model.onnx + checkpoint of a fine-tuned generation, generation.json
     STATE/samples.sqlite        the sample store
     STATE/outbox/               deltas waiting to be sent
+    STATE/.lock                 held (flock) by the one runtime that uses the directory; holds its pid
 
 Every write lands in a temporary folder first and is renamed into place, and the pointer is
 replaced last, so ``kill -9`` at any moment leaves the last good model reachable.
@@ -14,18 +15,50 @@ replaced last, so ``kill -9`` at any moment leaves the last good model reachable
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eclm.errors import BundleError
+from eclm.errors import BundleError, ConfigError
 from eclm.hashing import atomic_write_json, sha256_file
 from eclm.manifest import BundleManifest, bundle_digest, verify_bundle
 
 POINTER = "current.json"
+LOCK = ".lock"
+
+
+class StateLock:
+    """An exclusive ``flock`` on ``STATE/.lock``: one runtime per state directory. The kernel drops it when
+    the process ends, however it ends, so a crash never leaves the directory locked.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> StateLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"state directory {self.path.parent} is in use by another runtime (pid {holder})",
+                              hint="stop that process, or give this one its own --state-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
 
 
 @dataclass(frozen=True)
@@ -44,9 +77,15 @@ class StateDir:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.lock = StateLock(root).acquire()  # before anything is cleaned or written
         for sub in ("bundles", "gens", "outbox"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
+
+    def close(self) -> None:
+        """Let another runtime use the directory."""
+        self.lock.release()
 
     def clean_temporaries(self) -> None:
         """Remove half-written folders a crash left behind."""

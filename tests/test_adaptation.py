@@ -172,7 +172,7 @@ def test_importance_distance_zero_for_identical_and_one_for_disjoint() -> None:
 
 THRESHOLDS = Thresholds(min_free_memory_mb=100, recover_free_memory_mb=200, max_cpu_busy=0.9,
                         recover_cpu_busy=0.6, max_latency_ms=100, recover_latency_ms=50, patience=3)
-NAN = float("nan")
+NAN = None  # no predictions in the window
 PRESSED = Readings(free_memory_mb=50, cpu_busy=0.3, latency_ms_p95=NAN)
 CPU_PRESSED = Readings(free_memory_mb=1000, cpu_busy=0.95, latency_ms_p95=NAN)
 SLOW = Readings(free_memory_mb=1000, cpu_busy=0.3, latency_ms_p95=150.0)
