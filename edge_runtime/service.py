@@ -460,6 +460,7 @@ class EdgeService:
                               "reason": f"module update {verdict.reason}"}
                     self.last_update = result
                     self._notify("rollback", result)
+                    self._holdout_gauge(result, "applied")
                     return result
                 n = self.state.next_generation()
                 gen = self.state.commit_generation(work, n, {
