@@ -426,10 +426,11 @@ def test_memory_pressure_steps_down_keeps_serving_and_pauses_training(pi4: Path,
         cheapest = svc.variants()[-1]
         assert np.allclose(out["probabilities"], cheapest.predict(x[:30]), atol=1e-5)
 
-        # automatic training is paused while a variant serves, by sample count and by drift alike
+        # automatic training waits while memory is short, by sample count and by drift alike, and says why
         results = feed(svc, x[:64], y[:64])
         results += feed(svc, corrupt(x[64:200], "rotation", 1.0, seed=0), y[64:200])
         assert not any(r["training_started"] for r in results)
+        assert all(r["training_paused"] and "free memory" in r["training_reason"] for r in results)
         assert any(r["drift"] for r in results)  # the alarm is still raised, just not acted on
         assert events.of("drift", kind="accuracy")
         assert svc.status()["samples"]["new_since_training"] >= svc.cfg.train_every_samples
