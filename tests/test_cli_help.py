@@ -5,6 +5,7 @@ default and its environment variable.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,3 +99,28 @@ def test_edge_defaults_shown_are_the_runtime_defaults() -> None:
     for option, key in (("--port", "port"), ("--train-every", "train_every_samples"), ("--host", "host"),
                         ("--state-dir", "state_dir"), ("--train-pause", "train_pause")):
         assert f"default:({getattr(defaults, key)})" in out, (option, key)
+
+
+def test_one_variable_names_the_profile_folders(tmp_path: Path) -> None:
+    """`ECLM_PROFILES_DIR` (several folders, ':'-separated) is what the registry and `--profiles-dir` read."""
+    import os
+
+    from device_profiles.registry import BUILTIN_DIR
+
+    folders = []
+    for name in ("board-a", "board-b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        text = (BUILTIN_DIR / "pi4.toml").read_text().replace('name = "pi4"', f'name = "{name}"')
+        (folder / f"{name}.toml").write_text(text)
+        folders.append(str(folder))
+    result = CliRunner().invoke(APPS["eclm-export"], ["--list-profiles"],
+                                env={"ECLM_PROFILES_DIR": os.pathsep.join(folders)})
+    assert result.exit_code == 0, result.output
+    assert {"board-a", "board-b", "pi4"} <= set(result.output.split())
+    third = tmp_path / "board-c"
+    third.mkdir()
+    (third / "board-c.toml").write_text((Path(folders[0]) / "board-a.toml").read_text().replace("board-a", "board-c"))
+    both = CliRunner().invoke(APPS["eclm-export"], ["--list-profiles", "--profiles-dir", str(third)],
+                              env={"ECLM_PROFILES_DIR": folders[0]})
+    assert {"board-a", "board-c"} <= set(both.output.split()), both.output
