@@ -29,6 +29,13 @@ def run(cfg: EdgeConfig, announce: Callable[[str], None]) -> None:
     from edge_runtime import http_api
     from edge_runtime.service import EdgeService
 
+    if cfg.broker:  # a malformed URL or an unreadable key fails before anything is bound or written
+        from eclm.mqtt import BrokerUrl
+        from eclm.signing import load_verifier
+
+        BrokerUrl.parse(cfg.broker)
+        if cfg.trust_key is not None:
+            load_verifier(cfg.trust_key)
     server = http_api.bind(cfg)  # a port in use fails here, before the state directory is touched
     created = _first_missing(cfg.state_dir.absolute())
     try:

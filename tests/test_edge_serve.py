@@ -125,3 +125,10 @@ def test_a_normal_shutdown_logs_no_warning(pi4: Path, tmp_path: Path) -> None:
         assert [x for x in log.splitlines() if "WARNING" in x or "ERROR" in x] == [], log
     finally:
         broker.stop()
+
+
+def test_a_malformed_broker_url_is_exit_17_before_anything_is_written(pi4: Path, tmp_path: Path) -> None:
+    result = serve("--bundle", str(pi4), "--state-dir", str(tmp_path / "state"), "--port", str(free_port()),
+                   "--broker", "http://example:1883")
+    assert_one_line_error(result, ConfigError.exit_code, "is not mqtt://HOST[:PORT]")
+    assert not (tmp_path / "state").exists()
