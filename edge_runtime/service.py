@@ -716,6 +716,7 @@ class EdgeService:
             "module_versions": s.module_versions,
             "last_update": self.last_update,
             "variant": {"level": self.level, "name": self.variant_name(), "last_switch": self.last_switch,
+                        "latency_budget_ms": self.latency_budget_ms(),
                         "readings": vars(self.last_readings) if self.last_readings is not None else None},
             "drift": self.drift.report(),
             "sync": self.sync_report() if self.sync_report else NO_SYNC,
