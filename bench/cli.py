@@ -51,7 +51,8 @@ def demo(
 
     result = run_demo(workdir, broker, steps, seed, lambda m: typer.echo(f"- {m}", err=True), train_progress)
     typer.echo(render_demo(result))
-    typer.echo(f"\ncloud model test accuracy {result.bank_test_accuracy:.4f}; deltas {result.cloud}; "
+    deltas = ", ".join(f"{k} {v}" for k, v in result.cloud.items())
+    typer.echo(f"\ncloud model test accuracy {result.bank_test_accuracy:.4f}; deltas: {deltas}; "
                f"broker {result.broker}")
     if result.plot is not None:
         typer.echo(f"plot: {result.plot}")
