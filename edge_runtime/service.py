@@ -76,7 +76,7 @@ class EdgeService:
         self._variants: dict[str, list[ServingModel]] = {}
         self.level = 0
         self.last_switch: dict[str, Any] | None = None
-        self.active = self.serving
+        self._now = (self.serving, "main")  # what answers and its name, swapped as one reference
         self.drift = DriftMonitor(self._reference())
         self._routing_inbox: queue.Queue[np.ndarray] = queue.Queue(maxsize=4)
         self._last_routing = 0.0
@@ -180,7 +180,7 @@ class EdgeService:
 
     # -- predictions and samples
     def predict(self, x: np.ndarray) -> dict[str, Any]:
-        serving = self.active  # one reference for the whole request, whatever swaps meanwhile
+        serving, variant = self._now  # one reference for the whole request, whatever swaps meanwhile
         x = serving.check_input(x)
         t = time.perf_counter()
         probs = serving.predict(x)
@@ -199,7 +199,7 @@ class EdgeService:
             "labels": serving.labels,
             "generation": serving.generation,
             "bundle": serving.digest,
-            "variant": self.variant_name(),
+            "variant": variant,  # the name of the model that answered, even if the ladder moved meanwhile
         }
 
     def _label_indices(self, labels: list[Any]) -> np.ndarray:
@@ -593,17 +593,25 @@ class EdgeService:
         return {n: trainer.parameter(n) for n in trainer.trainable_names()}
 
     def variant_name(self) -> str:
+        return self._variant_name(self.level)
+
+    def _variant_name(self, level: int) -> str:
         variants = self.serving.manifest.variants
-        if self.level == 0 or self.level > len(variants):
+        if level == 0 or level > len(variants):
             return "main"
-        return str(variants[self.level - 1]["name"])
+        return str(variants[level - 1]["name"])
+
+    @property
+    def active(self) -> ServingModel:
+        """The model that answers predictions now (the main model or a cheaper variant)."""
+        return self._now[0]
 
     def set_level(self, level: int, reason: str) -> None:
         """Serve rung ``level`` of the ladder (0: the main model); predictions never stop."""
         variants = self.variants()
         level = max(0, min(level, len(variants)))
         target = self.serving if level == 0 else variants[level - 1]
-        self.active = target  # one reference swap, before the level it is reported under
+        self._now = (target, self._variant_name(level))  # model and name in one swap: answers name their model
         self.level = level
         self.metrics.variant_level.set(level)
         self.last_switch = {"level": level, "variant": self.variant_name(), "reason": reason, "at": time.time()}
@@ -686,9 +694,10 @@ class EdgeService:
             self.level = 0  # another bundle serves: its own ladder starts at its main model
         self._ladder_bundle = self.serving.digest
         if getattr(self, "level", 0) == 0:
-            self.active = self.serving
+            self._now = (self.serving, "main")
         elif hasattr(self, "_variants") and self.variants():  # a new generation: its weights, same rung
-            self.active = self.variants()[min(self.level, len(self.variants())) - 1]
+            rung = min(self.level, len(self.variants()))
+            self._now = (self.variants()[rung - 1], self._variant_name(rung))
         if hasattr(self, "drift") and self.drift.reference != self._reference():
             self.drift.rebase(self._reference())
         self.metrics.generation.set(self.serving.generation)
