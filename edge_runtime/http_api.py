@@ -66,6 +66,8 @@ class EdgeHttpServer(HTTPServer):
         self._slots = threading.BoundedSemaphore(workers)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eclm-http")
         self._stopping = threading.Event()
+        self._open: set[socket.socket] = set()  # connections a worker holds, shut down on close
+        self._open_lock = threading.Lock()
         try:
             super().__init__((host, port), make_handler(idle_timeout_s))
         except OSError as exc:  # the base class has closed the socket
@@ -93,11 +95,16 @@ class EdgeHttpServer(HTTPServer):
             self.shutdown_request(request)
 
     def _work(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
         try:
-            self.finish_request(request, client_address)
+            if not self._stopping.is_set():
+                self.finish_request(request, client_address)
         except Exception:  # noqa: BLE001 - one connection never stops the server
             log.debug("connection from %s failed", client_address, exc_info=True)
         finally:
+            with self._open_lock:
+                self._open.discard(request)
             self.shutdown_request(request)
             self._slots.release()
 
@@ -108,6 +115,12 @@ class EdgeHttpServer(HTTPServer):
     def server_close(self) -> None:
         self._stopping.set()
         super().server_close()
+        with self._open_lock:  # wake workers waiting on an idle keep-alive connection: exit does not wait
+            for conn in self._open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -187,3 +187,16 @@ def test_samples_answer_says_why_no_run_started(server: EdgeServer, xy) -> None:
     assert "train_every_samples = 0" in out["training_reason"]
     status = strict(server.request("GET", "/v1/status").body)["training"]
     assert status["paused"] is False and status["paused_reason"] is None and status["pause_policy"] == "headroom"
+
+
+def test_sigterm_does_not_wait_for_idle_connections(digits_bundles: Bundles, tmp_path: Path) -> None:
+    env = {**PINNED_ENV, "ECLM_EDGE_HTTP_IDLE_TIMEOUT_S": "600"}
+    srv = EdgeServer(tmp_path / "state", digits_bundles["pi4"][0], env=env).start()
+    idle = _hold(srv.port, 2)
+    try:
+        assert srv.request("GET", "/healthz").status == 200  # the workers hold the idle ones, this one too
+        assert srv.stop(timeout=60) == 0  # not after the 600 s an idle connection may last
+        assert all(s.recv(1) == b"" for s in idle)
+    finally:
+        for s in idle:
+            s.close()
