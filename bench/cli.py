@@ -25,10 +25,10 @@ def demo(
                                  help="Where the bank, keys, bundles, device states, logs and the plot go "
                                  "(replaced on every run)."),
     broker: str = typer.Option(None, "--broker", envvar="ECLM_BROKER",
-                               help="Use this MQTT broker; default: a private mosquitto if installed, else an "
-                               "embedded pure-Python broker."),
-    steps: int = typer.Option(6, "--steps", min=1, help="Adaptation steps."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data split, training and sampling."),
+                               show_default="a private mosquitto if installed, else an embedded pure-Python broker",
+                               help="Use this MQTT broker."),
+    steps: int = typer.Option(6, "--steps", min=1, envvar="ECLM_DEMO_STEPS", help="Adaptation steps."),
+    seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED", help="Seed for data split, training and sampling."),
 ) -> None:
     """Run the whole loop on this machine: cloud training, a broker, the merger daemon and three edge
     runtimes as separate processes in drifting environments; ends with a table and a PNG plot.
@@ -51,7 +51,8 @@ def demo(
 
     result = run_demo(workdir, broker, steps, seed, lambda m: typer.echo(f"- {m}", err=True), train_progress)
     typer.echo(render_demo(result))
-    typer.echo(f"\ncloud model test accuracy {result.bank_test_accuracy:.4f}; deltas {result.cloud}; "
+    deltas = ", ".join(f"{k} {v}" for k, v in result.cloud.items())
+    typer.echo(f"\ncloud model test accuracy {result.bank_test_accuracy:.4f}; deltas: {deltas}; "
                f"broker {result.broker}")
     if result.plot is not None:
         typer.echo(f"plot: {result.plot}")
@@ -64,12 +65,15 @@ SUITES = ("export", "edge", "sync", "adapt", "paper")
 @app.command()
 @reports_errors
 def bench(
-    suite: str = typer.Option("paper", "--suite",
+    suite: str = typer.Option("paper", "--suite", envvar="ECLM_BENCH_SUITE",
                               help="paper: the paper's protocol and baselines; adapt: 20 steps of continuous "
                               "adaptation with shifts; export, edge, sync: the component benchmarks."),
-    quick: bool = typer.Option(False, "--quick", help="A small version that finishes in minutes (CI)."),
-    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds for the paper suite (spread over seeds)."),
-    out: Path = typer.Option(Path("docs/benchmarks"), "--out", help="Where JSON, markdown and PNG plots go."),
+    quick: bool = typer.Option(False, "--quick", envvar="ECLM_BENCH_QUICK", show_default="off",
+                               help="A small version that finishes in minutes (CI)."),
+    seeds: int = typer.Option(3, "--seeds", min=1, envvar="ECLM_BENCH_SEEDS",
+                              help="Seeds for the paper suite (spread over seeds)."),
+    out: Path = typer.Option(Path("docs/benchmarks"), "--out", envvar="ECLM_BENCH_OUT",
+                             help="Where JSON, markdown and PNG plots go."),
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
                                 help="paper and adapt suites: 'digits' or an .npz with X and y (docs/data.md)."),
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from collections.abc import Sequence
@@ -59,5 +58,7 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_results(out: Path, name: str, results: dict[str, Any], markdown: str) -> None:
     """``out/name.json`` and ``out/name.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    from eclm.jsonsafe import dumps
+
+    (out / f"{name}.json").write_text(dumps(results, indent=2, default=str) + "\n")  # NaN -> null
     (out / f"{name}.md").write_text(markdown.rstrip() + "\n")

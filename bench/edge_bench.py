@@ -490,21 +490,15 @@ def child_serve_nodelay(spec: dict[str, Any]) -> dict[str, Any]:
     configured and started as `eclm-edge serve` does it (with the environment the parent gives both).
     """
     import dataclasses
-    from http.server import ThreadingHTTPServer
 
     from edge_runtime.config import EdgeConfig
-    from edge_runtime.http_api import make_handler
+    from edge_runtime.http_api import serve
     from edge_runtime.service import EdgeService
 
     off = spec["resources_off"] and "resource_interval_s" in {f.name for f in dataclasses.fields(EdgeConfig)}
     service = EdgeService(_edge_cfg(Path(spec["bundle"]), Path(spec["state"]), monitors=True,
                                     **({"resource_interval_s": 0.0} if off else {})))
-
-    class NoDelay(make_handler(service)):  # type: ignore[misc]
-        disable_nagle_algorithm = True
-
-    server = ThreadingHTTPServer(("127.0.0.1", spec["port"]), NoDelay)
-    server.daemon_threads = True
+    server = serve(service, "127.0.0.1", spec["port"])  # its handler sets TCP_NODELAY
     for name in ("start_monitors", "start_scheduler"):
         if hasattr(service, name):
             getattr(service, name)()
@@ -903,8 +897,8 @@ def tables(res: dict[str, Any]) -> str:
         out += ["**C. HTTP latency**: POST /v1/predict, batch 1, one keep-alive http.client connection, on "
                 "127.0.0.1; a bare session on the same model runs in the client process, interleaved. "
                 "`eclm-edge serve` is the edge venv's console script; the second server of each bundle is a "
-                "diagnostic: the runtime's own handler (`make_handler`) subclassed only to set "
-                "`disable_nagle_algorithm = True` (no change where the runtime sets it itself).", "",
+                "diagnostic: the runtime's own server (`edge_runtime.http_api.serve`) built in-process, "
+                "without the command line around it.", "",
                 "| bundle | server | requests | HTTP p50 / p99 ms | bare session p50 / p99 ms | HTTP - bare p50 ms "
                 "| request bytes | variants served |", "|---|---|--:|--:|--:|--:|--:|---|"]
         for r in c:

@@ -281,8 +281,26 @@ class LocalArm:
         self.signing_key = signing_key
         self.bundles: dict[tuple[int, ...], Path] = {}
         self.services: dict[int, Any] = {}
+        self.failed: dict[int, str] = {}  # devices left out of the run, and why (the run goes on without them)
         for d in devices:
+            self._start(d)
+
+    def _start(self, d: Device) -> bool:
+        """Export and open the device's runtime; a failure is recorded for the report, not raised."""
+        from eclm.errors import EclmError
+
+        if d.index in self.failed:
+            return False
+        try:
             self.service(d)
+        except EclmError as exc:
+            self.failed[d.index] = f"{d.name} (classes {','.join(map(str, d.classes))}): {exc.message}"
+            return False
+        return True
+
+    def ok(self, devices: list[Device]) -> list[Device]:
+        """The devices whose runtime could be started."""
+        return [d for d in devices if self._start(d)]
 
     def bundle(self, classes: tuple[int, ...]) -> Path:
         from exporter.export import ExportRequest, export_bundle
@@ -307,13 +325,15 @@ class LocalArm:
         return self.services[d.index]
 
     def adapt(self, devices: list[Device], fresh: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-        for d in devices:
+        for d in self.ok(devices):
             svc = self.service(d)
             svc.add_samples(*fresh[d.index])
             svc.train_now("round")
         return {"uplink": 0.0, "downlink": 0.0}
 
     def accuracy(self, device: Device, x: np.ndarray, y: np.ndarray) -> float:
+        if not self._start(device):
+            return float("nan")  # left out: not counted in the step's mean
         return float(self.service(device).serving.accuracy(x, y))
 
     def close(self) -> None:
@@ -361,6 +381,9 @@ class EclmArm(LocalArm):
     def adapt(self, devices: list[Device], fresh: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
         from bench.procs import ledger_rows, wait_until
 
+        devices = self.ok(devices)
+        if not devices:
+            return {"uplink": 0.0, "downlink": 0.0}
         up0 = {d.index: self._bytes(d) for d in devices}
         syncs = [self._sync(d) for d in devices]
         wait_until(lambda: all(s.connected.is_set() for s in syncs), 120, "devices to connect")
@@ -394,7 +417,11 @@ class EclmArm(LocalArm):
 
 def run(arms: list[Any], cfg: FleetConfig, pool: Pool, devices: list[Device],
         progress: Any = None) -> dict[str, Any]:
-    """Run every arm through the same steps; accuracy of the participating devices after each round."""
+    """Run every arm through the same steps; accuracy of the participating devices after each round.
+
+    A device whose bundle cannot be made or served (an export check that fails on this data set, say) is
+    left out of its arm's means and listed in ``failed_devices``; the run goes on with the others.
+    """
     rng = np.random.default_rng(cfg.seed + 1)
     per_step: dict[str, list[float]] = {a.name: [] for a in arms}
     bytes_: dict[str, list[dict[str, float]]] = {a.name: [] for a in arms}
@@ -412,10 +439,12 @@ def run(arms: list[Any], cfg: FleetConfig, pool: Pool, devices: list[Device],
             b = arm.adapt([devices[i] for i in chosen], fresh)
             seconds[arm.name].append(time.perf_counter() - t)
             bytes_[arm.name].append(b)
-            accs = {i: arm.accuracy(devices[i], *tests[i]) for i in chosen}
-            per_step[arm.name].append(float(np.mean(list(accs.values()))))
+            accs = {i: a for i in chosen if (a := arm.accuracy(devices[i], *tests[i])) == a}  # NaN: left out
+            per_step[arm.name].append(float(np.mean(list(accs.values()))) if accs else float("nan"))
             row[arm.name] = accs
         history.append(row)
         if progress is not None:
             progress(step, {a.name: per_step[a.name][-1] for a in arms})
-    return {"accuracy_per_step": per_step, "bytes": bytes_, "seconds": seconds, "history": history}
+    failed = {a.name: sorted(getattr(a, "failed", {}).values()) for a in arms if getattr(a, "failed", None)}
+    return {"accuracy_per_step": per_step, "bytes": bytes_, "seconds": seconds, "history": history,
+            "failed_devices": failed}

@@ -108,13 +108,13 @@ def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits") -> di
     acc = res["accuracy_per_step"]
     rec = {arm: recovery(res["history"], arm) for arm in acc}
     secs = {arm: float(np.mean(res["seconds"][arm])) for arm in acc}
-    summary = {arm: {"mean_accuracy": float(np.mean(v)), "recovery_steps": rec[arm],
+    summary = {arm: {"mean_accuracy": float(np.nanmean(v)), "recovery_steps": rec[arm],
                      "mean_recovery_steps": float(np.mean([r for r in rec[arm] if r is not None]))
                      if any(r is not None for r in rec[arm]) else None,
                      "never_recovered": sum(r is None for r in rec[arm]),
                      "seconds_per_step": secs[arm]} for arm, v in acc.items()}
     results = {"machine": machine_info(), "config": _cfg_dict(cfg), "summary": summary,
-               "accuracy_per_step": acc, "seconds": time.time() - t0}
+               "accuracy_per_step": acc, "seconds": time.time() - t0, "failed_devices": res["failed_devices"]}
     plot = _plot_steps(acc, out / "adapt_accuracy.png", [sh.step for sh in cfg.shifts],
                        "Continuous adaptation: mean accuracy of the fleet per step")
     rows = [[ARM_NAMES[a], s["mean_accuracy"], s["mean_recovery_steps"] if s["mean_recovery_steps"] is not None
@@ -133,7 +133,7 @@ level before the shift (0: it already is right after adapting in the shift's ste
 
 {md_table(["arm", "accuracy averaged over the steps", "mean steps to recover", "never recovered",
            "seconds per step"], rows)}
-
+{_failed_md({"": res["failed_devices"]})}
 ![accuracy per step]({plot.name})
 """
     write_results(out, "adapt", results, md)
@@ -166,7 +166,7 @@ def paper_suite(out: Path, quick: bool, seeds: int, say: Say, dataset: str = "di
         summary[name] = {}
         for arm in arms:
             first = [r["accuracy_per_step"][arm][0] for r in rs]
-            avg = [float(np.mean(r["accuracy_per_step"][arm])) for r in rs]
+            avg = [float(np.nanmean(r["accuracy_per_step"][arm])) for r in rs]
             up = [float(np.mean([b["uplink"] for b in r["bytes"][arm]])) for r in rs]
             down = [float(np.mean([b["downlink"] for b in r["bytes"][arm]])) for r in rs]
             secs = [float(np.mean(r["seconds"][arm])) for r in rs]
@@ -174,8 +174,10 @@ def paper_suite(out: Path, quick: bool, seeds: int, say: Say, dataset: str = "di
                                   "averaged": (float(np.mean(avg)), float(np.std(avg))),
                                   "uplink_bytes": float(np.mean(up)), "downlink_bytes": float(np.mean(down)),
                                   "seconds_per_step": float(np.mean(secs))}
+    failed = {f"{k}, seed {seed}": r["failed_devices"] for k, rs in runs.items() for seed, r in enumerate(rs)
+              if r["failed_devices"]}
     results = {"machine": machine_info(), "quick": quick, "seeds": seeds, "config": _cfg_dict(base),
-               "dataset": dataset,
+               "dataset": dataset, "failed_devices": failed,
                "summary": summary, "seconds": time.time() - t0, "resources": resources,
                "accuracy_per_step": {k: [r["accuracy_per_step"] for r in rs] for k, rs in runs.items()}}
     plots = [_plot_steps({a: list(np.mean([r["accuracy_per_step"][a] for r in rs], axis=0)) for a in arms},
@@ -242,12 +244,22 @@ their environment. The paper's figures are on CIFAR-10 with ResNet18, shown for 
 ## Goals
 {chr(10).join(goals)}
 
+{_failed_md(results.get("failed_devices") or {})}
 ## Communication and time per round (per participating device)
 {md_table(["setting", "arm", "uplink bytes", "downlink bytes", "FedAvg uplink / this", "seconds per step"], comm)}
 
 {chr(10).join(f'![{p.stem}]({p.name})' for p in plots)}
 ![bytes per round]({bytes_plot.name})
 """
+
+
+def _failed_md(failed: dict[str, dict[str, list[str]]]) -> str:
+    """The devices a run left out (their bundle could not be made or served), so a reader sees them."""
+    lines = [f"- {where + ': ' if where else ''}{arm}: {reason}" for where, arms in failed.items()
+             for arm, reasons in arms.items() for reason in reasons]
+    if not lines:
+        return ""
+    return "\n## Devices left out (the run went on without them)\n" + "\n".join(lines) + "\n"
 
 
 def _cfg_dict(cfg: FleetConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -22,12 +23,16 @@ def train(
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
                                 help="'digits' (ships with scikit-learn) or an .npz with arrays X and y."),
     bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory to write."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the data split, initialisation and order."),
-    config: str = typer.Option("digits", "--config", help="Model configuration: digits or resnet18."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="End-to-end epochs (default from the config)."),
-    enhance_epochs: int = typer.Option(None, "--enhance-epochs", min=0,
-                                       help="Module ability-enhancing epochs (default from the config)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED",
+                             help="Seed for the data split, initialisation and order."),
+    config: str = typer.Option("digits", "--config", envvar="ECLM_MODEL_CONFIG",
+                               help="Model configuration: digits or resnet18."),
+    epochs: int = typer.Option(None, "--epochs", min=1, envvar="ECLM_EPOCHS", show_default="the config's",
+                               help="End-to-end epochs."),
+    enhance_epochs: int = typer.Option(None, "--enhance-epochs", min=0, envvar="ECLM_ENHANCE_EPOCHS",
+                                       show_default="the config's", help="Module ability-enhancing epochs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", envvar="ECLM_QUIET", show_default="off",
+                               help="No progress bars."),
 ) -> None:
     """Train end to end on the 30% proxy split, then enhance module ability, and write bank version 1.
 
@@ -65,7 +70,8 @@ def main() -> None:
 
 @app.command()
 @reports_errors
-def keys(out: Path = typer.Option(Path("keys"), "--out", help="Folder for signing.key and signing.pub.")) -> None:
+def keys(out: Path = typer.Option(Path("keys"), "--out", envvar="ECLM_KEYS_DIR",
+                                  help="Folder for signing.key and signing.pub.")) -> None:
     """Create the cloud's Ed25519 signing key pair: keep signing.key in the cloud, give signing.pub to devices."""
     from eclm.signing import generate_keys, load_verifier
 
@@ -80,18 +86,24 @@ def sync(
     bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
     broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="ECLM_BROKER", help="MQTT broker URL."),
     signing_key: Path = typer.Option(None, "--signing-key", envvar="ECLM_SIGNING_KEY", exists=True, dir_okay=False,
-                                     help="Ed25519 key to sign module and bundle updates (without it none are sent)."),
-    round_deltas: int = typer.Option(5, "--round-deltas", min=1, help="Merge once this many deltas are pending."),
-    round_seconds: float = typer.Option(30.0, "--round-seconds", help="... or once the oldest waited this long."),
-    strategy: str = typer.Option("weighted", "--strategy", help="weighted (importance x samples), trimmed, median."),
-    gate_margin: float = typer.Option(0.02, "--gate-margin",
+                                     show_default="none: no updates are sent",
+                                     help="Ed25519 key to sign module and bundle updates."),
+    round_deltas: int = typer.Option(5, "--round-deltas", min=1, envvar="ECLM_SYNC_ROUND_DELTAS",
+                                     help="Merge once this many deltas are pending."),
+    round_seconds: float = typer.Option(30.0, "--round-seconds", envvar="ECLM_SYNC_ROUND_SECONDS",
+                                        help="... or once the oldest waited this long."),
+    strategy: str = typer.Option("weighted", "--strategy", envvar="ECLM_SYNC_STRATEGY",
+                                 help="weighted (importance x samples), trimmed, median."),
+    gate_margin: float = typer.Option(0.02, "--gate-margin", envvar="ECLM_SYNC_GATE_MARGIN",
                                       help="Hold back a merge that lowers validation accuracy by more than this."),
-    max_staleness: int = typer.Option(10, "--max-staleness",
+    max_staleness: int = typer.Option(10, "--max-staleness", envvar="ECLM_SYNC_MAX_STALENESS",
                                       help="Versions a delta's base may lag behind (stale deltas weigh less)."),
-    max_payload: int = typer.Option(4 * 2**20, "--max-payload", help="Reject messages larger than this (bytes)."),
+    max_payload: int = typer.Option(4 * 2**20, "--max-payload", envvar="ECLM_SYNC_MAX_PAYLOAD",
+                                    help="Reject messages larger than this (bytes)."),
     metrics_port: int = typer.Option(9464, "--metrics-port", envvar="ECLM_SYNC_METRICS_PORT",
                                      help="Prometheus /metrics on 127.0.0.1 at this port (0: off)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", envvar="ECLM_SYNC_VERBOSE", show_default="off",
+                                 help="Debug logging."),
 ) -> None:
     """Run the merger daemon: validate and store deltas, merge them in rounds, send updated modules back.
 
@@ -133,9 +145,7 @@ def sync(
 @reports_errors
 def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Module versions, devices seen, deltas merged and rejected (by reason)."""
-    import json
-
+    """Module versions, devices seen, deltas merged and rejected (by reason), as tables or JSON."""
     from cloud_sync.daemon import LEDGER
     from cloud_sync.ledger import Ledger
     from exporter.bank import DirectoryBank
@@ -151,14 +161,40 @@ def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK",
     finally:
         ledger.close()
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        from eclm.jsonsafe import dumps
+
+        typer.echo(dumps(report, indent=2))
         return
-    typer.echo(f"bank {report['bank_id']}: {report['parts']} parts; above version 1: "
-               f"{report['module_versions'] or 'none'}")
-    typer.echo(f"deltas: {report['deltas'] or 'none'}; uplink {report['uplink_bytes']} bytes")
-    typer.echo(f"rejected by reason: {report['rejected_by_reason'] or 'none'}")
-    for r in report["recent_rounds"]:
-        typer.echo(f"round {r['round']}: {r['outcome']} (validation {r.get('val_before')} -> {r.get('val_after')})")
-    for d in report["devices"]:
-        typer.echo(f"device {d['device_id']}: {'online' if d['online'] else 'offline'}, profile {d['profile']}, "
-                   f"bundle {d['bundle']}")
+    typer.echo(_status_text(report))
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    """`eclm-cloud status` for people: aligned tables, rounded figures, short digests."""
+    import time
+
+    from eclm.cli_support import text_table
+
+    now = time.time()
+    deltas = report["deltas"] or {}
+    out = [f"bank {report['bank_id']}: {report['parts']} parts, {len(report['module_versions'])} above version 1",
+           "deltas: " + ", ".join(f"{k} {deltas.get(k, 0):,}" for k in ("merged", "held", "rejected", "pending"))
+           + f"; uplink {report['uplink_bytes']:,} bytes"]
+    if report["module_versions"]:
+        out += ["", text_table(["part", "version"], [[k, v] for k, v in report["module_versions"].items()])]
+    if report["rejected_by_reason"]:
+        out += ["", text_table(["rejected because", "deltas"],
+                               [[k, v] for k, v in report["rejected_by_reason"].items()])]
+    if report["recent_rounds"]:
+        out += ["", text_table(["round", "outcome", "validation before", "after"],
+                               [[r["round"], r["outcome"], r.get("val_before"), r.get("val_after")]
+                                for r in report["recent_rounds"]])]
+    if report["devices"]:
+        def ago(t: Any) -> str:
+            return "-" if not isinstance(t, int | float) else f"{max(0.0, now - t):,.0f} s ago"
+
+        out += ["", text_table(["device", "online", "last seen", "profile", "bundle"],
+                               [[d["device_id"], bool(d["online"]), ago(d["last_seen"]), d["profile"],
+                                 (d["bundle"] or "-")[:12]] for d in report["devices"]])]
+    else:
+        out += ["", "no devices seen yet"]
+    return "\n".join(out)

@@ -81,14 +81,16 @@ class DeviceProfile:
 
 
 def profile_dirs(extra: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Folders searched for profiles, later ones overriding earlier: built-in, $ECLM_PROFILES_DIR, extra."""
+    """Folders searched for profiles, later ones overriding earlier: built-in, $ECLM_PROFILES_DIR, extra.
+
+    Both may list several folders separated by ``os.pathsep``; a folder named twice is searched once
+    (``eclm-export --profiles-dir`` also reads $ECLM_PROFILES_DIR).
+    """
     dirs = [BUILTIN_DIR]
-    env = os.environ.get(ENV_VAR)
-    if env:
-        dirs.extend(Path(p) for p in env.split(os.pathsep) if p)
-    if extra is not None:
-        dirs.append(Path(extra))
-    return dirs
+    for source in (os.environ.get(ENV_VAR), extra):
+        if source is not None:
+            dirs.extend(Path(p) for p in os.fspath(source).split(os.pathsep) if p)
+    return list(dict.fromkeys(dirs))
 
 
 def _scan(extra: str | os.PathLike[str] | None) -> dict[str, Path]:

@@ -14,12 +14,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def make_app(help_text: str) -> typer.Typer:
-    """A Typer app with locals hidden in tracebacks (they can hold credentials)."""
+    """A Typer app with locals hidden in tracebacks (they can hold credentials) and plain help text.
+
+    ``rich_markup_mode=None``: help is printed as written. With Rich markup, ``[...]`` in a help text
+    (``[edge]``, ``[env ...]``) is read as a style tag and silently dropped.
+    """
     return typer.Typer(
         help=help_text,
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_show_locals=False,
+        rich_markup_mode=None,
     )
 
 
@@ -52,3 +57,23 @@ def parse_int_list(text: str | None, what: str) -> list[int] | None:
         return [int(t) for t in text.split(",") if t.strip() != ""]
     except ValueError as exc:
         raise ConfigError(f"{what} must be comma-separated integers, got {text!r}", hint="e.g. 1,4,7") from exc
+
+
+def text_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """Columns aligned with spaces, floats rounded to 3 decimals, None shown as '-'."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)

@@ -48,5 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    """Write ``obj`` as indented JSON, atomically; a non-finite float is written as null (JSON has no NaN)."""
+    from eclm.jsonsafe import dumps
+
+    atomic_write_bytes(path, (dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from eclm.cli_support import make_app, reports_errors
+from edge_runtime.config import ENV_PREFIX, TRAIN_PAUSE_POLICIES, EdgeConfig
 
 app = make_app("ECLM on the board: serve and fine-tune a bundle (torch-free), or verify one.")
+_DEFAULTS = EdgeConfig()
+
+
+def _setting(key: str, *names: str, help: str, also: tuple[str, ...] = (), **kwargs: Any) -> Any:  # noqa: A002
+    """An option for the runtime setting ``key``: its ECLM_EDGE_* variable, and its default from EdgeConfig
+    (the option itself defaults to None so that a config file can set it too).
+    """
+    default = getattr(_DEFAULTS, key)
+    shown = "none" if default is None else ("off" if default is False else str(default))
+    envvar = [ENV_PREFIX + key.upper(), *also]
+    return typer.Option(None, *names, envvar=envvar if also else envvar[0], show_default=shown, help=help, **kwargs)
 
 
 @app.callback()
@@ -23,7 +34,8 @@ def _root() -> None:
 @app.command()
 @reports_errors
 def verify(
-    bundle: Path = typer.Option(..., "--bundle", "-b", envvar="ECLM_BUNDLE", help="Bundle directory."),
+    bundle: Path = typer.Option(..., "--bundle", "-b", envvar=["ECLM_EDGE_BUNDLE", "ECLM_BUNDLE"],
+                                help="Bundle directory."),
     trust_key: Path = typer.Option(None, "--trust-key", envvar="ECLM_TRUST_KEY", exists=True, dir_okay=False,
                                    help="The cloud's public key (signing.pub): the manifest must carry its signature."),
 ) -> None:
@@ -44,77 +56,68 @@ def verify(
     issued = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(man.issued_at))
     typer.echo(f"bundle {bundle} verified: {len(man.files)} files, {signature}, "
                f"device {man.device_id or 'any'}, profile {man.profile_name}, issued {issued}, bank {man.bank_id}, "
-               f"training {'yes' if man.training.get('available') else 'no'}")
+               f"training {'yes' if man.training.get('available') else 'no'}, "
+               f"cheaper variants: {', '.join(v['name'] for v in man.variants) or 'none'}")
 
 
 @app.command()
 @reports_errors
 def serve(
-    bundle: Path = typer.Option(None, "--bundle", "-b", envvar="ECLM_BUNDLE",
-                                help="Bundle from eclm-export (optional once one is installed in the state dir)."),
-    state_dir: Path = typer.Option(None, "--state-dir", help="Where samples, models and the outbox live "
-                                   "[env ECLM_EDGE_STATE_DIR; default ./eclm-state]."),
-    port: int = typer.Option(None, "--port", help="HTTP port [env ECLM_EDGE_PORT; default 8080]."),
-    host: str = typer.Option(None, "--host", help="HTTP address [default 127.0.0.1: this machine only]."),
-    device_id: str = typer.Option(None, "--device-id", help="This device's id [env ECLM_EDGE_DEVICE_ID]."),
+    bundle: Path = _setting("bundle", "--bundle", "-b", also=("ECLM_BUNDLE",),
+                            help="Bundle from eclm-export (optional once one is installed in the state dir)."),
+    state_dir: Path = _setting("state_dir", "--state-dir",
+                               help="Where samples, models and the outbox live (one runtime per directory)."),
+    port: int = _setting("port", "--port", min=0, max=65535, help="HTTP port (0: any free port)."),
+    host: str = _setting("host", "--host", help="HTTP address; 127.0.0.1 answers this machine only."),
+    device_id: str = _setting("device_id", "--device-id", help="This device's id."),
     config: Path = typer.Option(None, "--config", "-c", envvar="ECLM_EDGE_CONFIG", exists=True, dir_okay=False,
+                                show_default="none",
                                 help="TOML config file (keys as in edge_runtime/config.py, optionally under [edge])."),
-    train_every: int = typer.Option(None, "--train-every", help="Fine-tune after this many new samples (0: never)."),
-    train_interval: float = typer.Option(None, "--train-interval", help="Also fine-tune every N seconds."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="Override the bundle's epochs."),
-    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Override the bundle's batch size."),
-    learning_rate: float = typer.Option(None, "--learning-rate", help="Override the bundle's learning rate."),
-    broker: str = typer.Option(None, "--broker", envvar="ECLM_BROKER",
-                               help="Sync with the cloud through this MQTT broker, e.g. mqtt://127.0.0.1:1883."),
-    trust_key: Path = typer.Option(None, "--trust-key", envvar="ECLM_TRUST_KEY", exists=True, dir_okay=False,
-                                   help="The cloud's public key (signing.pub); updates must be signed by it."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
+    train_every: int = _setting("train_every_samples", "--train-every", min=0,
+                                help="Fine-tune after this many new samples (0: never)."),
+    train_interval: float = _setting("train_interval_s", "--train-interval", min=0.0,
+                                     help="Also fine-tune every N seconds when new samples arrived (0: off)."),
+    train_pause: str = _setting("train_pause", "--train-pause",
+                                help="When automatic training waits: headroom (own latency over budget or free "
+                                "memory short), variant (also while a cheaper variant serves), never."),
+    epochs: int = _setting("epochs", "--epochs", min=1, help="Override the bundle's epochs (none: the bundle's)."),
+    batch_size: int = _setting("batch_size", "--batch-size", min=1,
+                               help="Override the bundle's batch size (none: the bundle's)."),
+    learning_rate: float = _setting("learning_rate", "--learning-rate",
+                                    help="Override the bundle's learning rate (none: the bundle's)."),
+    broker: str = _setting("broker", "--broker", also=("ECLM_BROKER",),
+                           help="Sync with the cloud through this MQTT broker, e.g. mqtt://127.0.0.1:1883; while it "
+                           "cannot be reached the runtime serves offline and retries."),
+    trust_key: Path = _setting("trust_key", "--trust-key", also=("ECLM_TRUST_KEY",), exists=True, dir_okay=False,
+                               help="The cloud's public key (signing.pub); updates must be signed by it."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", envvar="ECLM_EDGE_VERBOSE", show_default="off",
+                                 help="Log every request."),
 ) -> None:
     """Verify the bundle, then serve predictions and collect samples over HTTP; fine-tune in the background.
 
     Endpoints: POST /v1/predict, POST /v1/samples, POST /v1/train, GET /v1/status, GET /metrics.
     Samples, trained generations and the outbox of deltas live in the state directory and survive
-    restarts; a refused bundle leaves the previously installed one serving.
+    restarts; a refused bundle leaves the previously installed one serving. Settings: defaults, then
+    the config file, then ECLM_EDGE_* variables, then these options. Exits 17 when the port or the
+    state directory is in use, 14 when there is no valid bundle to serve.
     """
     from edge_runtime.config import load_config
-    from edge_runtime.http_api import serve as make_server
-    from edge_runtime.service import EdgeService
+    from edge_runtime.runner import run
 
+    if train_pause is not None and train_pause not in TRAIN_PAUSE_POLICIES:
+        from eclm.errors import ConfigError
+
+        raise ConfigError(f"--train-pause {train_pause!r} is not a policy",
+                          hint=f"use one of {', '.join(TRAIN_PAUSE_POLICIES)}")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(config, {
         "bundle": bundle, "state_dir": state_dir, "port": port, "host": host, "device_id": device_id,
-        "train_every_samples": train_every, "train_interval_s": train_interval, "epochs": epochs,
-        "batch_size": batch_size, "learning_rate": learning_rate, "broker": broker, "trust_key": trust_key,
+        "train_every_samples": train_every, "train_interval_s": train_interval, "train_pause": train_pause,
+        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "broker": broker,
+        "trust_key": trust_key,
     })
-    service = EdgeService(cfg)
-    server = make_server(service, cfg.host, cfg.port)
-    service.start_monitors()
-    sync = None
-    if cfg.broker:
-        from edge_runtime.sync import EdgeSync
-
-        sync = EdgeSync(service)
-        sync.start()
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    s = service.serving
-    typer.echo(f"eclm-edge {cfg.device_id}: serving bundle {s.digest} (profile {s.manifest.profile['name']}, "
-               f"generation {s.generation}, training {'on' if s.trainable else 'off'}) "
-               f"on http://{cfg.host}:{server.server_address[1]}", err=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-        if sync is not None:
-            sync.close()
-        service.close()
+    run(cfg, lambda line: typer.echo(line, err=True))
 
 
 def main() -> None:

@@ -42,9 +42,18 @@ class EdgeConfig:
     drift: bool = True  # watch importance and accuracy drift and act on it
     resource_interval_s: float = 1.0  # how often free memory, CPU and latency are read (0: never)
     min_free_memory_mb: float = 64.0  # below this: step down to a cheaper variant
-    max_cpu_busy: float = 0.9  # share of all cores busy above which we step down
-    max_latency_ms: float = 0.0  # p95 of our predictions above which we step down (0: the profile's target)
+    # Share of all cores busy above which we step down (0: off). Off by default: a board running a camera
+    # pipeline is busy all the time; the runtime judges its own latency against its budget instead.
+    max_cpu_busy: float = 0.0
+    max_latency_ms: float = 0.0  # p95 of our per-sample predict time above which we step down (0: the profile's)
     resource_patience: int = 3  # consecutive readings before a step down or up
+    # When automatic training (sample count, drift, schedule) waits: "headroom" while our own latency is
+    # over its budget or free memory is short of what a run needs; "variant" also whenever a cheaper
+    # variant serves; "never". A run asked for with POST /v1/train always starts.
+    train_pause: str = "headroom"
+    http_workers: int = 8  # requests handled at once; further connections wait in the listen backlog
+    http_backlog: int = 1024  # connections the kernel queues while every worker is busy
+    http_idle_timeout_s: float = 10.0  # an idle or stalled connection is closed after this long
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EdgeConfig)}
@@ -98,6 +107,25 @@ def load_config(file: Path | None = None, overrides: dict[str, Any] | None = Non
         if value is not None:
             values[name] = _coerce(name, value)
     cfg = EdgeConfig(**values)
-    if not 0 < cfg.port < 65536:
-        raise ConfigError(f"port {cfg.port} is out of range", hint="use 1..65535")
+    check_config(cfg)
     return cfg
+
+
+TRAIN_PAUSE_POLICIES = ("headroom", "variant", "never")
+
+
+def check_config(cfg: EdgeConfig) -> None:
+    """Values in range; a setting out of range is a :class:`ConfigError` naming it."""
+    if not 0 <= cfg.port < 65536:
+        raise ConfigError(f"port {cfg.port} is out of range", hint="use 1..65535 (0: any free port)")
+    if cfg.train_pause not in TRAIN_PAUSE_POLICIES:
+        raise ConfigError(f"train_pause {cfg.train_pause!r} is not a policy",
+                          hint=f"use one of {', '.join(TRAIN_PAUSE_POLICIES)}")
+    for name in ("http_workers", "http_backlog"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}", hint="e.g. 8")
+    if not cfg.http_idle_timeout_s > 0:
+        raise ConfigError(f"http_idle_timeout_s must be above 0, got {cfg.http_idle_timeout_s}", hint="e.g. 10")
+    if not 0 <= cfg.max_cpu_busy <= 1.0:
+        raise ConfigError(f"max_cpu_busy must be 0 (off) or a share up to 1, got {cfg.max_cpu_busy}",
+                          hint="e.g. 0.95")

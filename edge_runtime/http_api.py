@@ -1,31 +1,44 @@
-"""The runtime's HTTP API (localhost by default): predict, samples, train, status, metrics."""
+"""The runtime's HTTP API (localhost by default): predict, samples, train, status, metrics.
+
+The server is bounded: a fixed pool of workers handles connections; while every worker is busy
+new connections wait in the kernel's listen backlog; an idle or stalled connection is closed after
+``http_idle_timeout_s``. Bodies are limited in size, JSON nesting and number length.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import numpy as np
 
-from eclm.errors import DataError, EclmError
+from eclm import jsonsafe
+from eclm.errors import ConfigError, DataError, EclmError
+from edge_runtime.config import EdgeConfig
 from edge_runtime.service import EdgeService
 
 log = logging.getLogger("eclm.edge.http")
-KNOWN_PATHS = ("/v1/predict", "/v1/samples", "/v1/train", "/v1/status", "/metrics", "/healthz")
+ROUTES = {"/v1/predict": "POST", "/v1/samples": "POST", "/v1/train": "POST", "/v1/status": "GET",
+          "/metrics": "GET", "/healthz": "GET"}
+KNOWN_PATHS = tuple(ROUTES)
 
 
 class ApiError(Exception):
     """An HTTP error with a JSON body."""
 
-    def __init__(self, status: HTTPStatus, message: str, hint: str = "") -> None:
+    def __init__(self, status: HTTPStatus, message: str, hint: str = "", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.hint = hint
+        self.headers = headers or {}
 
 
 def _inputs(body: dict[str, Any], key: str = "inputs") -> np.ndarray:
@@ -33,36 +46,131 @@ def _inputs(body: dict[str, Any], key: str = "inputs") -> np.ndarray:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"missing '{key}'", "send {\"inputs\": [[...], ...]}")
     try:
         x = np.asarray(body[key], dtype=np.float32)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"'{key}' is not a numeric array: {exc}",
                        "send nested lists of numbers of one shape") from exc
     return x
 
 
-def make_handler(service: EdgeService) -> type[BaseHTTPRequestHandler]:
-    """A request handler class bound to ``service``."""
+class EdgeHttpServer(HTTPServer):
+    """An HTTP server with a bounded worker pool, a real listen backlog and idle timeouts.
+
+    ``service`` is attached after the socket is bound, so that a port in use is reported before the
+    state directory is touched.
+    """
+
+    def __init__(self, host: str, port: int, workers: int, backlog: int, idle_timeout_s: float) -> None:
+        self.request_queue_size = backlog  # listen(2) backlog, read by server_activate
+        self.idle_timeout_s = idle_timeout_s
+        self.service: EdgeService | None = None
+        self._slots = threading.BoundedSemaphore(workers)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eclm-http")
+        self._stopping = threading.Event()
+        self._open: set[socket.socket] = set()  # connections a worker holds, shut down on close
+        self._open_lock = threading.Lock()
+        try:
+            super().__init__((host, port), make_handler(idle_timeout_s))
+        except OSError as exc:  # the base class has closed the socket
+            raise ConfigError(f"cannot listen on {host}:{port}: {_why(exc)}",
+                              hint="stop the process that uses the port, or pass another --port (0: any free one)"
+                              ) from None
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host name (getfqdn), which can stall without DNS; not needed.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()[:2]
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Wait for a free worker; meanwhile the kernel queues further connections in the backlog.
+        while not self._slots.acquire(timeout=0.5):
+            if self._stopping.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            self._pool.submit(self._work, request, client_address)
+        except RuntimeError:  # the pool is shut down
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def _work(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        try:
+            if not self._stopping.is_set():
+                self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - one connection never stops the server
+            log.debug("connection from %s failed", client_address, exc_info=True)
+        finally:
+            with self._open_lock:
+                self._open.discard(request)
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
+
+    def server_close(self) -> None:
+        self._stopping.set()
+        super().server_close()
+        with self._open_lock:  # wake workers waiting on an idle keep-alive connection: exit does not wait
+            for conn in self._open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _why(exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    return exc.strerror or str(exc)
+
+
+def make_handler(idle_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
+    """A request handler class; it serves ``self.server.service``."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "eclm-edge/0.1"
         protocol_version = "HTTP/1.1"
+        timeout = idle_timeout_s  # every read: an idle keep-alive connection or a stalled body is closed
         # Headers and body are written separately; with Nagle's algorithm the body would wait for
         # the client's delayed ACK (~40 ms per request).
         disable_nagle_algorithm = True
 
+        @property
+        def service(self) -> EdgeService:
+            svc = getattr(self.server, "service", None)
+            assert svc is not None, "the server has no service attached"
+            return svc
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("%s " + format, self.address_string(), *args)
 
-        def _send(self, status: HTTPStatus, payload: Any, content_type: str = "application/json") -> None:
-            data = payload if isinstance(payload, bytes) else (json.dumps(payload) + "\n").encode()
+        def _send(self, status: HTTPStatus, payload: Any, content_type: str = "application/json",
+                  headers: dict[str, str] | None = None) -> None:
+            data = payload if isinstance(payload, bytes) else (jsonsafe.dumps(payload) + "\n").encode()
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
-            service.metrics.bytes_out.inc(len(data))
+            metrics = self.service.metrics
+            metrics.bytes_out.inc(len(data))
             path = self.path.split("?")[0]
-            endpoint = path if path in KNOWN_PATHS else "other"  # bounded label values
-            service.metrics.requests.labels(endpoint, str(int(status))).inc()
+            endpoint = path if path in ROUTES else "other"  # bounded label values
+            metrics.requests.labels(endpoint, str(int(status))).inc()
 
         def _body(self) -> dict[str, Any]:
             if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -75,78 +183,102 @@ def make_handler(service: EdgeService) -> type[BaseHTTPRequestHandler]:
             if length < 0:
                 raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length must be a non-negative integer",
                                "send the body's size in bytes")
-            if length > service.cfg.max_body_bytes:
-                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"body of {length} bytes exceeds {service.cfg.max_body_bytes}", "send smaller batches")
+            limit = self.service.cfg.max_body_bytes
+            if length > limit:
+                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes exceeds {limit}",
+                               "send smaller batches")
             raw = self.rfile.read(length) if length else b""
-            service.metrics.bytes_in.inc(len(raw))
+            self.service.metrics.bytes_in.inc(len(raw))
             if not raw:
                 return {}
             try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                body = jsonsafe.loads(raw)
+            except jsonsafe.JsonLimitError as exc:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"body refused: {exc}",
+                               "send plain JSON: numbers as floats or small integers, no NaN or Infinity, "
+                               f"nesting at most {jsonsafe.MAX_DEPTH} deep") from exc
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
                 raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}", "send a JSON object") from exc
             if not isinstance(body, dict):
                 raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object", "send {\"inputs\": ...}")
             return body
 
+        def _route(self, method: str, path: str) -> None:
+            service = self.service
+            if path in ROUTES and ROUTES[path] != method:
+                raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}",
+                               f"use {ROUTES[path]} {path}", {"Allow": ROUTES[path]})
+            if path == "/v1/status":
+                self._send(HTTPStatus.OK, service.status())
+            elif path == "/metrics":
+                self._send(HTTPStatus.OK, service.metrics.render(), "text/plain; version=0.0.4")
+            elif path == "/healthz":
+                self._send(HTTPStatus.OK, {"ok": True})
+            elif path == "/v1/predict":
+                self._send(HTTPStatus.OK, service.predict(_inputs(self._body())))
+            elif path == "/v1/samples":
+                body = self._body()
+                labels = body.get("labels")
+                if not isinstance(labels, list):
+                    raise ApiError(HTTPStatus.BAD_REQUEST, "missing 'labels' list", "one label per input")
+                self._send(HTTPStatus.OK, service.add_samples(_inputs(body), labels))
+            elif path == "/v1/train":
+                self._body()
+                started = service.start_training("api")
+                self._send(HTTPStatus.ACCEPTED if started else HTTPStatus.CONFLICT,
+                           {"started": started, "running": service.training_now,
+                            **({} if started else {"error": "a training run is already running"})})
+            else:
+                known = ", ".join(f"{m} {p}" for p, m in ROUTES.items())
+                raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}", f"endpoints: {known}")
+
         def _dispatch(self, method: str) -> None:
             path = self.path.split("?")[0]
             try:
-                if method == "GET" and path == "/v1/status":
-                    self._send(HTTPStatus.OK, service.status())
-                elif method == "GET" and path == "/metrics":
-                    self._send(HTTPStatus.OK, service.metrics.render(), "text/plain; version=0.0.4")
-                elif method == "GET" and path == "/healthz":
-                    self._send(HTTPStatus.OK, {"ok": True})
-                elif method == "POST" and path == "/v1/predict":
-                    self._send(HTTPStatus.OK, service.predict(_inputs(self._body())))
-                elif method == "POST" and path == "/v1/samples":
-                    body = self._body()
-                    labels = body.get("labels")
-                    if not isinstance(labels, list):
-                        raise ApiError(HTTPStatus.BAD_REQUEST, "missing 'labels' list", "one label per input")
-                    self._send(HTTPStatus.OK, service.add_samples(_inputs(body), labels))
-                elif method == "POST" and path == "/v1/train":
-                    self._body()
-                    started = service.start_training("api")
-                    self._send(HTTPStatus.ACCEPTED if started else HTTPStatus.CONFLICT,
-                               {"started": started, "running": service.training_now,
-                                **({} if started else {"error": "a training run is already running"})})
-                else:
-                    known = "GET /v1/status, GET /metrics, POST /v1/predict, POST /v1/samples, POST /v1/train"
-                    raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}", f"endpoints: {known}")
+                self._route(method, path)
             except ApiError as exc:
                 self.close_connection = True  # the body may be unread: do not parse it as the next request
-                self._send(exc.status, {"error": exc.message, "hint": exc.hint})
+                self._send(exc.status, {"error": exc.message, "hint": exc.hint}, headers=exc.headers)
             except DataError as exc:
                 self._send(HTTPStatus.BAD_REQUEST, {"error": exc.message, "hint": exc.hint or ""})
             except EclmError as exc:
                 self._send(HTTPStatus.CONFLICT, {"error": exc.message, "hint": exc.hint or ""})
+            except (TimeoutError, ConnectionError):  # the client stalled or went away mid-request
+                self.close_connection = True
             except Exception as exc:  # the process keeps serving whatever one request does
                 log.exception("request %s %s failed", method, path)
+                self.close_connection = True
                 self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc}"})
 
         def do_GET(self) -> None:  # noqa: N802
             self._dispatch("GET")
 
-        def _not_allowed(self) -> None:
-            self.close_connection = True
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"method {self.command} is not supported",
-                                                       "hint": "use GET or POST"})
-
-        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # noqa: N815
-
         def do_POST(self) -> None:  # noqa: N802
             self._dispatch("POST")
+
+        def _not_allowed(self) -> None:
+            self.close_connection = True
+            path = self.path.split("?")[0]
+            allow = ROUTES.get(path, "GET, POST")
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"method {self.command} is not supported",
+                                                       "hint": f"use {allow}"}, headers={"Allow": allow})
+
+        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # noqa: N815
 
     return Handler
 
 
-def serve(service: EdgeService, host: str, port: int) -> ThreadingHTTPServer:
-    """A started-but-not-running server; call ``serve_forever`` on it."""
-    server = ThreadingHTTPServer((host, port), make_handler(service))
-    server.daemon_threads = True
+def bind(cfg: EdgeConfig) -> EdgeHttpServer:
+    """Bind the listening socket (a port in use is a :class:`ConfigError`); attach a service before serving."""
+    return EdgeHttpServer(cfg.host, cfg.port, cfg.http_workers, cfg.http_backlog, cfg.http_idle_timeout_s)
+
+
+def serve(service: EdgeService, host: str | None = None, port: int | None = None) -> EdgeHttpServer:
+    """A bound server for ``service`` (its config's address unless given); call ``serve_forever`` on it."""
+    cfg = service.cfg
+    server = EdgeHttpServer(cfg.host if host is None else host, cfg.port if port is None else port,
+                            cfg.http_workers, cfg.http_backlog, cfg.http_idle_timeout_s)
+    server.service = service
     return server
 
 

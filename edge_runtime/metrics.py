@@ -19,16 +19,17 @@ class EdgeMetrics:
         self.predicted = Counter("eclm_edge_predicted_samples", "Samples predicted", registry=r)
         self.training_runs = Counter("eclm_edge_training_runs", "Fine-tuning runs", ["result"], registry=r)
         self.training_loss = Gauge("eclm_edge_training_loss", "Last training loss of the last run", registry=r)
-        self.holdout_accuracy = Gauge("eclm_edge_holdout_accuracy", "Holdout accuracy of the serving model",
-                                      registry=r)
+        self.holdout_accuracy = Gauge("eclm_edge_holdout_accuracy",
+                                      "Holdout accuracy of the serving model (NaN until first measured)", registry=r)
+        self.holdout_accuracy.set(float("nan"))
         self.samples_held = Gauge("eclm_edge_samples_held", "Labelled samples in the store", registry=r)
         self.bytes_in = Counter("eclm_edge_bytes_received", "Request body bytes", registry=r)
         self.bytes_out = Counter("eclm_edge_bytes_sent", "Response body bytes", registry=r)
         self.outbox_entries = Gauge("eclm_edge_outbox_entries", "Deltas waiting to be sent", registry=r)
         self.generation = Gauge("eclm_edge_generation", "Serving generation (0: the bundle as shipped)",
                                 registry=r)
-        self.update_rollbacks = Counter("eclm_edge_update_rollbacks", "Updates not served: worse on the holdout",
-                                        registry=r)
+        self.update_rollbacks = Counter("eclm_edge_update_rollbacks",
+                                        "Updates not served: the holdout judged them worse", registry=r)
         self.deltas_acked = Counter("eclm_edge_deltas_acknowledged", "Deltas the cloud acknowledged", ["status"],
                                     registry=r)
         self.uplink_bytes = Counter("eclm_edge_uplink_bytes", "Bytes published to the broker", registry=r)
@@ -40,6 +41,9 @@ class EdgeMetrics:
         self.unsigned_bundles_allowed = Gauge("eclm_edge_unsigned_bundles_allowed",
                                               "1 when bundles serve without signature checks (no trust key)",
                                               registry=r)
+        self.training_paused = Gauge("eclm_edge_training_paused",
+                                     "1 while automatic training waits, by why (memory, latency, variant)", ["kind"],
+                                     registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

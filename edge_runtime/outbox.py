@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load, save
 
+from eclm import jsonsafe
 from eclm.errors import DataError
 from eclm.hashing import atomic_write_bytes
 
@@ -43,7 +44,7 @@ class Outbox:
 
     def put(self, delta_id: str, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Path:
         """Store one delta durably; returns its file."""
-        header = {"eclm": json.dumps({**meta, "delta_id": delta_id}, sort_keys=True)}
+        header = {"eclm": jsonsafe.dumps({**meta, "delta_id": delta_id}, sort_keys=True)}  # NaN -> null
         data = save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}, metadata=header)
         with self._lock:
             path = self.folder / f"{self._next_seq():08d}-{delta_id}{SUFFIX}"

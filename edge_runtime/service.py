@@ -9,7 +9,6 @@ import queue
 import shutil
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,15 +23,27 @@ from eclm.signing import load_verifier
 from eclm.train_step import release_memory
 from edge_runtime.config import EdgeConfig
 from edge_runtime.drift import DriftMonitor
+from edge_runtime.judge import judge
 from edge_runtime.metrics import EdgeMetrics
 from edge_runtime.model import ServingModel
 from edge_runtime.outbox import Outbox
-from edge_runtime.resources import Ladder, ProcReader, Thresholds
+from edge_runtime.resources import (
+    PAUSE_KINDS,
+    Ladder,
+    LatencyWindow,
+    Pause,
+    PauseRule,
+    ProcReader,
+    Readings,
+    Thresholds,
+    training_pause,
+)
 from edge_runtime.state import Pointer, StateDir, read_params, write_params
 from edge_runtime.store import SampleStore
 from edge_runtime.trainer import TrainOutcome, TrainSettings, new_delta_id, open_runner, run_training
 
 log = logging.getLogger("eclm.edge")
+NO_SYNC = {"broker": None, "connected": False, "mode": "no broker configured: not syncing"}
 
 
 class EdgeService:
@@ -46,12 +57,18 @@ class EdgeService:
         if self.verifier is None:
             log.warning("no --trust-key: bundles are served WITHOUT signature checks (anyone who can hand this "
                         "device a bundle decides what it runs); pass --trust-key with the cloud's signing.pub")
-        self.state = StateDir(cfg.state_dir)
-        self.serving = self._open_initial(cfg.bundle)
-        self.store = SampleStore(cfg.state_dir / "samples.sqlite", self.serving.input_shape,
-                                 capacity=cfg.max_samples, holdout_every=cfg.holdout_every)
-        self.outbox = Outbox(cfg.state_dir / "outbox")
-        self._recover()
+        self.state = StateDir(cfg.state_dir)  # locked: one runtime per state directory
+        try:
+            self.serving = self._open_initial(cfg.bundle)
+            self.store = SampleStore(cfg.state_dir / "samples.sqlite", self.serving.input_shape,
+                                     capacity=cfg.max_samples, holdout_every=cfg.holdout_every)
+            self.outbox = Outbox(cfg.state_dir / "outbox")
+            self._recover()
+        except BaseException:
+            if hasattr(self, "store"):
+                self.store.close()
+            self.state.close()
+            raise
         self._train_lock = threading.Lock()
         self._train_thread: threading.Thread | None = None
         self.last_training: dict[str, Any] | None = None
@@ -60,15 +77,18 @@ class EdgeService:
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self.latencies: deque[float] = deque(maxlen=200)
+        self.latency = LatencyWindow()
+        self.last_readings: Readings | None = None
+        self.paused: Pause | None = None
         self._variants: dict[str, list[ServingModel]] = {}
         self.level = 0
         self.last_switch: dict[str, Any] | None = None
-        self.active = self.serving
+        self._now = (self.serving, "main")  # what answers and its name, swapped as one reference
         self.drift = DriftMonitor(self._reference())
         self._routing_inbox: queue.Queue[np.ndarray] = queue.Queue(maxsize=4)
         self._last_routing = 0.0
         self.want_bundle = False
+        self.sync_report: Callable[[], dict[str, Any]] | None = None  # set by the MQTT side when a broker is used
         self._refresh_gauges()
 
     # -- bundles and generations
@@ -202,12 +222,12 @@ class EdgeService:
 
     # -- predictions and samples
     def predict(self, x: np.ndarray) -> dict[str, Any]:
-        serving = self.active  # one reference for the whole request, whatever swaps meanwhile
+        serving, variant = self._now  # one reference for the whole request, whatever swaps meanwhile
         x = serving.check_input(x)
         t = time.perf_counter()
         probs = serving.predict(x)
         elapsed = time.perf_counter() - t
-        self.latencies.append(elapsed * 1e3)
+        self.latency.add(elapsed, len(x))
         self.metrics.predict_latency.observe(elapsed)
         if self.cfg.drift and t - self._last_routing > 0.2:
             self._last_routing = t  # the routing of unlabelled inputs is judged off the request path
@@ -221,7 +241,7 @@ class EdgeService:
             "labels": serving.labels,
             "generation": serving.generation,
             "bundle": serving.digest,
-            "variant": self.variant_name(),
+            "variant": variant,  # the name of the model that answered, even if the ladder moved meanwhile
         }
 
     def _label_indices(self, labels: list[Any]) -> np.ndarray:
@@ -251,7 +271,8 @@ class EdgeService:
         held = self.store.add(x, y)
         self.metrics.samples_held.set(held)
         triggered = False
-        can_train = self.serving.trainable and self.level == 0
+        pause = self.training_pause()
+        can_train = self.serving.trainable and pause is None
         if drifted:
             self._notify("drift", {"kind": "accuracy", **self.drift.report()})
             if can_train and len(self.store.training_set()) >= self.cfg.min_train_samples:
@@ -259,7 +280,41 @@ class EdgeService:
         if (not triggered and can_train and self.cfg.train_every_samples > 0
                 and self._new_samples() >= self.cfg.train_every_samples):
             triggered = self.start_training("samples")
-        return {"stored": len(y), "held": held, "training_started": triggered, "drift": drifted}
+        return {"stored": len(y), "held": held, "training_started": triggered, "training_paused": pause is not None,
+                "training_reason": None if triggered else self._why_not_training(pause, drifted), "drift": drifted}
+
+    def _why_not_training(self, pause: Pause | None, drifted: bool) -> str:
+        """Why this request did not start a run, in words."""
+        if not self.serving.trainable:
+            return f"this bundle cannot train on the device: {self.serving.manifest.training.get('reason')}"
+        if pause is not None:
+            return f"automatic training paused: {pause.reason}"
+        if self.training_now:
+            return "a run is already going"
+        if drifted:
+            return (f"drift noticed, but {len(self.store.training_set())} training samples are held; "
+                    f"a run needs {self.cfg.min_train_samples}")
+        if self.cfg.train_every_samples <= 0:
+            return "automatic training by sample count is off (train_every_samples = 0)"
+        return f"{self._new_samples()} new samples; a run starts at {self.cfg.train_every_samples}"
+
+    def training_pause(self) -> Pause | None:
+        """Whether automatic training waits now (the ``train_pause`` policy); updates status and metric."""
+        s = self.serving
+        rule = PauseRule(policy=self.cfg.train_pause, max_latency_ms=self.latency_budget_ms(),
+                         min_free_memory_mb=self.cfg.min_free_memory_mb,
+                         training_mb=float(s.manifest.training.get("estimated_bytes") or 0) / 2**20)
+        pause = training_pause(rule, self.last_readings, self.level, self.variant_name())
+        if pause != self.paused:
+            log.info("automatic training %s", f"paused: {pause.reason}" if pause else "resumed")
+        self.paused = pause
+        for kind in PAUSE_KINDS:
+            self.metrics.training_paused.labels(kind).set(1 if pause is not None and pause.kind == kind else 0)
+        return pause
+
+    def latency_budget_ms(self) -> float:
+        """The per-sample latency the runtime holds itself to: ``max_latency_ms`` or the profile's target."""
+        return self.cfg.max_latency_ms or float(self.serving.manifest.profile.get("latency_target_ms", 100.0))
 
     def _new_samples(self) -> int:
         return self.store.last_id() - int(self.store.get_meta("trained_upto", "0") or 0)
@@ -321,6 +376,7 @@ class EdgeService:
             self._train_lock.release()
             release_memory()
         self.last_training = {**result, "trigger": reason, "finished": time.time()}
+        self._holdout_gauge(result, "accepted")
         self._refresh_gauges()
 
     def _train_once(self, reason: str) -> dict[str, Any]:
@@ -343,10 +399,11 @@ class EdgeService:
             outcome.holdout_after = candidate.accuracy(holdout.x, holdout.y)
             if len(holdout) == 0:
                 outcome.reason = "no holdout samples to judge the run; not served"
-            elif not_worse(serving, candidate, holdout):
-                outcome.accepted = True
             else:
-                outcome.reason = "worse on the holdout than the serving model; not served (delta kept)"
+                verdict = judge(serving, candidate, holdout)
+                outcome.accepted = verdict.not_worse
+                if not verdict.not_worse:
+                    outcome.reason = f"{verdict.reason} (delta kept)"
             outcome.delta_id = new_delta_id()
             # Order for kill -9 at any point: the generation is committed, then its delta is kept (it
             # records the samples it used), then the pointer moves. On restart a committed generation
@@ -432,13 +489,14 @@ class EdgeService:
                 before = serving.accuracy(holdout.x, holdout.y)
                 after = candidate.accuracy(holdout.x, holdout.y)
                 new_versions = {**current, **fresh}
-                if len(holdout) and not not_worse(serving, candidate, holdout):
+                verdict = judge(serving, candidate, holdout) if len(holdout) else None
+                if verdict is not None and not verdict.not_worse:
                     self.metrics.update_rollbacks.inc()
-                    result = {"applied": False, "rolled_back": True, "holdout_before": before,
-                              "holdout_after": after, "versions": fresh,
-                              "reason": "the update did worse on the holdout than the serving model"}
+                    result = {"applied": False, "rolled_back": True, **verdict.to_dict(), "versions": fresh,
+                              "reason": f"module update {verdict.reason}"}
                     self.last_update = result
                     self._notify("rollback", result)
+                    self._holdout_gauge(result, "applied")
                     return result
                 n = self.state.next_generation()
                 self.state.commit_generation(work, n, {
@@ -449,11 +507,13 @@ class EdgeService:
                 candidate.generation, candidate.versions = n, new_versions
                 self.serving = candidate
                 result = {"applied": True, "generation": n, "versions": fresh, "holdout_before": before,
-                          "holdout_after": after}
+                          "holdout_after": after, **(verdict.to_dict() if verdict else {}),
+                          "reason": f"module update {verdict.reason}" if verdict else "no holdout samples yet"}
                 self.last_update = result
             finally:
                 if work.exists():
                     shutil.rmtree(work, ignore_errors=True)
+        self._holdout_gauge(result, "applied")
         self._refresh_gauges()
         return result
 
@@ -482,21 +542,24 @@ class EdgeService:
                 holdout = self.store.holdout_set()
                 before = serving.accuracy(holdout.x, holdout.y)
                 after = candidate.accuracy(holdout.x, holdout.y)
-                if len(holdout) and not not_worse(serving, candidate, holdout):
+                verdict = judge(serving, candidate, holdout) if len(holdout) else None
+                detail = {"holdout_before": before, "holdout_after": after, **(verdict.to_dict() if verdict else {}),
+                          "reason": f"bundle {verdict.reason}" if verdict else "no holdout samples yet"}
+                if verdict is not None and not verdict.not_worse:
                     self.metrics.update_rollbacks.inc()
-                    result = {"applied": False, "rolled_back": True, "bundle": digest, "holdout_before": before,
-                              "holdout_after": after, "reason": "the bundle did worse on the holdout"}
+                    result = {"applied": False, "rolled_back": True, "bundle": digest, **detail}
                     self._notify("rollback", result)
                 else:
                     self.state.write_pointer(Pointer(digest, 0))
                     self.serving = candidate
-                    result = {"applied": True, "bundle": digest, "holdout_before": before, "holdout_after": after}
+                    result = {"applied": True, "bundle": digest, **detail}
             self.last_update = result
         except BundleError:
             self.metrics.bundle_rejections.inc()
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self._holdout_gauge(result, "applied")
         self._refresh_gauges()
         return result
 
@@ -564,28 +627,57 @@ class EdgeService:
         return self._variants[key]
 
     def variant_name(self) -> str:
+        return self._variant_name(self.level)
+
+    def _variant_name(self, level: int) -> str:
         variants = self.serving.manifest.variants
-        if self.level == 0 or self.level > len(variants):
+        if level == 0 or level > len(variants):
             return "main"
-        return str(variants[self.level - 1]["name"])
+        return str(variants[level - 1]["name"])
+
+    @property
+    def active(self) -> ServingModel:
+        """The model that answers predictions now (the main model or a cheaper variant)."""
+        return self._now[0]
 
     def set_level(self, level: int, reason: str) -> None:
         """Serve rung ``level`` of the ladder (0: the main model); predictions never stop."""
         variants = self.variants()
         level = max(0, min(level, len(variants)))
         target = self.serving if level == 0 else variants[level - 1]
-        self.active = target  # one reference swap, before the level it is reported under
+        self._now = (target, self._variant_name(level))  # model and name in one swap: answers name their model
         self.level = level
         self.metrics.variant_level.set(level)
         self.last_switch = {"level": level, "variant": self.variant_name(), "reason": reason, "at": time.time()}
         self._notify("variant", dict(self.last_switch))
 
-    def _latency_p95(self) -> float:
-        values = list(self.latencies)
-        return float(np.percentile(values, 95)) if len(values) >= 5 else float("nan")
+    def _latency_p95(self) -> float | None:
+        return self.latency.p95()
+
+    def _holdout_gauge(self, result: dict[str, Any], served_key: str) -> None:
+        """Holdout accuracy of what serves after a judgement: the candidate's if it was served, else the old."""
+        value = result.get("holdout_after" if result.get(served_key) else "holdout_before")
+        if isinstance(value, float | int) and value == value:
+            self.metrics.holdout_accuracy.set(float(value))
+
+    def measure_holdout(self) -> float | None:
+        """Holdout accuracy of the serving model (also sets the gauge); None without holdout samples."""
+        holdout = self.store.holdout_set()
+        if len(holdout) == 0:
+            return None
+        value = float(self.serving.accuracy(holdout.x, holdout.y))
+        self.metrics.holdout_accuracy.set(value)
+        return value
 
     def start_monitors(self) -> None:
         """Start the drift and resource threads (and the training schedule, if one is set)."""
+        def first_holdout() -> None:
+            try:
+                self.measure_holdout()
+            except Exception:  # closed meanwhile, or a bad sample: the gauge stays unknown
+                log.debug("could not measure the holdout accuracy at start", exc_info=True)
+
+        threading.Thread(target=first_holdout, name="eclm-holdout", daemon=True).start()
         if self.cfg.drift:
             threading.Thread(target=self._drift_loop, name="eclm-drift", daemon=True).start()
         if self.cfg.resource_interval_s > 0:
@@ -594,7 +686,7 @@ class EdgeService:
 
     def ladder(self) -> Ladder:
         cfg = self.cfg
-        latency = cfg.max_latency_ms or float(self.serving.manifest.profile.get("latency_target_ms", 100.0))
+        latency = self.latency_budget_ms()
         return Ladder(len(self.variants()) + 1, Thresholds(
             min_free_memory_mb=cfg.min_free_memory_mb, recover_free_memory_mb=2 * cfg.min_free_memory_mb,
             max_cpu_busy=cfg.max_cpu_busy, recover_cpu_busy=min(cfg.max_cpu_busy, 0.6),
@@ -613,6 +705,7 @@ class EdgeService:
                 decision = ladder.decide(self.last_readings)
                 if decision is not None:
                     self.set_level(*decision)
+                self.training_pause()
             except Exception:
                 log.exception("resource check failed")
 
@@ -623,7 +716,7 @@ class EdgeService:
 
         def loop() -> None:
             while not self._stop.wait(self.cfg.train_interval_s):
-                if self.serving.trainable and self.level == 0 and self._new_samples() > 0:
+                if self.serving.trainable and self._new_samples() > 0 and self.training_pause() is None:
                     self.start_training("schedule")
 
         self._scheduler = threading.Thread(target=loop, name="eclm-schedule", daemon=True)
@@ -635,9 +728,10 @@ class EdgeService:
             self.level = 0  # another bundle serves: its own ladder starts at its main model
         self._ladder_bundle = self.serving.digest
         if getattr(self, "level", 0) == 0:
-            self.active = self.serving
+            self._now = (self.serving, "main")
         elif hasattr(self, "_variants") and self.variants():  # a new generation: its weights, same rung
-            self.active = self.variants()[min(self.level, len(self.variants())) - 1]
+            rung = min(self.level, len(self.variants()))
+            self._now = (self.variants()[rung - 1], self._variant_name(rung))
         if hasattr(self, "drift") and self.drift.reference != self._reference():
             self.drift.rebase(self._reference())
         self.metrics.generation.set(self.serving.generation)
@@ -657,14 +751,19 @@ class EdgeService:
                         for m in s.manifest.modules],
             "samples": {"held": self.store.count(), "holdout_every": self.store.holdout_every,
                         "new_since_training": self._new_samples()},
-            "training": {"running": self.training_now, "last": self.last_training, "settings": vars(self.settings())},
+            "training": {"running": self.training_now, "last": self.last_training, "settings": vars(self.settings()),
+                         "paused": self.paused is not None,
+                         "paused_reason": self.paused.reason if self.paused else None,
+                         "pause_policy": self.cfg.train_pause},
             "outbox": {"entries": len(self.outbox), "bytes": self.outbox.bytes_pending()},
             "module_versions": s.module_versions,
             "last_update": self.last_update,
             "variant": {"level": self.level, "name": self.variant_name(), "last_switch": self.last_switch,
-                        "readings": vars(self.last_readings) if hasattr(self, "last_readings") else None},
+                        "latency_budget_ms": self.latency_budget_ms(),
+                        "readings": vars(self.last_readings) if self.last_readings is not None else None},
             "drift": self.drift.report(),
             "trust": self._trust(),
+            "sync": self.sync_report() if self.sync_report else NO_SYNC,
             "resources": _resources(),
             "uptime_s": time.time() - self.started,
         }
@@ -681,6 +780,7 @@ class EdgeService:
         self._stop.set()
         self.wait_for_training(timeout=60)
         self.store.close()
+        self.state.close()
 
 
 def _with_values(serving: ServingModel, values: dict[str, np.ndarray]) -> ServingModel:
@@ -689,13 +789,8 @@ def _with_values(serving: ServingModel, values: dict[str, np.ndarray]) -> Servin
 
 
 def not_worse(current: ServingModel, candidate: ServingModel, holdout: Any) -> bool:
-    """The candidate is at least as accurate on the holdout and, at equal accuracy, not more confidently
-    wrong (mean log-loss): on a small holdout accuracy ties often, the loss still tells the two apart.
-    """
-    before, after = current.accuracy(holdout.x, holdout.y), candidate.accuracy(holdout.x, holdout.y)
-    if after != before:
-        return after > before
-    return candidate.log_loss(holdout.x, holdout.y) <= current.log_loss(holdout.x, holdout.y) + 1e-6
+    """The candidate may serve (see :func:`edge_runtime.judge.judge`, which also says why)."""
+    return judge(current, candidate, holdout).not_worse
 
 
 def _resources() -> dict[str, Any]:

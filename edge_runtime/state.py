@@ -8,6 +8,7 @@ Layout::
     STATE/gens/<n>/             params.safetensors (the parameters it changed) and generation.json
     STATE/samples.sqlite        the sample store
     STATE/outbox/               deltas waiting to be sent
+    STATE/.lock                 held (flock) by the one runtime that uses the directory; holds its pid
 
 Every write lands in a temporary folder first and is renamed into place, and the pointer is
 replaced last, so ``kill -9`` at any moment leaves the last good model reachable.
@@ -15,7 +16,9 @@ replaced last, so ``kill -9`` at any moment leaves the last good model reachable
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from eclm.errors import BundleError, DataError
+from eclm.errors import BundleError, ConfigError, DataError
 from eclm.hashing import atomic_write_json, sha256_file
 from eclm.manifest import BundleManifest, MadeFor, bundle_digest, copy_bundle, read_manifest, verify_bundle
 from eclm.signing import Verifier
@@ -35,6 +38,7 @@ POINTER = "current.json"
 SERVED = "served.json"
 MAX_SERVED_RECORDS = 256
 PARAMS = "params.safetensors"
+LOCK = ".lock"
 
 
 def write_params(folder: Path, values: dict[str, np.ndarray]) -> None:
@@ -55,6 +59,35 @@ def read_params(folder: Path, base: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return {n: np.array(v, copy=True) for n, v in values.items()}  # owned, writable, aligned
 
 
+class StateLock:
+    """An exclusive ``flock`` on ``STATE/.lock``: one runtime per state directory. The kernel drops it when
+    the process ends, however it ends, so a crash never leaves the directory locked.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> StateLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"state directory {self.path.parent} is in use by another runtime (pid {holder})",
+                              hint="stop that process, or give this one its own --state-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
 @dataclass(frozen=True)
 class Pointer:
     """What serves: a bundle digest and a generation (0 = the bundle's own weights)."""
@@ -71,9 +104,15 @@ class StateDir:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.lock = StateLock(root).acquire()  # before anything is cleaned or written
         for sub in ("bundles", "gens", "outbox"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
+
+    def close(self) -> None:
+        """Let another runtime use the directory."""
+        self.lock.release()
 
     def clean_temporaries(self) -> None:
         """Remove half-written folders a crash left behind."""

@@ -61,10 +61,15 @@ class EdgeSync:
         offline = wire.encode(wire.StatusMessage(self.device, False))
         self.client = make_client(f"eclm-edge-{self.device}", self.broker, will=(topics.status(self.device), offline))
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._threads: list[threading.Thread] = []
+        self._failures = 0
+        self._last_error: str | None = None
+        self._since = time.time()  # of the current state (connected or not)
         service.listeners.append(self._on_event)
+        service.sync_report = self.report
 
     # -- connection
     def start(self) -> None:
@@ -82,10 +87,33 @@ class EdgeSync:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def report(self) -> dict[str, Any]:
+        """The connection as status shows it: offline is said, with the last error and since when."""
+        connected = self.connected.is_set()
+        return {"broker": str(self.broker), "connected": connected, "since": self._since,
+                "failed_attempts": self._failures, "last_error": None if connected else self._last_error,
+                "mode": "online" if connected else "offline: serving and keeping deltas in the outbox, retrying"}
+
+    def _on_connect_fail(self, _c: Any, _u: Any) -> None:
+        """Paho could not reach the broker (it retries with back-off up to 30 s): say so, do not stop serving."""
+        try:
+            self._failures += 1
+            if self._failures == 1 or self._failures % 20 == 0:
+                self._last_error = _probe(self.broker.host, self.broker.port)
+                log.warning("broker %s cannot be reached (%s; attempt %d): serving offline, deltas wait in the "
+                            "outbox; retrying every 1-30 s", self.broker, self._last_error, self._failures)
+        except Exception:  # never raise into paho's thread
+            log.exception("connection failure handling failed")
+
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if getattr(reason, "is_failure", False):
+            self._failures += 1
+            self._last_error = f"refused: {reason}"
             log.error("broker %s refused the connection: %s", self.broker, reason)
             return
+        self._failures = 0
+        self._last_error = None
+        self._since = time.time()
         for t in (topics.ack(self.device), topics.update(self.device), topics.request(self.device)):
             client.subscribe(t, qos=1)
         self.connected.set()
@@ -100,8 +128,13 @@ class EdgeSync:
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
+        self._since = time.time()
         self.service.metrics.broker_connected.set(0)
-        log.warning("disconnected from %s (%s); will reconnect", self.broker, reason)
+        if self.stop.is_set():  # our own shutdown: nothing to reconnect
+            log.info("disconnected from %s", self.broker)
+        else:
+            self._last_error = f"disconnected: {reason}"
+            log.warning("disconnected from %s (%s); serving offline, will reconnect", self.broker, reason)
 
     def _publish(self, topic: str, data: bytes, retain: bool = False) -> None:
         for part in wire.chunk(data, self.service.cfg.max_payload):
@@ -225,3 +258,14 @@ class EdgeSync:
                 log.error("update refused: %s", exc.message)
             except Exception:
                 log.exception("applying an update failed; the serving model is unchanged")
+
+
+def _probe(host: str, port: int) -> str:
+    """Why a TCP connection to the broker fails, in the system's words."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return "the TCP connection succeeds, the MQTT handshake does not"
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__

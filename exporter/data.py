@@ -68,7 +68,10 @@ def load_dataset(name_or_path: str) -> Dataset:
         x = raw.data.reshape(-1, 1, 8, 8).astype(np.float32)
         return Dataset("digits", x, raw.target.astype(np.int64), tuple(str(t) for t in raw.target_names))
     path = Path(name_or_path)
-    if path.suffix != ".npz" or not path.is_file():
+    if path.suffix == ".npz" and not path.is_file():
+        raise DataError(f"file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""),
+                        hint="give the path of an .npz file holding arrays X and y (see docs/data.md)")
+    if path.suffix != ".npz":
         raise DataError(
             f"unknown data set {name_or_path!r}",
             hint="use 'digits', 'synthetic-cifar' or an .npz file holding arrays X and y (see docs/data.md)",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _eclm_testutil import SEED
 
 from eclm.errors import BankError
 from eclm.hashing import sha256_file
@@ -76,7 +77,7 @@ def test_bank_json(digits_bank) -> None:
     data = json.loads((bank_dir / BANK_FILE).read_text(encoding="utf-8"))
     assert data["schema_version"] == 1
     assert data["bank_id"] == info.bank_id
-    assert data["dataset"] == "digits" and data["seed"] == 0
+    assert data["dataset"] == "digits" and data["seed"] == SEED
     assert data["labels"] == [str(i) for i in range(10)]
     cfg = get_config("digits")
     modules = {f"L{la}M{i}" for la, ls in enumerate(cfg.layers) for i in range(ls.num_modules)}

@@ -161,12 +161,26 @@ def test_inference_only_bundle_accepts_samples_with_default_auto_training(
 
 
 @pytest.mark.parametrize("method,path", [
-    ("GET", "/"), ("GET", "/v1"), ("GET", "/v1/predictions"), ("POST", "/v1/status"), ("GET", "/v1/predict"),
-    ("GET", "/v1/train"), ("POST", "/metrics"), ("GET", "/v2/status"), ("GET", "/v1/status/extra"),
+    ("GET", "/"), ("GET", "/v1"), ("GET", "/v1/predictions"), ("GET", "/v2/status"), ("GET", "/v1/status/extra"),
+    ("POST", "/v1/predictions"),
 ])
 def test_unknown_endpoints_are_404(method: str, path: str, server: EdgeServer, xy) -> None:
     body = _assert_error(server.request(method, path, raw=b"{}" if method == "POST" else None), 404)
     assert "/v1/predict" in body["hint"]
+    _assert_still_serving(server, xy[0])
+
+
+@pytest.mark.parametrize("method,path,allowed", [
+    ("GET", "/v1/predict", "POST"), ("GET", "/v1/samples", "POST"), ("GET", "/v1/train", "POST"),
+    ("POST", "/v1/status", "GET"), ("POST", "/metrics", "GET"), ("POST", "/healthz", "GET"),
+    ("PUT", "/v1/predict", "POST"), ("DELETE", "/v1/status", "GET"),
+])
+def test_a_known_endpoint_with_the_wrong_method_is_405(method: str, path: str, allowed: str, server: EdgeServer,
+                                                        xy) -> None:
+    r = server.request(method, path, raw=b"{}" if method in ("POST", "PUT") else None)
+    body = _assert_error(r, 405)
+    assert r.headers["allow"] == allowed
+    assert f"{allowed} {path}" in body["hint"] or allowed in body["hint"]
     _assert_still_serving(server, xy[0])
 
 

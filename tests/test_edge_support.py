@@ -151,7 +151,7 @@ class EdgeServer:
             deadline = time.time() + timeout
             while True:
                 if self.proc.poll() is not None:
-                    if "Address already in use" in self.log():
+                    if "address already in use" in self.log().lower():
                         break
                     raise AssertionError(f"eclm-edge serve exited with {self.proc.returncode}:\n{self.log()}")
                 try:
