@@ -37,6 +37,7 @@ def verify(
     bundle: Path = typer.Option(..., "--bundle", "-b", envvar=["ECLM_EDGE_BUNDLE", "ECLM_BUNDLE"],
                                 help="Bundle directory."),
     trust_key: Path = typer.Option(None, "--trust-key", envvar="ECLM_TRUST_KEY", exists=True, dir_okay=False,
+                                   show_default="none: the signature is not checked",
                                    help="The cloud's public key (signing.pub): the manifest must carry its signature."),
 ) -> None:
     """Check a bundle as `serve` does: every file against its sha256, regular files only (no links), and with

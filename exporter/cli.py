@@ -34,15 +34,16 @@ def export(
     signing_key: Path = typer.Option(None, "--signing-key", envvar="ECLM_SIGNING_KEY", exists=True, dir_okay=False,
                                      show_default="none: unsigned",
                                      help="Sign the manifest with this Ed25519 key (from `eclm-cloud keys`)."),
-    device_id: str = typer.Option(None, "--device-id",
+    device_id: str = typer.Option(None, "--device-id", envvar="ECLM_EXPORT_DEVICE_ID", show_default="none: any device",
                                   help="Make the bundle for this device only (the manifest names it)."),
 ) -> None:
     """Write a bundle: model.onnx, selector.onnx, training/train_step.onnx (if the board trains), manifest.json.
 
     The sub-model maximises module importance (from --importance, --classes, or the bank's proxy
     data) within the profile's memory, compute and transfer budgets. The exporter checks ONNX
-    Runtime against PyTorch (within 1e-4 of the outputs' scale plus 1e-3 relative), runs one
-    training step, and measures memory and latency in a torch-free subprocess.
+    Runtime against PyTorch (within 1e-4 of the outputs' scale plus 1e-3 relative), checks the
+    training step graph against PyTorch autograd over ten steps, and measures memory and latency
+    in a torch-free subprocess.
     """
     from device_profiles import available_profiles
 
