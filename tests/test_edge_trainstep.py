@@ -42,7 +42,7 @@ def _no_step(src: Path, dst: Path) -> Path:
     """The pi4 bundle as an exporter without step graphs wrote it: training available, no `step`."""
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "training")
-    _rewrite_manifest(dst, lambda t: t.pop("step"))
+    _rewrite_manifest(dst, lambda t: (t.pop("step"), t.update(folder=None)))
     return dst
 
 
