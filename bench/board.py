@@ -1,0 +1,376 @@
+"""`make board-test`: the edge runtime installed and driven on an emulated arm64 Debian board (qemu-user).
+
+Run as root: ``python -m bench.board [--cache DIR] [--out docs/benchmarks]``. It builds or reuses an
+arm64 Debian bookworm rootfs (``bench/chroot.py``), installs the committed tree there with the
+README's Raspberry Pi command, checks the install (aarch64, no torch), exports a digits pi4 bundle on
+the host with ``eclm-cloud train`` and ``eclm-export``, runs ``eclm-edge serve`` inside, and drives it
+over HTTP from the host: predict, bad input, samples, a training run, the new generation served, the
+delta in the outbox, held-out accuracy. Writes ``board.json`` and ``board.md``; exits 1 when a check
+fails. Every time it reports is emulated: it is not a Raspberry Pi figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import chroot
+from bench.board_report import Check, render
+from bench.broker import free_port
+from eclm.errors import EclmError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = "/var/cache/eclm-board"
+CLASSES = (1, 4, 7)
+CORRUPTION = "rotation"  # the shift the device sees and the cloud model never did
+SRC, RUN = "/opt/eclm/src", "/opt/eclm/run"  # inside the rootfs
+PIP_CACHE = "/var/cache/eclm-pip"  # inside; bound to <cache>/pip
+BANK_INPUTS = ("pyproject.toml", "eclm", "exporter", "device_profiles")  # what the cached bank depends on
+PROBE = ("import importlib.metadata as md, importlib.util, json, platform; import onnxruntime as ort; "
+         "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
+         "'torch_installed': importlib.util.find_spec('torch') is not None, 'onnxruntime': ort.__version__, "
+         "'providers': ort.get_available_providers(), "
+         "'distributions': sorted(d.metadata['Name'].lower() for d in md.distributions())}))")
+
+
+class Board:
+    """HTTP client of the runtime inside the rootfs (the chroot shares the host's loopback)."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=600) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        code, out = self.post("/v1/predict", {"inputs": x.tolist()})
+        if code != 200:
+            raise EclmError(f"POST /v1/predict answered {code}: {out}", hint="see serve.log in the cache folder")
+        pred = np.array([out["labels"].index(p) for p in out["predictions"]])
+        return float((pred == y).mean())
+
+
+def say(msg: str) -> None:
+    print(f"board: {msg}", file=sys.stderr, flush=True)
+
+
+def board_install_command(readme: str) -> str:
+    """The first ``$ ... pip install ...`` line of a console block in the README's "Raspberry Pi" section."""
+    section = re.search(r"^## Raspberry Pi\b.*?(?=^## |\Z)", readme, re.M | re.S)
+    if section:
+        for block in re.findall(r"```console\n(.*?)```", section.group(0), re.S):
+            for line in block.splitlines():
+                if line.startswith("$ ") and "pip install" in line:
+                    return line[2:].strip()
+    raise EclmError("README.md has no board install command",
+                    hint="its '## Raspberry Pi' section needs a ```console block with a '$ ... pip install' line")
+
+
+def committed_tree(dest: Path) -> str:
+    """Unpack the repository's HEAD into ``dest``; returns the commit (uncommitted changes are not included)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        raise EclmError(f"{ROOT} is not a git checkout", hint="the board test installs the committed tree: "
+                        "run it from a clone of the repository")
+    if subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                      capture_output=True, text=True).stdout.strip():
+        say("uncommitted changes are not part of the board install: it installs HEAD")
+    dest.mkdir(parents=True)
+    archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD"], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise EclmError("git archive HEAD failed", hint=f"check the repository at {ROOT}")
+    return head.stdout.strip()
+
+
+def _bank_key() -> str:
+    """A digest of the files a bank is made from: the cached bank is reused only while they are unchanged."""
+    h = hashlib.sha256()
+    for name in BANK_INPUTS:
+        p = ROOT / name
+        for f in sorted([p] if p.is_file() else p.rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def host_bundle(cache: Path, work: Path, timings: dict[str, float]) -> tuple[Path, list[str]]:
+    """A digits pi4 bundle for ``CLASSES``, exported on the host; the bank is cached while its sources hold."""
+    bin_dir = Path(sys.executable).parent
+    bank = cache / f"bank-digits-{_bank_key()}"
+    commands = []
+    train = [str(bin_dir / "eclm-cloud"), "train", "--dataset", "digits", "--bank", str(bank)]
+    if (bank / "bank.json").exists():
+        say(f"reusing the digits bank {bank} (made by: {shlex.join(train)})")
+    else:
+        for old in cache.glob("bank-digits-*"):
+            shutil.rmtree(old)
+        say(f"host: {shlex.join(train)}")
+        t0 = time.perf_counter()
+        _host(train, work / "train.log")
+        timings["host_train_bank_s"] = time.perf_counter() - t0
+    commands.append(shlex.join(train))
+    bundle = work / "bundle"
+    export = [str(bin_dir / "eclm-export"), "--bank", str(bank), "--profile", "pi4", "--out", str(bundle),
+              "--classes", ",".join(map(str, CLASSES))]
+    say(f"host: {shlex.join(export)}")
+    t0 = time.perf_counter()
+    _host(export, work / "export.log")
+    timings["host_export_s"] = time.perf_counter() - t0
+    commands.append(shlex.join(export))
+    return bundle, commands
+
+
+def _host(cmd: list[str], log: Path) -> None:
+    chroot.run_logged(cmd, log, say, Path(cmd[0]).name)
+
+
+def device_data(seed: int = 0) -> dict[str, np.ndarray]:
+    """The device's local samples and held-out test samples: pool digits of ``CLASSES``, rotated."""
+    from bench.corruptions import corrupt
+    from exporter.data import load_dataset, split
+
+    pool = split(load_dataset("digits"), 0).pool
+    mask = np.isin(pool.y, CLASSES)
+    x = corrupt(pool.x[mask].astype(np.float32), CORRUPTION, 1.0, seed)
+    y = pool.y[mask].astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    local, test = order[: len(y) // 2], order[len(y) // 2:]
+    return {"x_local": x[local], "y_local": y[local], "x_test": x[test], "y_test": y[test]}
+
+
+def install(root: Path, cache: Path, command: str, timings: dict[str, float]) -> tuple[Path, str]:
+    """Fresh source copy and the README's install command inside; returns the venv's bin folder inside."""
+    src = root / SRC.lstrip("/")
+    if src.parent.exists():
+        shutil.rmtree(src.parent)
+    commit = committed_tree(src)
+    chroot.prepare_network(root)
+    say(f"installing commit {commit[:10]} inside with the README's command: {command}")
+    t0 = time.perf_counter()
+    chroot.run_logged(chroot.inside(root, ["/bin/sh", "-c", command], cwd=SRC,
+                                    env={"PIP_CACHE_DIR": PIP_CACHE, "PIP_CERT": "/" + chroot.CA_BUNDLE,
+                                         "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_PROGRESS_BAR": "off"}),
+                      cache / "install.log", say, "pip install (emulated)", heartbeat=20)
+    timings["install_s"] = time.perf_counter() - t0
+    found = sorted(src.glob("*/bin/eclm-edge"))
+    if not found:
+        raise EclmError("the README's board install command left no eclm-edge in a virtualenv in the source folder",
+                        hint=f"see {cache / 'install.log'}")
+    return Path("/") / found[0].parent.relative_to(root), commit
+
+
+def probe(root: Path, venv_bin: Path) -> dict[str, Any]:
+    done = subprocess.run(chroot.inside(root, [str(venv_bin / "python"), "-c", PROBE]), capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0:
+        raise EclmError(f"the installed runtime does not import: {done.stderr.strip()[-300:]}",
+                        hint="see the install log in the cache folder")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def start_edge(root: Path, venv_bin: Path, bundle: Path, cache: Path, timings: dict[str, float]) -> tuple[Board, Any]:
+    """``eclm-edge serve`` inside the rootfs on a free host port, driven over HTTP from the host."""
+    run = root / RUN.lstrip("/")
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    shutil.copytree(bundle, run / "bundle")
+    port = free_port()
+    edge = Board(port)
+    # Automatic training and resource monitors off: the run decides when to train, and emulated CPU and
+    # latency readings would step the variant ladder down for reasons no board has.
+    argv = [str(venv_bin / "eclm-edge"), "serve", "--bundle", f"{RUN}/bundle", "--state-dir", f"{RUN}/state",
+            "--port", str(port), "--device-id", "board-arm64", "--train-every", "0"]
+    env = {"ECLM_EDGE_RESOURCE_INTERVAL_S": "0", "ECLM_EDGE_DRIFT": "false"}
+    log = open(cache / "serve.log", "w")  # noqa: SIM115
+    say(f"inside: {shlex.join(argv)}")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(chroot.inside(root, argv, env=env), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            edge.get("/healthz")
+            timings["serve_start_s"] = time.perf_counter() - t0
+            say(f"serving after {timings['serve_start_s']:.0f} s (emulated)")
+            return edge, proc
+        except OSError:
+            if proc.poll() is not None:
+                raise EclmError("eclm-edge serve exited inside the rootfs", hint=f"see {cache / 'serve.log'}") from None
+            time.sleep(0.5)
+    stop_edge(proc)
+    raise EclmError("eclm-edge serve did not answer within 600 s", hint=f"see {cache / 'serve.log'}")
+
+
+def stop_edge(proc: Any) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def drive(edge: Board, root: Path, data: dict[str, np.ndarray], checks: list[Check]) -> dict[str, Any]:
+    """Every HTTP check against the running board; returns the figures."""
+    figures: dict[str, Any] = {}
+    st = edge.get("/v1/status")
+    gen0 = st["bundle"]["generation"]
+    figures["status_trainable"] = st["bundle"]["trainable"]
+    checks.append(Check("serves the pi4 bundle", st["bundle"]["profile"] == "pi4", f"generation {gen0}, "
+                        f"trainable reported {st['bundle']['trainable']} {st['bundle']['training_reason']}".strip()))
+    before = edge.accuracy(data["x_test"], data["y_test"])
+    figures["acc_before"] = before
+    checks.append(Check("predict", True, f"{len(data['y_test'])} held-out samples, accuracy {before:.3f}"))
+    lat = []
+    for i in range(20):
+        t0 = time.perf_counter()
+        code, _ = edge.post("/v1/predict", {"inputs": data["x_test"][i:i + 1].tolist()})
+        lat.append((time.perf_counter() - t0) * 1e3)
+    figures["predict_http_ms_p50"] = float(np.median(lat))
+    code, out = edge.post("/v1/predict", {"inputs": [[1.0, 2.0, 3.0]]})
+    alive = edge.get("/healthz") is not None
+    checks.append(Check("bad input refused, still serving", code == 400 and alive, f"{code} {out.get('error', '')}"))
+    code, out = edge.post("/v1/samples", {"inputs": data["x_local"].tolist(),
+                                          "labels": [int(v) for v in data["y_local"]]})
+    held = edge.get("/v1/status")["samples"]["held"]
+    checks.append(Check("samples stored", code == 200 and held == len(data["y_local"]), f"{code}, {held} held"))
+    last = train(edge, checks)
+    figures["training"] = last
+    st = edge.get("/v1/status")
+    gen1 = st["bundle"]["generation"]
+    _, served = edge.post("/v1/predict", {"inputs": data["x_test"][:1].tolist()})
+    checks.append(Check("training run accepted", bool(last.get("accepted")), str(last.get("reason") or
+                        f"holdout {last.get('holdout_before')} -> {last.get('holdout_after')}")))
+    checks.append(Check("new generation served", gen1 > gen0 and served.get("generation") == gen1,
+                        f"generation {gen0} -> {gen1}, predict answers generation {served.get('generation')}"))
+    files = sorted((root / RUN.lstrip("/") / "state" / "outbox").glob("*.delta"))
+    checks.append(Check("delta in the outbox", st["outbox"]["entries"] >= 1 and len(files) >= 1,
+                        f"{st['outbox']['entries']} entries, {st['outbox']['bytes']} bytes, {len(files)} files"))
+    after = edge.accuracy(data["x_test"], data["y_test"])
+    figures["acc_after"] = after
+    checks.append(Check("held-out accuracy up", after > before, f"{before:.3f} -> {after:.3f}"))
+    steps, seconds = last.get("steps") or 0, last.get("seconds") or 0.0
+    figures["step_ms_emulated"] = last.get("step_ms_median") or (seconds / steps * 1e3 if steps else None)
+    return figures
+
+
+def train(edge: Board, checks: list[Check], timeout: float = 1800) -> dict[str, Any]:
+    """POST /v1/train and wait (with progress lines) for the run's result."""
+    code, out = edge.post("/v1/train", {})
+    checks.append(Check("training run started", code == 202, f"{code} {json.dumps(out)[:200]}"))
+    if code != 202:
+        return {"accepted": False, "reason": f"POST /v1/train answered {code}: {out.get('error', out)}"}
+    t0 = last_say = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        tr = edge.get("/v1/status")["training"]
+        if not tr["running"] and tr["last"]:
+            say(f"training finished in {time.monotonic() - t0:.0f} s (emulated)")
+            return dict(tr["last"])
+        if time.monotonic() - last_say > 30:
+            say(f"training (emulated): {time.monotonic() - t0:.0f} s")
+            last_say = time.monotonic()
+        time.sleep(1)
+    return {"accepted": False, "reason": f"no result within {timeout:.0f} s"}
+
+
+def run(cache: Path, out: Path) -> int:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    chroot.check_host()
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = open(cache / "lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise EclmError(f"another board test is using {cache}", hint="wait for it, or set ECLM_BOARD_CACHE") from None
+    command = board_install_command((ROOT / "README.md").read_text())
+    t0 = time.perf_counter()
+    root, rootfs = chroot.ensure_rootfs(cache, say)
+    timings["rootfs_s"] = time.perf_counter() - t0
+    chroot.check_network("https://pypi.org/simple/")
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=cache))
+    checks: list[Check] = []
+    figures: dict[str, Any] = {}
+    try:
+        bundle, host_commands = host_bundle(cache, work, timings)
+        data = device_data()
+        with chroot.mounted(root, {PIP_CACHE: cache / "pip"}, say):
+            venv_bin, commit = install(root, cache, command, timings)
+            info = probe(root, venv_bin)
+            checks.append(Check("runs as aarch64", info["machine"] == "aarch64", f"platform.machine() = "
+                                f"{info['machine']}, Python {info['python']}"))
+            checks.append(Check("torch not installed", not info["torch_installed"], "importlib finds no torch"))
+            training_dists = [d for d in info["distributions"] if "training" in d]
+            checks.append(Check("plain onnxruntime", not training_dists and "onnxruntime" in info["distributions"],
+                                f"onnxruntime {info['onnxruntime']}; training packages: {training_dists or 'none'}"))
+            edge, proc = start_edge(root, venv_bin, bundle, cache, timings)
+            try:
+                t0 = time.perf_counter()
+                figures = drive(edge, root, data, checks)
+                timings["drive_s"] = time.perf_counter() - t0
+            finally:
+                stop_edge(proc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - t_start
+    results = {"command": "python -m bench.board " + shlex.join(sys.argv[1:]),
+               "checks": [vars(c) for c in checks], "figures": figures, "timings": timings, "rootfs": rootfs,
+               "install_command": command, "commit": commit, "host_commands": host_commands, "probe": info,
+               "classes": list(CLASSES), "corruption": CORRUPTION, "samples": {
+                   "local": len(data["y_local"]), "test": len(data["y_test"])}}
+    render(out, results)
+    failed = [c.name for c in checks if not c.ok]
+    say(f"{len(checks) - len(failed)} of {len(checks)} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "") + f"; {timings['total_s']:.0f} s; report in {out}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.board", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, default=Path(os.environ.get("ECLM_BOARD_CACHE") or DEFAULT_CACHE),
+                   help="rootfs, bank and pip cache, logs (outside the repository) [env ECLM_BOARD_CACHE]")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks", help="where board.json/.md go")
+    args = p.parse_args(argv)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through every finally: the server stops, mounts go
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    try:
+        sys.exit(run(args.cache.resolve(), args.out))
+    except EclmError as exc:
+        print(f"board-test: error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The board test's report: its checks, its emulated figures and its wall time, as board.json and board.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine_info, md_table, write_results
+
+EMULATED = ("measured under qemu-user emulation of aarch64 on the x86 host named above: emulated figures, "
+            "not Raspberry Pi figures (a Pi 4's Cortex-A72 runs native code; emulation is typically "
+            "several times slower)")
+
+
+@dataclass
+class Check:
+    """One thing the board must do, whether it did, and what was seen."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def render(out: Path, res: dict[str, Any]) -> str:
+    """Write ``board.json`` and ``board.md`` to ``out``; returns the markdown."""
+    res = {**res, "machine": machine_info()}
+    m, fig, t, tr = res["machine"], res["figures"], res["timings"], res["figures"].get("training", {})
+    checks = res["checks"]
+    passed = sum(c["ok"] for c in checks)
+    rootfs = res["rootfs"]
+    cached = rootfs["reused"] and "host_train_bank_s" not in t
+    lines = [
+        "# The board: `eclm-edge` on an emulated arm64 Debian board", "",
+        f"Command: `sudo make board-test` (runs `{res['command']}`), commit `{res['commit'][:10]}`, "
+        f"{m['date']}; host {m['cpu']}, {m['cores']} cores. The rootfs, the digits bank and pip's downloads "
+        f"are cached in the cache folder; this run {'reused all three' if cached else 'built some of them'}.", "",
+        f"**{passed} of {len(checks)} checks passed.** Times and latencies are {EMULATED}.", "",
+        "## What ran",
+        f"- Rootfs: `{rootfs['command']}` (Debian bookworm, arm64; "
+        f"{'reused, built ' + str(rootfs['built']) if rootfs['reused'] else 'built in this run'}, "
+        f"{_f(rootfs.get('seconds'), '.0f')} s to build), entered with `chroot` and /proc, /dev, /sys mounted.",
+        f"- Install inside, in a copy of the committed tree, with the README's Raspberry Pi command: "
+        f"`{res['install_command']}` ({_f(t.get('install_s'), '.0f')} s emulated, pip downloads cached). "
+        f"Inside: Python {res['probe']['python']}, `platform.machine()` = {res['probe']['machine']}, "
+        f"onnxruntime {res['probe']['onnxruntime']} from the package index.",
+        "- On the host: " + "; ".join(f"`{c}`" for c in res["host_commands"]) + ".",
+        f"- Inside: `eclm-edge serve` (automatic training, drift and resource monitors off: the run decides "
+        f"when to train, and emulated CPU and latency readings must not step the variant ladder down), driven "
+        f"over HTTP from the host with the pool's digits of classes {','.join(map(str, res['classes']))}, "
+        f"rotated by 25 degrees: {res['samples']['local']} samples posted, {res['samples']['test']} held out "
+        f"for accuracy.", "",
+        "## Checks",
+        md_table(["check", "result", "seen"], [[c["name"], "ok" if c["ok"] else "FAILED", c["detail"]]
+                                                for c in checks]), "",
+        "## Emulated figures (qemu-user aarch64, not a Raspberry Pi)",
+        md_table(["what", "value"], [
+            ["`eclm-edge serve` start to first answer", f"{_f(t.get('serve_start_s'), '.1f')} s"],
+            ["POST /v1/predict, batch 1, median of 20", f"{_f(fig.get('predict_http_ms_p50'), '.1f')} ms"],
+            ["training step, median", f"{_f(fig.get('step_ms_emulated'), '.1f')} ms"],
+            ["training run (steps, seconds)", f"{tr.get('steps', '–')} steps, {_f(tr.get('seconds'), '.1f')} s"],
+            ["holdout accuracy in the run", f"{_f(tr.get('holdout_before'), '.3f')} -> "
+                                            f"{_f(tr.get('holdout_after'), '.3f')}"],
+            ["held-out accuracy over HTTP", f"{_f(fig.get('acc_before'), '.3f')} -> {_f(fig.get('acc_after'), '.3f')}"],
+        ]), "",
+        "## Wall time of this run",
+        md_table(["stage", "seconds"], [[k.removesuffix("_s").replace("_", " "), f"{v:.0f}"] for k, v in t.items()]),
+        "",
+    ]
+    md = "\n".join(lines)
+    write_results(out, "board", res, md)
+    return md
