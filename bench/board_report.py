@@ -43,7 +43,7 @@ def render(out: Path, res: dict[str, Any]) -> str:
         "## What ran",
         f"- Rootfs: `{rootfs['command']}` (Debian bookworm, arm64; "
         f"{'reused, built ' + str(rootfs['built']) if rootfs['reused'] else 'built in this run'}, "
-        f"{_f(rootfs.get('seconds'), '.0f')} s to build), entered with `chroot` and /proc, /dev, /sys mounted.",
+        f"{_f(rootfs.get('seconds'), '.0f')} s to build), entered with `chroot` and /proc, /dev mounted.",
         f"- Install inside, in a copy of the committed tree, with the README's Raspberry Pi command: "
         f"`{res['install_command']}` ({_f(t.get('install_s'), '.0f')} s emulated, pip downloads cached). "
         f"Inside: Python {res['probe']['python']}, `platform.machine()` = {res['probe']['machine']}, "

@@ -1,7 +1,7 @@
 """An arm64 Debian userland under qemu-user: build or reuse its rootfs, run commands in it, always unmount.
 
 The rootfs is made once with ``debootstrap --arch=arm64`` into a cache folder outside the repository
-and reused; every run mounts /proc, /dev and /sys (and any bind the caller asks for) and unmounts
+and reused; every run mounts /proc and /dev (and any bind the caller asks for) and unmounts
 them again however it ends, including mounts a killed earlier run left behind. The chroot shares
 the host's network, so a server started inside answers on the host's 127.0.0.1.
 """
@@ -164,7 +164,11 @@ def remove_tree(path: Path) -> None:
 
 @contextmanager
 def mounted(root: Path, binds: dict[str, Path], say: Say) -> Iterator[None]:
-    """/proc, /dev, /sys (read-only) and ``binds`` (path inside -> host folder) mounted in ``root``."""
+    """/proc, /dev and ``binds`` (path inside -> host folder) mounted in ``root``.
+
+    Not /sys: with the host's CPU topology there, ONNX Runtime's cpuinfo (aarch64 code reading an x86
+    machine's files) crashes the emulated process with a segmentation fault at import.
+    """
     stale = mounts_below(root)
     if stale:
         say(f"unmounting {len(stale)} mounts an earlier run left in {root}")
@@ -172,8 +176,6 @@ def mounted(root: Path, binds: dict[str, Path], say: Say) -> Iterator[None]:
     try:
         _mount(["-t", "proc", "proc"], root / "proc")
         _mount(["--bind", "/dev"], root / "dev")
-        _mount(["--bind", "/sys"], root / "sys")
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(root / "sys")], capture_output=True)
         for inside, host in binds.items():
             host.mkdir(parents=True, exist_ok=True)
             _mount(["--bind", str(host)], root / inside.lstrip("/"))
