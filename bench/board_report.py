@@ -21,6 +21,9 @@ class Check:
     ok: bool
     detail: str
 
+    def __post_init__(self) -> None:
+        self.detail = " ".join(self.detail.split())  # one line in the table, whatever an error message held
+
 
 def _f(v: Any, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
