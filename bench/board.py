@@ -209,12 +209,15 @@ def start_edge(root: Path, venv_bin: Path, bundle: Path, cache: Path, timings: d
     argv = [str(venv_bin / "eclm-edge"), "serve", "--bundle", f"{RUN}/bundle", "--state-dir", f"{RUN}/state",
             "--port", str(port), "--device-id", "board-arm64", "--train-every", "0"]
     env = {"ECLM_EDGE_RESOURCE_INTERVAL_S": "0", "ECLM_EDGE_DRIFT": "false"}
-    log = open(cache / "serve.log", "w")  # noqa: SIM115
     say(f"inside: {shlex.join(argv)}")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(chroot.inside(root, argv, env=env), stdout=log, stderr=subprocess.STDOUT)
+    t0 = last_say = time.perf_counter()
+    with open(cache / "serve.log", "w") as log:
+        proc = subprocess.Popen(chroot.inside(root, argv, env=env), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline:
+        if time.perf_counter() - last_say > 30:
+            say(f"starting eclm-edge serve (emulated): {time.perf_counter() - t0:.0f} s")
+            last_say = time.perf_counter()
         try:
             edge.get("/healthz")
             timings["serve_start_s"] = time.perf_counter() - t0
@@ -311,6 +314,8 @@ def run(cache: Path, out: Path) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise EclmError(f"another board test is using {cache}", hint="wait for it, or set ECLM_BOARD_CACHE") from None
+    for stale in cache.glob("work-*"):  # a killed run's bundle
+        shutil.rmtree(stale, ignore_errors=True)
     command = board_install_command((ROOT / "README.md").read_text())
     t0 = time.perf_counter()
     root, rootfs = chroot.ensure_rootfs(cache, say)
