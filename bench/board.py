@@ -270,8 +270,10 @@ def drive(edge: Board, root: Path, data: dict[str, np.ndarray], checks: list[Che
     st = edge.get("/v1/status")
     gen1 = st["bundle"]["generation"]
     _, served = edge.post("/v1/predict", {"inputs": data["x_test"][:1].tolist()})
-    checks.append(Check("training run accepted", bool(last.get("accepted")), str(last.get("reason") or
-                        f"holdout {last.get('holdout_before')} -> {last.get('holdout_after')}")))
+    hb, ha = last.get("holdout_before"), last.get("holdout_after")
+    checks.append(Check("training run accepted", bool(last.get("accepted")), str(last.get("reason") or (
+        f"holdout accuracy {hb:.3f} -> {ha:.3f}, {last.get('steps')} steps" if hb is not None and ha is not None
+        else ""))))
     checks.append(Check("new generation served", gen1 > gen0 and served.get("generation") == gen1,
                         f"generation {gen0} -> {gen1}, predict answers generation {served.get('generation')}"))
     files = sorted((root / RUN.lstrip("/") / "state" / "outbox").glob("*.delta"))
