@@ -71,17 +71,15 @@ def _devices(bank: Path, work: Path) -> list[DeviceRun]:
     return runs
 
 
-def _accuracy_with(run: DeviceRun, tensors: dict[str, np.ndarray], work: Path) -> float:
-    from eclm.ort import load_onnxruntime
-    from eclm.ort_train import OrtTrainer
+def _accuracy_with(run: DeviceRun, tensors: dict[str, np.ndarray]) -> float:
+    """Test accuracy of the device's bundle with ``tensors`` (deltas, bank names) added to its weights."""
+    from eclm.onnx_weights import read_initializers
+    from eclm.train_step import open_session
 
-    trainer = OrtTrainer(run.bundle / "training")
+    weights = read_initializers(run.bundle / "model.onnx")
     for name, d in tensors.items():
-        onnx_name = f"net.{name}"
-        trainer.set_parameter(onnx_name, trainer.parameter(onnx_name) + d)
-    path = work / f"{run.name}-{uuid.uuid4().hex[:6]}.onnx"
-    trainer.export_inference(path, ["logits"])
-    sess = load_onnxruntime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        weights[f"net.{name}"] = (weights[f"net.{name}"] + d).astype(np.float32)
+    sess, _kept = open_session(run.bundle / "model.onnx", weights)
     pred = sess.run(None, {"input": run.test_x})[0].argmax(1)
     return float((pred == run.test_y).mean())
 
@@ -104,7 +102,7 @@ def part_a(bank: Path, work: Path) -> dict[str, Any]:
             decoded = wire.decode(data)
             assert isinstance(decoded, wire.DeltaMessage)
             sizes.append(len(data))
-            accs.append(_accuracy_with(run, decoded.tensors, work))
+            accs.append(_accuracy_with(run, decoded.tensors))
         rows.append({"codec": codec, "bytes_mean": float(np.mean(sizes)),
                      "ratio_vs_fedavg": fedavg_bytes / float(np.mean(sizes)),
                      "accuracy_mean": float(np.mean(accs)), "accuracy_per_device": accs})

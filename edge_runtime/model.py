@@ -1,15 +1,20 @@
-"""What serves predictions: one inference session over a bundle generation, with input checks."""
+"""What serves predictions: one inference session over a bundle generation, with input checks.
+
+The runtime owns the parameters: ``weights`` holds one array per initializer of the graph (the
+bundle's values, overlaid by what a generation trained or received), and the session reads them
+in place (``SessionOptions.add_initializer``); a training run hands the same arrays to the step graph.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from eclm.errors import DataError
 from eclm.manifest import BundleManifest
-from eclm.ort import load_onnxruntime
+from eclm.train_step import open_session
 
 
 @dataclass
@@ -21,27 +26,24 @@ class ServingModel:
     digest: str
     generation: int
     model_path: Path
-    checkpoint_path: Path | None
+    weights: dict[str, np.ndarray]  # initializer values the session reads (every one, or a variant's shared ones)
+    changed: frozenset[str] = frozenset()  # parameters whose values differ from the bundle's (a generation's own)
     versions: dict[str, int] | None = None  # module versions of this generation (default: the bundle's)
     threads: int = 1
-    overrides: dict[str, np.ndarray] | None = None  # initializer values replacing the graph's own
+    training_problem: str = ""  # why this runtime cannot train the bundle, found when it was opened
+    _kept: list[object] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ort = load_onnxruntime()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
-        # No arena: it would keep the memory of the largest batch ever evaluated for good.
-        options.enable_cpu_mem_arena = False
-        self._override_values = []
-        for name, value in (self.overrides or {}).items():
-            ortvalue = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-            self._override_values.append(ortvalue)  # the session reads it; keep it alive as long
-            options.add_initializer(name, ortvalue)
-        self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        # The session reads these arrays in place; keep the OrtValues alive as long as it.
+        self.session, self._kept = open_session(self.model_path, self.weights, self.threads)
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(int(d) for d in self.manifest.input["shape"][1:])
         self.labels = list(self.manifest.labels)
+
+    @property
+    def trained(self) -> dict[str, np.ndarray]:
+        """The values this generation holds apart from the bundle's (what its folder stores)."""
+        return {n: self.weights[n] for n in sorted(self.changed)}
 
     @property
     def module_versions(self) -> dict[str, int]:
@@ -52,7 +54,12 @@ class ServingModel:
 
     @property
     def trainable(self) -> bool:
-        return bool(self.manifest.training.get("available")) and self.checkpoint_path is not None
+        return bool(self.manifest.training.get("available")) and not self.training_problem
+
+    @property
+    def training_reason(self) -> str:
+        """Why this model does not train here ("" when it does)."""
+        return self.training_problem or str(self.manifest.training.get("reason") or "")
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """Inputs as (N, *input_shape) float32 with finite values, or a :class:`DataError` saying why."""

@@ -19,16 +19,16 @@ import numpy as np
 
 from eclm.errors import BundleError, DataError, TrainingUnavailableError
 from eclm.ort import load_onnxruntime
-from eclm.ort_train import release_memory
+from eclm.train_step import release_memory
 from edge_runtime.config import EdgeConfig
 from edge_runtime.drift import DriftMonitor
 from edge_runtime.metrics import EdgeMetrics
 from edge_runtime.model import ServingModel
 from edge_runtime.outbox import Outbox
 from edge_runtime.resources import Ladder, ProcReader, Thresholds
-from edge_runtime.state import Pointer, StateDir
+from edge_runtime.state import Pointer, StateDir, read_params, write_params
 from edge_runtime.store import SampleStore
-from edge_runtime.trainer import TrainOutcome, TrainSettings, new_delta_id, run_training
+from edge_runtime.trainer import TrainOutcome, TrainSettings, new_delta_id, open_runner, run_training
 
 log = logging.getLogger("eclm.edge")
 
@@ -95,25 +95,45 @@ class EdgeService:
     def _open(self, pointer: Pointer) -> ServingModel:
         bundle_dir = self.state.bundle_dir(pointer.bundle)
         from eclm.manifest import verify_bundle
+        from eclm.onnx_weights import read_initializers
 
         manifest = verify_bundle(bundle_dir)
-        training_folder = manifest.training.get("folder")
-        base_ckpt = bundle_dir / training_folder / "checkpoint" if training_folder else None
+        base = read_initializers(bundle_dir / "model.onnx")
         gen = pointer.generation
         while gen > 0:
             try:
                 info = self.state.verify_generation(gen)
                 if info.get("bundle") != pointer.bundle:
                     raise BundleError(f"generation {gen} belongs to another bundle", hint="skipped")
-                folder = self.state.gen_dir(gen)
+                own = read_params(self.state.gen_dir(gen), base)
                 versions = info.get("module_versions")
-                return ServingModel(manifest, bundle_dir, pointer.bundle, gen, folder / "model.onnx",
-                                    folder / "checkpoint" if base_ckpt else None,
-                                    {k: int(v) for k, v in versions.items()} if versions else None)
+                return self._checked(ServingModel(
+                    manifest, bundle_dir, pointer.bundle, gen, bundle_dir / "model.onnx", {**base, **own},
+                    frozenset(own), {k: int(v) for k, v in versions.items()} if versions else None))
             except BundleError as exc:
                 log.error("cannot serve generation %d (%s); falling back to its parent", gen, exc.message)
                 gen = int(self._parent_of(gen))
-        return ServingModel(manifest, bundle_dir, pointer.bundle, 0, bundle_dir / "model.onnx", base_ckpt)
+        return self._checked(ServingModel(manifest, bundle_dir, pointer.bundle, 0, bundle_dir / "model.onnx", base))
+
+    def _checked(self, serving: ServingModel) -> ServingModel:
+        """Whether this runtime can train ``serving``'s bundle: its step graph is loaded once per bundle."""
+        if not serving.manifest.training.get("available"):
+            return serving
+        problems = self.__dict__.setdefault("_training_problems", {})
+        if serving.digest not in problems:
+            if not serving.manifest.training.get("step"):
+                problems[serving.digest] = ("the bundle carries no training step graph (made by an older "
+                                            "eclm-export); re-export it to train on this device")
+            else:
+                try:
+                    open_runner(serving)
+                    problems[serving.digest] = ""
+                except TrainingUnavailableError as exc:
+                    problems[serving.digest] = exc.message
+                    log.error("this bundle serves but cannot train here: %s", exc.message)
+                release_memory()
+        serving.training_problem = problems[serving.digest]
+        return serving
 
     def _parent_of(self, gen: int) -> int:
         import json
@@ -240,7 +260,7 @@ class EdgeService:
         """Start a background run unless one is running; False if one was."""
         if not self.serving.trainable:
             raise TrainingUnavailableError(
-                f"this bundle cannot train on the device: {self.serving.manifest.training.get('reason')}",
+                f"this bundle cannot train on the device: {self.serving.training_reason}",
                 hint="it still serves and collects samples; export a bundle with training artifacts to train",
             )
         if self.training_now:
@@ -260,7 +280,7 @@ class EdgeService:
         """Run one fine-tuning run in the calling thread (for scripts and tests)."""
         if not self.serving.trainable:
             raise TrainingUnavailableError(
-                f"this bundle cannot train on the device: {self.serving.manifest.training.get('reason')}",
+                f"this bundle cannot train on the device: {self.serving.training_reason}",
                 hint="it still serves and collects samples; export a bundle with training artifacts to train",
             )
         self._train_job(reason)
@@ -291,12 +311,13 @@ class EdgeService:
                     f"at least {self.cfg.min_train_samples} needed", "samples": len(train)}
         work = self.state.new_generation_workdir()
         try:
-            outcome, deltas = run_training(serving, train, holdout, self.settings(), work)
+            outcome, deltas, trained = run_training(serving, train, holdout, self.settings())
             if not deltas:
                 self.metrics.training_runs.labels("failed").inc()
                 return outcome.to_dict()
+            candidate = _with_values(serving, trained)
+            write_params(work, candidate.trained)  # the generation's files first, then the holdout gate
             outcome.holdout_before = serving.accuracy(holdout.x, holdout.y)
-            candidate = replace(serving, model_path=work / "model.onnx", checkpoint_path=work / "checkpoint")
             outcome.holdout_after = candidate.accuracy(holdout.x, holdout.y)
             if len(holdout) == 0:
                 outcome.reason = "no holdout samples to judge the run; not served"
@@ -310,16 +331,15 @@ class EdgeService:
             # whose delta was kept is rolled forward; one without is discarded and its samples retrained.
             if outcome.accepted:
                 n = self.state.next_generation()
-                folder = self.state.commit_generation(work, n, {
+                self.state.commit_generation(work, n, {
                     "bundle": serving.digest, "parent": serving.generation, "delta_id": outcome.delta_id,
                     "holdout_before": outcome.holdout_before, "holdout_after": outcome.holdout_after,
                     "module_versions": serving.module_versions,
                 })
                 self._keep_delta(serving, outcome, deltas, upto)
-                new = replace(serving, generation=n, model_path=folder / "model.onnx",
-                              checkpoint_path=folder / "checkpoint")
                 self.state.write_pointer(Pointer(serving.digest, n))
-                self.serving = new  # requests in flight keep the session object they already hold
+                candidate.generation = n
+                self.serving = candidate  # requests in flight keep the session object they already hold
                 outcome.generation = n
             else:
                 self._keep_delta(serving, outcome, deltas, upto)
@@ -364,35 +384,29 @@ class EdgeService:
 
     def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
         """Load new module versions into the serving weights; kept only if the holdout does not get worse."""
-        from eclm.ort_train import OrtTrainer
-
         with self._train_lock:
             serving = self.serving
             if not serving.trainable:
-                raise TrainingUnavailableError("module updates need a bundle with training artifacts",
-                                               hint="the cloud sends inference-only devices whole bundles")
+                raise TrainingUnavailableError(
+                    f"module updates need a bundle this device can train: {serving.training_reason}",
+                    hint="the cloud sends inference-only devices whole bundles")
             current = serving.module_versions
             fresh = {pid: v for pid, v in versions.items() if v > current.get(pid, 0)}
             if not fresh:
                 return {"applied": False, "reason": "already at these versions or newer"}
-            folder = serving.bundle_dir / serving.manifest.training["folder"]
-            trainer = OrtTrainer(folder, checkpoint=serving.checkpoint_path)
-            have = set(trainer.parameter_names())
             wanted = {f"net.{name}": arr for name, arr in tensors.items()}
-            unknown = sorted(set(wanted) - have)
+            unknown = sorted(set(wanted) - set(serving.weights))
             if unknown:
                 raise DataError(f"update names parameters this bundle lacks: {unknown[:3]}",
                                 hint="the cloud must send modules of this device's sub-model")
             for name, arr in wanted.items():
-                if trainer.parameter(name).shape != arr.shape:
+                if serving.weights[name].shape != arr.shape:
                     raise DataError(f"update for {name} has shape {arr.shape}", hint="refused")
-                trainer.set_parameter(name, arr.astype(np.float32))
             work = self.state.new_generation_workdir()
             try:
-                trainer.export_inference(work / "model.onnx", [serving.manifest.output["name"]])
-                trainer.save(work / "checkpoint")
                 holdout = self.store.holdout_set()
-                candidate = replace(serving, model_path=work / "model.onnx", checkpoint_path=work / "checkpoint")
+                candidate = _with_values(serving, {n: np.array(a, dtype=np.float32) for n, a in wanted.items()})
+                write_params(work, candidate.trained)
                 before = serving.accuracy(holdout.x, holdout.y)
                 after = candidate.accuracy(holdout.x, holdout.y)
                 new_versions = {**current, **fresh}
@@ -405,13 +419,13 @@ class EdgeService:
                     self._notify("rollback", result)
                     return result
                 n = self.state.next_generation()
-                gen = self.state.commit_generation(work, n, {
+                self.state.commit_generation(work, n, {
                     "bundle": serving.digest, "parent": serving.generation, "update": fresh,
                     "holdout_before": before, "holdout_after": after, "module_versions": new_versions,
                 })
                 self.state.write_pointer(Pointer(serving.digest, n))
-                self.serving = replace(serving, generation=n, model_path=gen / "model.onnx",
-                                       checkpoint_path=gen / "checkpoint", versions=new_versions)
+                candidate.generation, candidate.versions = n, new_versions
+                self.serving = candidate
                 result = {"applied": True, "generation": n, "versions": fresh, "holdout_before": before,
                           "holdout_after": after}
                 self.last_update = result
@@ -507,7 +521,7 @@ class EdgeService:
         s = self.serving
         key = f"{s.digest}/{s.generation}"
         if key not in self._variants:
-            trained = self._trained_values(s)
+            trained = s.trained
             found = []
             for v in s.manifest.variants:
                 path = s.bundle_dir / v["file"]
@@ -515,19 +529,10 @@ class EdgeService:
                     continue
                 prefixes = ["net.head."] + [f"net.layers.{la}.mods.m{i}." for la, idx in enumerate(v["selection"])
                                             for i in idx]
-                overrides = {n: a for n, a in trained.items() if n.startswith(tuple(prefixes))}
-                found.append(replace(s, model_path=path, checkpoint_path=None, overrides=overrides))
+                shared = {n: a for n, a in trained.items() if n.startswith(tuple(prefixes))}
+                found.append(replace(s, model_path=path, weights=shared, changed=frozenset()))
             self._variants = {key: found}
         return self._variants[key]
-
-    def _trained_values(self, s: ServingModel) -> dict[str, np.ndarray]:
-        """Trainable parameters of a trained generation (empty for the bundle as shipped)."""
-        if s.generation == 0 or s.checkpoint_path is None or not s.trainable:
-            return {}
-        from eclm.ort_train import OrtTrainer
-
-        trainer = OrtTrainer(s.bundle_dir / s.manifest.training["folder"], checkpoint=s.checkpoint_path)
-        return {n: trainer.parameter(n) for n in trainer.trainable_names()}
 
     def variant_name(self) -> str:
         variants = self.serving.manifest.variants
@@ -618,7 +623,7 @@ class EdgeService:
             "device_id": self.cfg.device_id,
             "bundle": {"digest": s.digest, "bank_id": s.manifest.bank_id, "profile": s.manifest.profile["name"],
                        "generation": s.generation, "trainable": s.trainable,
-                       "training_reason": s.manifest.training.get("reason", "")},
+                       "training_reason": s.training_reason},
             "modules": [{"part_id": m["part_id"], "version": m["version"], "trainable": m["trainable"]}
                         for m in s.manifest.modules],
             "samples": {"held": self.store.count(), "holdout_every": self.store.holdout_every,
@@ -638,6 +643,11 @@ class EdgeService:
         self._stop.set()
         self.wait_for_training(timeout=60)
         self.store.close()
+
+
+def _with_values(serving: ServingModel, values: dict[str, np.ndarray]) -> ServingModel:
+    """A candidate of ``serving`` with ``values`` in place of some parameters; the others stay shared."""
+    return replace(serving, weights={**serving.weights, **values}, changed=serving.changed | frozenset(values))
 
 
 def not_worse(current: ServingModel, candidate: ServingModel, holdout: Any) -> bool:

@@ -4,7 +4,7 @@ Layout::
 
     STATE/current.json          which bundle and generation serve (written atomically, last)
     STATE/bundles/<digest>/     verified copies of installed bundles
-    STATE/gens/<n>/             model.onnx + checkpoint of a fine-tuned generation, generation.json
+    STATE/gens/<n>/             params.safetensors (the parameters it changed) and generation.json
     STATE/samples.sqlite        the sample store
     STATE/outbox/               deltas waiting to be sent
 
@@ -21,11 +21,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eclm.errors import BundleError
+import numpy as np
+
+from eclm.errors import BundleError, DataError
 from eclm.hashing import atomic_write_json, sha256_file
 from eclm.manifest import BundleManifest, bundle_digest, verify_bundle
+from eclm.tensors import encode_tensors, read_tensors
 
 POINTER = "current.json"
+PARAMS = "params.safetensors"
+
+
+def write_params(folder: Path, values: dict[str, np.ndarray]) -> None:
+    """Store a generation's own parameter values (safetensors; never pickle) in ``folder``."""
+    (folder / PARAMS).write_bytes(encode_tensors(values))
+
+
+def read_params(folder: Path, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A generation's own parameter values, each checked to replace one of ``base`` (same shape, float32)."""
+    try:
+        values = read_tensors(folder / PARAMS)
+    except (OSError, DataError) as exc:
+        raise BundleError(f"{folder.name}: unreadable parameters ({exc})", hint="it will be skipped") from exc
+    for name, value in values.items():
+        ref = base.get(name)
+        if ref is None or ref.shape != value.shape or value.dtype != ref.dtype:
+            raise BundleError(f"{folder.name}: parameter {name} does not fit the bundle", hint="it will be skipped")
+    return {n: np.array(v, copy=True) for n, v in values.items()}  # owned, writable, aligned
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""On-device fine-tuning of a serving generation with ONNX Runtime's training API, and its delta."""
+"""On-device fine-tuning of a serving generation with the bundle's step graph (plain ONNX Runtime), and its delta."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eclm.ort_train import OrtTrainer
+from eclm.train_step import StepRunner
 from edge_runtime.model import ServingModel
 from edge_runtime.store import Batch
 
@@ -65,20 +64,25 @@ def bank_name(onnx_name: str) -> str:
     return onnx_name.removeprefix("net.")
 
 
-def run_training(serving: ServingModel, train: Batch, holdout: Batch, settings: TrainSettings,
-                 workdir: Path) -> tuple[TrainOutcome, dict[str, dict[str, np.ndarray]]]:
-    """Fine-tune from ``serving``'s checkpoint; write model.onnx and checkpoint into ``workdir``.
+def open_runner(serving: ServingModel) -> StepRunner:
+    """The step graph of ``serving``'s bundle over its parameter arrays (trainable ones are only read)."""
+    training = serving.manifest.training
+    return StepRunner(serving.bundle_dir / training["step"], serving.weights, training["trainable_params"],
+                      threads=serving.threads)
 
-    Returns the outcome and the per-part deltas (trained minus starting values of every trainable
-    parameter, keyed by bank parameter name).
+
+def run_training(serving: ServingModel, train: Batch, holdout: Batch, settings: TrainSettings
+                 ) -> tuple[TrainOutcome, dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Fine-tune ``serving``'s parameters on ``train``.
+
+    Returns the outcome, the per-part deltas (trained minus starting values of every trainable
+    parameter, keyed by bank parameter name) and the trained parameters (ONNX names); the serving
+    arrays are left as they were.
     """
     outcome = TrainOutcome(started=time.time(), samples=len(train), holdout_samples=len(holdout))
     t0 = time.perf_counter()
-    folder = serving.bundle_dir / serving.manifest.training["folder"]
-    trainer = OrtTrainer(folder, checkpoint=serving.checkpoint_path)
-    trainer.set_learning_rate(settings.learning_rate)
-    trainable = set(trainer.trainable_names())
-    start = {n: trainer.parameter(n) for n in trainable}
+    runner = open_runner(serving)
+    start = runner.parameters()
     # Seeded by the run's position (generation, samples): the same state and samples give the same delta.
     last_id = int(train.ids[-1]) if len(train) else 0
     rng = np.random.default_rng([settings.seed, serving.generation, len(train), last_id])
@@ -88,29 +92,29 @@ def run_training(serving: ServingModel, train: Batch, holdout: Batch, settings: 
         for i in range(0, len(order), settings.batch_size):
             idx = order[i : i + settings.batch_size]
             ts = time.perf_counter()
-            loss = trainer.train_step(train.x[idx], train.y[idx])
+            loss = runner.step(train.x[idx], train.y[idx], settings.learning_rate)
             outcome.step_seconds.append(time.perf_counter() - ts)
             if not math.isfinite(loss):
                 outcome.reason = f"training diverged (loss {loss}); the serving model is unchanged"
                 outcome.seconds = time.perf_counter() - t0
-                return outcome, {}
+                return outcome, {}, {}
             losses.append(loss)
     outcome.steps = len(losses)
     if losses:
         outcome.loss_first, outcome.loss_last = losses[0], losses[-1]
-    trainer.export_inference(workdir / "model.onnx", [serving.manifest.output["name"]])
-    trainer.save(workdir / "checkpoint")
+    trained = runner.parameters()
+    del runner  # its spare buffers and session go now; the trained arrays stay
 
     deltas: dict[str, dict[str, np.ndarray]] = {}
     for part_id, names in part_params(serving).items():
-        part = {bank_name(n): (trainer.parameter(n) - start[n]).astype(np.float32) for n in names if n in trainable}
+        part = {bank_name(n): (trained[n] - start[n]).astype(np.float32) for n in names if n in trained}
         if part:
             deltas[part_id] = part
     if any(not np.isfinite(v).all() for p in deltas.values() for v in p.values()):
         outcome.reason = "non-finite parameters after training; the serving model is unchanged"
-        return outcome, {}
+        return outcome, {}, {}
     outcome.seconds = time.perf_counter() - t0
-    return outcome, deltas
+    return outcome, deltas, trained
 
 
 def new_delta_id() -> str:

@@ -1,16 +1,9 @@
-"""ORT on-device training artifacts, and the choice of which parts train within the memory budget."""
+"""Which parts train on the device within the profile's training memory budget, and the estimate behind it."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
-import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from exporter.costs import SESSION_OVERHEAD_BYTES, PartCost
 
@@ -64,48 +57,3 @@ def plan_training(
             break
         chosen = trial
     return TrainingPlan(chosen, estimate_training_bytes(costs, all_parts, chosen, batch_size), budget_bytes)
-
-
-@contextlib.contextmanager
-def _native_stderr_to_log() -> Iterator[None]:
-    """Hold the gradient builder's verbose native log (file descriptor 2); show it only if it fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            log.seek(0)
-            tail = log.read()[-4000:].decode(errors="replace")
-            sys.stderr.write(tail)
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def generate(model_path: Path, out_dir: Path, trainable: Sequence[str], frozen: Sequence[str]) -> None:
-    """Training, eval and optimizer graphs plus checkpoint (CrossEntropy loss, AdamW) in ``out_dir``."""
-    import onnx
-    import onnxruntime
-    from onnxruntime.training import artifacts
-
-    onnxruntime.set_default_logger_severity(3)  # the gradient builder's warnings are not the user's concern
-
-    out_dir.mkdir(parents=True, exist_ok=True)  # generate_artifacts does not create it
-    model = onnx.load(str(model_path))
-    quiet = io.StringIO()
-    logging.getLogger("root").setLevel(logging.WARNING)
-    with contextlib.redirect_stdout(quiet), _native_stderr_to_log():
-        artifacts.generate_artifacts(
-            model,
-            requires_grad=list(trainable),
-            frozen_params=list(frozen),
-            loss=artifacts.LossType.CrossEntropyLoss,
-            optimizer=artifacts.OptimType.AdamW,
-            artifact_directory=str(out_dir),
-            additional_output_names=["logits"],
-        )
-    onnxruntime.set_default_logger_severity(3)  # generate_artifacts turns verbose logging back on

@@ -49,6 +49,7 @@ class EdgeTrainDefaults:
     epochs: int = 3
     batch_size: int = 16
     learning_rate: float = 1e-3
+    optimizer: str = "adamw"  # the step graph's update rule: "adamw" or "sgd" (momentum); exporter/step_graph.py
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`eclm-export` as a library call: importance, derivation, ONNX and ORT artifacts, checks, the bundle."""
+"""`eclm-export` as a library call: importance, derivation, the ONNX graphs and training step, checks, the bundle."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from device_profiles import DeviceProfile, load_profile
 from eclm import __version__
 from eclm.errors import ExportValidationError, InfeasibleBudgetError
 from eclm.manifest import MANIFEST, BundleManifest, write_manifest
-from eclm.ort_train import training_available
 from eclm.signing import Signer, load_signer
-from exporter.artifacts import TRAIN_FOLDER, TrainingPlan, generate, plan_training
+from eclm.train_step import STEP_FILE
+from exporter.artifacts import TRAIN_FOLDER, TrainingPlan, plan_training
 from exporter.bank import DirectoryBank
 from exporter.config import ModelConfig
 from exporter.costs import PartCost, fixed_part_ids
@@ -31,9 +31,10 @@ from exporter.derive import Derivation, derive
 from exporter.importance import importance_from_classes, importance_from_samples, read_importance_file
 from exporter.modular import ModularNet, SelectorGraph, SubModel, module_id
 from exporter.onnx_export import INPUT_NAME, Normalised, export_onnx, initializer_names
+from exporter.step_graph import OptimizerSpec, export_step
 from exporter.torchio import model_from_bank
 from exporter.train import to_tensors
-from exporter.validate import check_against_torch, check_training
+from exporter.validate import check_against_torch, check_step
 
 Step = Callable[[str], None]
 
@@ -51,6 +52,7 @@ class ExportRequest:
     measure: bool = True
     max_train_layers: int | None = None
     signing_key: Path | None = None  # Ed25519 private key (PEM): sign the manifest
+    optimizer: str | None = None  # the training step's update rule ("adamw" or "sgd"); default: the config's
 
 
 def part_of(name: str) -> str:
@@ -206,10 +208,9 @@ def _build(
     edge = cfg.edge
     plan = TrainingPlan([], 0, profile.training_budget_bytes)
     reason = ""
+    optimizer = OptimizerSpec(req.optimizer or edge.optimizer)
     if not profile.ort_training:
-        reason = f"profile {profile.name} has no ONNX Runtime training API; this bundle serves inference only"
-    elif not training_available():
-        reason = "the exporting machine's ONNX Runtime has no training API; install onnxruntime-training-cpu"
+        reason = f"profile {profile.name} does not train on the device (ort_training = false); it serves inference only"
     else:
         plan = plan_training(costs, layers_top_down, used_parts, profile.training_budget_bytes,
                              edge.batch_size, req.max_train_layers)
@@ -261,15 +262,16 @@ def _build(
             "available": bool(plan.trainable_parts),
             "reason": reason,
             "folder": TRAIN_FOLDER if plan.trainable_parts else None,
+            "step": f"{TRAIN_FOLDER}/{STEP_FILE}" if plan.trainable_parts else None,
             "trainable_parts": plan.trainable_parts,
+            "trainable_params": [],
             "estimated_bytes": plan.estimated_bytes,
             "budget_bytes": plan.budget_bytes,
             "epochs": edge.epochs,
             "batch_size": edge.batch_size,
             "learning_rate": edge.learning_rate,
-            "optimizer": "AdamW",
-            "loss": "CrossEntropyLoss",
-            "inputs": [INPUT_NAME, "labels"],
+            "optimizer": optimizer.to_dict(),
+            "loss": "cross-entropy (mean over the batch)",
         },
         selector={"file": "selector.onnx", "outputs": gate_names, "top_k": cfg.top_k},
         validation=validation,
@@ -279,16 +281,14 @@ def _build(
 
     measured: dict[str, Any] = {}
     while plan.trainable_parts:
-        say(f"generating training artifacts ({len(plan.trainable_parts)} trainable parts)")
+        say(f"exporting the training step ({len(plan.trainable_parts)} trainable parts) and checking it")
         shutil.rmtree(work / TRAIN_FOLDER, ignore_errors=True)
         trainable = [n for p in plan.trainable_parts for n in by_part.get(p, []) if n in param_names]
-        frozen = [n for n in names if n not in trainable]
-        generate(work / "model.onnx", work / TRAIN_FOLDER, trainable, frozen)
-        x = ctx.samples[: edge.batch_size].astype(np.float32)
-        y = ctx.labels_y[: edge.batch_size].astype(np.int64)
-        with torch.no_grad():
-            ref = sub(torch.from_numpy(x)).numpy()
-        validation["training"] = check_training(work / TRAIN_FOLDER, x, y, ref)
+        step_path = work / TRAIN_FOLDER / STEP_FILE
+        export_step(sub, trainable, optimizer, step_path, cfg.input_shape, cfg.num_classes)
+        validation["training"] = check_step(step_path, sub, trainable, optimizer,
+                                            _check_batches(ctx, edge.batch_size), edge.learning_rate)
+        manifest.training["trainable_params"] = trainable
         write_manifest(work, manifest)
         if not req.measure:
             break
@@ -304,7 +304,7 @@ def _build(
             m["trainable"] = m["part_id"] in kept
     if plan.trainable_parts and measured.get("training_memory_bytes", 0) > profile.training_budget_bytes:
         shutil.rmtree(work / TRAIN_FOLDER, ignore_errors=True)
-        manifest.training.update(available=False, folder=None, trainable_parts=[],
+        manifest.training.update(available=False, folder=None, step=None, trainable_parts=[], trainable_params=[],
                                  reason="even the head alone measured over the training memory budget")
 
     write_manifest(work, manifest)
@@ -334,6 +334,17 @@ def _build(
             over["transfer_bytes"] = model_bytes / profile.transfer_budget_bytes
     write_manifest(work, manifest, _signer(req))
     return manifest, over
+
+
+def _check_batches(ctx: _Context, batch: int, steps: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Ten proxy batches for the step check, the last of them a single sample (the batch axis is dynamic)."""
+    n = len(ctx.samples)
+    out = []
+    for i in range(steps):
+        size = batch if i < steps - 1 else 1
+        idx = (np.arange(size) + i * batch) % n
+        out.append((ctx.samples[idx].astype(np.float32), ctx.labels_y[idx].astype(np.int64)))
+    return out
 
 
 VARIANT_LADDER = (("half", 0.5), ("quarter", 0.25))

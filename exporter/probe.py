@@ -37,14 +37,14 @@ def _input_batch(manifest: dict, batch: int) -> np.ndarray:
 
 
 def probe_infer(bundle: Path, manifest: dict, repeats: int = 30) -> dict[str, float]:
+    from eclm.onnx_weights import read_initializers
     from eclm.ort import load_onnxruntime
+    from eclm.train_step import open_session
 
-    ort = load_onnxruntime()
+    load_onnxruntime()
     base = _rss_bytes()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.enable_cpu_mem_arena = False  # as the edge runtime serves
-    sess = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    # As the edge runtime serves: its own arrays, read in place by the session.
+    sess, kept = open_session(bundle / "model.onnx", read_initializers(bundle / "model.onnx"))
     x = _input_batch(manifest, 1)
     name = sess.get_inputs()[0].name
     sess.run(None, {name: x})
@@ -53,6 +53,7 @@ def probe_infer(bundle: Path, manifest: dict, repeats: int = 30) -> dict[str, fl
         t = time.perf_counter()
         sess.run(None, {name: x})
         times.append(time.perf_counter() - t)
+    del kept
     return {
         "inference_memory_bytes": max(0, _peak_bytes() - base),
         "latency_ms_p50_host": float(np.median(times) * 1e3),
@@ -62,22 +63,30 @@ def probe_infer(bundle: Path, manifest: dict, repeats: int = 30) -> dict[str, fl
 
 
 def probe_train(bundle: Path, manifest: dict) -> dict[str, float]:
+    """Peak memory of serving and training the way the runtime does: one set of parameter arrays shared
+    by the serving session and the step graph, two steps on a batch of the bundle's size.
+    """
+    from eclm.onnx_weights import read_initializers
     from eclm.ort import load_onnxruntime
-    from eclm.ort_train import OrtTrainer, training_available
+    from eclm.train_step import StepRunner, open_session
 
     load_onnxruntime()
-    training_available()  # loads the C binding before the baseline is taken
     base = _rss_bytes()
-    trainer = OrtTrainer(bundle / manifest["training"]["folder"])
+    weights = read_initializers(bundle / "model.onnx")
+    serving, kept = open_session(bundle / "model.onnx", weights)
     batch = int(manifest["training"]["batch_size"])
     x = _input_batch(manifest, batch)
+    serving.run(None, {serving.get_inputs()[0].name: x[:1]})
+    runner = StepRunner(bundle / manifest["training"]["step"], weights, manifest["training"]["trainable_params"])
     y = np.arange(batch, dtype=np.int64) % len(manifest["labels"])
+    lr = float(manifest["training"]["learning_rate"])
     t = time.perf_counter()
-    loss = trainer.train_step(x, y)
+    loss = runner.step(x, y, lr)
     first = time.perf_counter() - t
     t = time.perf_counter()
-    loss2 = trainer.train_step(x, y)
+    loss2 = runner.step(x, y, lr)
     second = time.perf_counter() - t
+    del kept
     return {
         "training_memory_bytes": max(0, _peak_bytes() - base),
         "train_step_ms_host": second * 1e3,

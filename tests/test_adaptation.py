@@ -26,7 +26,7 @@ from bench.corruptions import corrupt
 from eclm.archive import tar_bundle
 from eclm.errors import BundleError, ConfigError
 from eclm.manifest import BundleManifest, bundle_digest, read_manifest, write_manifest
-from eclm.ort_train import OrtTrainer
+from eclm.onnx_weights import read_initializers
 from eclm.signing import generate_keys, load_verifier
 from edge_runtime.config import load_config
 from edge_runtime.drift import DriftMonitor, PageHinkley, importance_distance
@@ -533,8 +533,7 @@ def test_worse_module_update_is_rolled_back(pi4: Path, own, tmp_path: Path) -> N
         # the serving parameters of the largest module, scrambled
         module = max(svc.serving.manifest.modules, key=lambda m: len(m["params"]))
         pid = module["part_id"]
-        trainer = OrtTrainer(pi4 / "training", checkpoint=svc.serving.checkpoint_path)
-        current = {n.removeprefix("net."): trainer.parameter(n) for n in module["params"]}
+        current = {n.removeprefix("net."): svc.serving.weights[n].copy() for n in module["params"]}
         rng = np.random.default_rng(0)
         scrambled = {n: (rng.uniform(0.5, 2.0, v.shape) if n.endswith("running_var")
                          else rng.normal(0.0, 1.0, v.shape)).astype(np.float32) for n, v in current.items()}
@@ -622,7 +621,7 @@ def test_bundle_archives_are_verified_and_worse_bundles_rolled_back(
         holdout = svc.store.holdout_set()
         expected_before = svc.serving.accuracy(holdout.x, holdout.y)
         expected_after = ServingModel(read_manifest(worse), worse, "x", 0, worse / "model.onnx",
-                                      None).accuracy(holdout.x, holdout.y)
+                                      read_initializers(worse / "model.onnx")).accuracy(holdout.x, holdout.y)
         assert expected_after < expected_before  # the adapted device does better on its own data
         result = svc.install_bundle_archive(tar_bundle(worse), verifier)
         assert result["rolled_back"] is True and result["applied"] is False, result

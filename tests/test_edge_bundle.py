@@ -13,7 +13,9 @@ from test_edge_support import copy_bundle, flip_byte, generation_problems, make_
 
 from eclm.errors import BundleError
 from eclm.manifest import BundleManifest, bundle_digest, verify_bundle
+from eclm.onnx_weights import read_initializers
 from edge_runtime.model import ServingModel
+from edge_runtime.state import PARAMS, read_params
 
 Bundles = dict[str, tuple[Path, BundleManifest]]
 
@@ -27,7 +29,7 @@ def _edit_manifest(bundle: Path, edit: Callable[[dict], None]) -> None:
 TAMPERS: dict[str, Callable[[Path], None]] = {
     "model-byte": lambda b: flip_byte(b / "model.onnx"),
     "model-first-byte": lambda b: flip_byte(b / "model.onnx", 0),
-    "checkpoint-byte": lambda b: flip_byte(b / "training" / "checkpoint"),
+    "step-graph-byte": lambda b: flip_byte(b / "training" / "train_step.onnx"),
     "model-truncated": lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes()[:-1]),
     "selector-missing": lambda b: (b / "selector.onnx").unlink(),
     "extra-file": lambda b: (b / "training" / "extra.onnx").write_bytes(b"\x00"),
@@ -167,18 +169,19 @@ def two_generations(pi4: Path, xy, tmp_path_factory: pytest.TempPathFactory) -> 
     assert json.loads((state / "gens" / "000002" / "generation.json").read_text())["parent"] == 1
     probs: dict[int, list] = {}
     for gen in (0, 1, 2):
-        folder = pi4 if gen == 0 else state / "gens" / f"{gen:06d}"
+        weights = read_initializers(pi4 / "model.onnx")
+        if gen:  # a generation holds only the parameters it changed; the rest are the bundle's
+            weights.update(read_params(state / "gens" / f"{gen:06d}", weights))
         manifest = BundleManifest.from_dict(json.loads((pi4 / "manifest.json").read_text()))
-        model = ServingModel(manifest, pi4, bundle_digest(pi4), gen, folder / "model.onnx", None)
+        model = ServingModel(manifest, pi4, bundle_digest(pi4), gen, pi4 / "model.onnx", weights)
         probs[gen] = model.predict(xy[0][:20]).tolist()
     return state, probs
 
 
 CORRUPTIONS: dict[str, Callable[[Path], None]] = {
-    "model-byte": lambda g: flip_byte(g / "model.onnx"),
-    "model-missing": lambda g: (g / "model.onnx").unlink(),
-    "checkpoint-byte": lambda g: flip_byte(g / "checkpoint"),
-    "checkpoint-truncated": lambda g: (g / "checkpoint").write_bytes(b""),
+    "params-byte": lambda g: flip_byte(g / PARAMS),
+    "params-missing": lambda g: (g / PARAMS).unlink(),
+    "params-truncated": lambda g: (g / PARAMS).write_bytes(b""),
 }
 
 
@@ -198,7 +201,7 @@ def test_a_corrupted_generation_falls_back_to_its_parent(
         out = svc.predict(xy[0][:20])
         assert out["generation"] == 1
         assert np.allclose(out["probabilities"], probs[1], atol=1e-5)
-        assert svc.serving.trainable  # the parent's checkpoint is used for the next run
+        assert svc.serving.trainable  # the parent's parameters start the next run
     finally:
         svc.close()
 

@@ -19,6 +19,7 @@ from test_edge_support import EdgeServer, generation_problems, temporaries
 
 from eclm.manifest import BundleManifest, bundle_digest, verify_bundle
 from edge_runtime.outbox import Outbox
+from edge_runtime.state import PARAMS
 
 Bundles = dict[str, tuple[Path, BundleManifest]]
 SERVE_ARGS = ["--train-every", "0", "--epochs", "8"]  # a run of ~0.5 s: long enough to be hit at a delay
@@ -60,7 +61,7 @@ def _train_and_kill(srv: EdgeServer, state: Path, phase: str) -> str:
     elif phase == "workdir":  # training has begun in its temporary folder
         _wait_for(lambda: any(work.glob(".tmp-*")))
     elif phase == "exported":  # the trained model is written, the holdout gate is about to run
-        _wait_for(lambda: any(work.glob(".tmp-*/model.onnx")))
+        _wait_for(lambda: any(work.glob(f".tmp-*/{PARAMS}")))
     elif phase == "delta-written":  # the delta is in the outbox; the commit and the pointer swap follow
         _wait_for(lambda: len(list((state / "outbox").glob("*.delta"))) > deltas)
     elif phase == "committed":  # the work folder was renamed into gens/ (or dropped): the pointer swap is next
@@ -208,6 +209,6 @@ def test_leftover_temporaries_are_removed_on_start(pi4: Path, xy, tmp_path: Path
     (half_bundle / "model.onnx").write_bytes(b"half")
     half_gen = state / "gens" / ".tmp-def456"
     half_gen.mkdir()
-    (half_gen / "model.onnx").write_bytes(b"half")
+    (half_gen / PARAMS).write_bytes(b"half")
     _check_recovered(state, pi4, 0, xy[0])
     assert not half_bundle.exists() and not half_gen.exists()

@@ -17,9 +17,11 @@ from _eclm_testutil import DEVICE_CLASSES, comparable_pairs
 from device_profiles import available_profiles, load_profile
 from eclm.errors import BundleError, ExportValidationError
 from eclm.manifest import MANIFEST, hash_files, read_manifest, verify_bundle
-from eclm.ort_train import TRAINING_FILES, OrtTrainer, training_available
+from eclm.onnx_weights import read_initializers
+from eclm.train_step import STEP_FILE, StepRunner
 from exporter.bank import DirectoryBank
 from exporter.modular import ModularNet, SubModel
+from exporter.onnx_export import Normalised
 from exporter.torchio import model_from_bank
 from exporter.validate import TOLERANCE, compare_outputs
 
@@ -178,90 +180,167 @@ def test_no_training_for_profiles_without_ort_training(name: str, digits_bundles
     assert not any(m["trainable"] for m in manifest.modules + manifest.fixed_parts)
 
 
+def _runner(out_dir: Path, manifest) -> tuple[StepRunner, dict[str, np.ndarray]]:
+    weights = read_initializers(out_dir / "model.onnx")
+    return StepRunner(out_dir / manifest.training["step"], weights, manifest.training["trainable_params"]), weights
+
+
 @pytest.mark.parametrize("name", TRAINING_PROFILES)
-def test_training_artifacts_load_and_learn(name: str, digits_bundles, device_batch) -> None:
-    if not training_available():
-        pytest.skip("this ONNX Runtime has no training API (onnxruntime-training-cpu not installed)")
+def test_training_step_loads_and_learns(name: str, digits_bundles, device_batch) -> None:
     out_dir, manifest = digits_bundles[name]
     training = manifest.training
     assert training["available"] is True and training["reason"] == ""
-    assert training["folder"] == "training"
-    for f in TRAINING_FILES:
-        assert (out_dir / "training" / f).exists()
-        assert f"training/{f}" in manifest.files
+    assert training["folder"] == "training" and training["step"] == f"training/{STEP_FILE}"
+    assert training["step"] in manifest.files and (out_dir / training["step"]).is_file()
+    assert sorted(p.name for p in (out_dir / "training").iterdir()) == [STEP_FILE]  # no ORT training artifacts
+    assert training["optimizer"]["name"] == "adamw"
     parts = training["trainable_parts"]
     assert parts[0] == "head"
     assert not [p for p in parts if p in ("stem", "selector.embed") or p.startswith("selector.gate")]
     assert training["estimated_bytes"] <= training["budget_bytes"] == load_profile(name).training_budget_bytes
+    check = manifest.validation["training"]
+    assert check["steps"] == 10 and check["gradients"] < 1e-5 and check["loss"] < 1e-5
 
-    trainer = OrtTrainer(out_dir / "training")
+    runner, _ = _runner(out_dir, manifest)
     x_all, y_all = device_batch
     batch = int(training["batch_size"])
     x, y = x_all[:batch], y_all[:batch]
-    # The eval graph is the inference graph.
-    _, logits = trainer.eval_step(x, y)
+    # The step's forward pass is the serving graph.
+    first, logits = runner.step_with_logits(x, y, float(training["learning_rate"]))
     ref = _session(out_dir / "model.onnx").run(["logits"], {"input": x})[0]
     assert float(np.max(np.abs(logits - ref))) <= TOLERANCE
-    trainer.set_learning_rate(float(training["learning_rate"]))
-    losses = [trainer.train_step(x, y) for _ in range(10)]
+    losses = [first] + [runner.step(x, y, float(training["learning_rate"])) for _ in range(9)]
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
-    after, _ = trainer.eval_step(x, y)
-    before, _ = OrtTrainer(out_dir / "training").eval_step(x, y)
-    assert after < before, (before, after)
 
 
 @pytest.mark.parametrize("name", TRAINING_PROFILES[:1])
-def test_ort_trainer_parameter_returns_values(name: str, digits_bundles) -> None:
+def test_the_weights_reader_matches_onnx(name: str, digits_bundles) -> None:
+    """The torch- and onnx-free reader the device uses returns every initializer, value for value."""
     import onnx
     from onnx import numpy_helper
 
-    out_dir, _ = digits_bundles[name]
-    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out_dir / "model.onnx")).graph.initializer}
-    trainer = OrtTrainer(out_dir / "training")
-    assert set(trainer.parameter_names()) == set(inits)
-    for name_ in ("net.head.fc.weight", "net.stem.body.conv.weight", "norm_mean"):
-        value = trainer.parameter(name_)
-        assert value.dtype == np.float32, (name_, value.dtype)
-        np.testing.assert_array_equal(value, inits[name_])
+    out_dir, manifest = digits_bundles[name]
+    for rel in ("model.onnx", manifest.training["step"], "selector.onnx"):
+        inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out_dir / rel)).graph.initializer}
+        got = read_initializers(out_dir / rel)
+        assert set(got) == set(inits), rel
+        for key, value in inits.items():
+            assert got[key].dtype == value.dtype and got[key].shape == value.shape, (rel, key)
+            np.testing.assert_array_equal(got[key], value)
+
+
+@pytest.mark.parametrize("name", TRAINING_PROFILES[:1])
+def test_the_step_graph_holds_frozen_parts_as_constants(name: str, digits_bundles) -> None:
+    """Trainable parameters are inputs; every other tensor of the model is an initializer of the same name
+    and value (the device hands its serving arrays to both graphs)."""
+    out_dir, manifest = digits_bundles[name]
+    model = read_initializers(out_dir / "model.onnx")
+    step = read_initializers(out_dir / manifest.training["step"])
+    trainable = set(manifest.training["trainable_params"])
+    assert set(step) == set(model) - trainable
+    for key, value in step.items():
+        np.testing.assert_array_equal(value, model[key])
+    inputs = {i.name for i in _session(out_dir / manifest.training["step"]).get_inputs()}
+    assert {n.removeprefix("param/") for n in inputs if n.startswith("param/")} == trainable
+    assert not [n for n in inputs if n.endswith(("running_mean", "running_var"))]  # statistics stay frozen
 
 
 @pytest.mark.parametrize("name", TRAINING_PROFILES[:1])
 def test_training_updates_trainable_parts_only(name: str, digits_bundles, device_batch) -> None:
-    """Weights of frozen parts (stem, selector) never move; the head's do."""
+    """The step moves the head and the trainable modules; frozen parts (stem, selector) are constants."""
     out_dir, manifest = digits_bundles[name]
-    trainer = OrtTrainer(out_dir / "training")
-
-    value = trainer.parameter
-    names = [n for n in trainer.parameter_names() if not n.endswith(("running_mean", "running_var"))]
-    before = {n: value(n) for n in names}
+    runner, weights = _runner(out_dir, manifest)
+    before = {n: a.copy() for n, a in weights.items()}
     x, y = device_batch[0][:16], device_batch[1][:16]
     for _ in range(3):
-        trainer.train_step(x, y)
-    changed = {n for n in names if not np.array_equal(before[n], value(n))}
-    frozen = [n for n in names if n.startswith(("net.stem.", "net.selector.", "norm_"))]
-    assert frozen and not (changed & set(frozen)), sorted(changed & set(frozen))
+        runner.step(x, y, 1e-3)
+    assert all(np.array_equal(weights[n], before[n]) for n in weights)  # the caller's arrays are only read
+    changed = {n for n, a in runner.parameters().items() if not np.array_equal(a, before[n])}
     assert {"net.head.fc.weight", "net.head.fc.bias"} <= changed
     trainable_prefixes = ["net.head."] + [
         f"net.layers.{m['layer']}.mods.m{m['index']}." for m in manifest.modules if m["trainable"]
     ]
     assert all(n.startswith(tuple(trainable_prefixes)) for n in changed), sorted(changed)
+    assert not [n for n in changed if n.startswith(("net.stem.", "net.selector.", "norm_"))]
 
 
-@pytest.mark.parametrize("name", TRAINING_PROFILES[:1])
-def test_training_keeps_batchnorm_statistics_frozen(name: str, digits_bundles, device_batch) -> None:
-    out_dir, _ = digits_bundles[name]
-    trainer = OrtTrainer(out_dir / "training")
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_graph_uses_the_default_onnx_domain_only(name: str, digits_bundles) -> None:
+    """Plain ONNX Runtime (any build, any board) runs every graph of every bundle: no custom or contrib ops."""
+    import onnx
 
-    value = trainer.parameter
-    stats = [n for n in trainer.parameter_names() if n.endswith(("running_mean", "running_var"))]
-    before = {n: value(n) for n in stats}
-    x, y = device_batch[0][:16], device_batch[1][:16]
-    eval_loss, _ = trainer.eval_step(x, y)
-    first_loss = trainer.train_step(x, y)
-    moved = [n for n in stats if not np.array_equal(before[n], value(n))]
-    assert not moved, moved[:4]
-    assert first_loss == pytest.approx(eval_loss, rel=1e-3, abs=1e-4)
+    out_dir, manifest = digits_bundles[name]
+    graphs = [rel for rel in manifest.files if rel.endswith(".onnx")]
+    assert {"model.onnx", "selector.onnx"} <= set(graphs)
+    assert (manifest.training["step"] in graphs) is manifest.training["available"]
+    for rel in graphs:
+        model = onnx.load(str(out_dir / rel))
+        domains = {n.domain for n in model.graph.node} | {o.domain for o in model.opset_import}
+        assert domains <= {"", "ai.onnx"}, (rel, domains)
+        assert not model.functions, rel
+
+
+def _flip_a_gradient(src: Path, dst: Path) -> None:
+    """Negate the output of the step graph's first ConvTranspose (an input gradient of a convolution):
+    every gradient below it changes sign, the graph stays valid."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    node = next(n for n in model.graph.node if n.op_type == "ConvTranspose")
+    out = node.output[0]
+    node.output[0] = out + "_unflipped"
+    index = list(model.graph.node).index(node)
+    model.graph.node.insert(index + 1, helper.make_node("Neg", [out + "_unflipped"], [out]))
+    onnx.save(model, str(dst))
+
+
+def test_the_export_check_catches_a_wrong_gradient(digits_bank, digits_bundles, device_batch, tmp_path) -> None:
+    """The check the exporter runs on every step graph fails, with the export-check exit code, when one
+    gradient in the graph has the wrong sign."""
+    from exporter.step_graph import OptimizerSpec
+    from exporter.validate import check_step
+
+    out_dir, manifest = digits_bundles["pi4"]
+    broken = tmp_path / "broken.onnx"
+    _flip_a_gradient(out_dir / manifest.training["step"], broken)
+    model = model_from_bank(DirectoryBank(digits_bank[0]))
+    norm = digits_bank[1].normalisation
+    sub = Normalised(SubModel(model, manifest.selection), norm["mean"], norm["std"]).eval()
+    x, y = device_batch
+    batches = [(x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]) for i in range(3)]
+    opt = OptimizerSpec.from_dict(manifest.training["optimizer"])
+    trainable = manifest.training["trainable_params"]
+    good = check_step(out_dir / manifest.training["step"], sub, trainable, opt, batches, 1e-3)
+    assert good["gradients"] < 1e-5
+    with pytest.raises(ExportValidationError) as exc:
+        check_step(broken, sub, trainable, opt, batches, 1e-3)
+    assert exc.value.exit_code == 15
+    assert "gradient of net." in exc.value.message
+
+
+def test_eclm_export_exits_with_the_check_code_on_a_wrong_gradient(digits_bank, tmp_path, monkeypatch) -> None:
+    """End to end: a step graph broken during the export makes `eclm-export` exit 15 and write no bundle."""
+    from typer.testing import CliRunner
+
+    import exporter.export as export_module
+    from exporter.cli import app
+
+    real = export_module.export_step
+
+    def broken_export(*args, **kwargs) -> None:
+        real(*args, **kwargs)
+        path = args[3]
+        _flip_a_gradient(path, path)
+
+    monkeypatch.setattr(export_module, "export_step", broken_export)
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["--bank", str(digits_bank[0]), "--profile", "pi4", "--out", str(out),
+                                      "--classes", "1,4,7"])
+    assert result.exit_code == 15, result.output
+    assert "disagrees with PyTorch autograd" in result.output
+    assert not out.exists()
 
 
 # --- sizes across profiles ----------------------------------------------------------------------
