@@ -203,32 +203,65 @@ def start_edge(root: Path, venv_bin: Path, bundle: Path, cache: Path, timings: d
     run.mkdir(parents=True)
     shutil.copytree(bundle, run / "bundle")
     port = free_port()
-    edge = Board(port)
-    # Automatic training and resource monitors off: the run decides when to train, and emulated CPU and
-    # latency readings would step the variant ladder down for reasons no board has.
-    argv = [str(venv_bin / "eclm-edge"), "serve", "--bundle", f"{RUN}/bundle", "--state-dir", f"{RUN}/state",
-            "--port", str(port), "--device-id", "board-arm64", "--train-every", "0"]
-    env = {"ECLM_EDGE_RESOURCE_INTERVAL_S": "0", "ECLM_EDGE_DRIFT": "false"}
+    argv = serve_argv(venv_bin / "eclm-edge", Path(RUN) / "bundle", Path(RUN) / "state", port)
     say(f"inside: {shlex.join(argv)}")
+    t0 = time.perf_counter()
+    board, proc = launch(chroot.inside(root, argv, env=SERVE_ENV), port, cache / "serve.log",
+                         "eclm-edge serve (emulated)")
+    timings["serve_start_s"] = time.perf_counter() - t0
+    say(f"serving after {timings['serve_start_s']:.0f} s (emulated)")
+    return board, proc
+
+
+# Automatic training and resource monitors off: the run decides when to train, and emulated CPU and
+# latency readings would step the variant ladder down for reasons no board has.
+SERVE_ENV = {"ECLM_EDGE_RESOURCE_INTERVAL_S": "0", "ECLM_EDGE_DRIFT": "false"}
+
+
+def serve_argv(edge_bin: Path, bundle: Path, state: Path, port: int) -> list[str]:
+    return [str(edge_bin), "serve", "--bundle", str(bundle), "--state-dir", str(state), "--port", str(port),
+            "--device-id", "board-arm64", "--train-every", "0"]
+
+
+def launch(cmd: list[str], port: int, log_path: Path, what: str, env: dict[str, str] | None = None,
+           timeout: float = 600) -> tuple[Board, Any]:
+    """Start a server process and wait (with progress lines) until it answers /healthz."""
+    board = Board(port)
     t0 = last_say = time.perf_counter()
-    with open(cache / "serve.log", "w") as log:
-        proc = subprocess.Popen(chroot.inside(root, argv, env=env), stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while time.time() < deadline:
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    while time.perf_counter() - t0 < timeout:
         if time.perf_counter() - last_say > 30:
-            say(f"starting eclm-edge serve (emulated): {time.perf_counter() - t0:.0f} s")
+            say(f"starting {what}: {time.perf_counter() - t0:.0f} s")
             last_say = time.perf_counter()
         try:
-            edge.get("/healthz")
-            timings["serve_start_s"] = time.perf_counter() - t0
-            say(f"serving after {timings['serve_start_s']:.0f} s (emulated)")
-            return edge, proc
+            board.get("/healthz")
+            return board, proc
         except OSError:
             if proc.poll() is not None:
-                raise EclmError("eclm-edge serve exited inside the rootfs", hint=f"see {cache / 'serve.log'}") from None
+                raise EclmError(f"{what} exited", hint=f"see {log_path}") from None
             time.sleep(0.5)
     stop_edge(proc)
-    raise EclmError("eclm-edge serve did not answer within 600 s", hint=f"see {cache / 'serve.log'}")
+    raise EclmError(f"{what} did not answer within {timeout:.0f} s", hint=f"see {log_path}")
+
+
+def native_step(bundle: Path, data: dict[str, np.ndarray], work: Path) -> dict[str, Any]:
+    """The same bundle, samples and run on this host, natively: what the emulated figures compare with."""
+    port = free_port()
+    argv = serve_argv(Path(sys.executable).parent / "eclm-edge", bundle, work / "native-state", port)
+    env = {**os.environ, **SERVE_ENV}
+    board, proc = launch(argv, port, work / "native-serve.log", "eclm-edge serve (native)", env=env)
+    try:
+        board.post("/v1/samples", {"inputs": data["x_local"].tolist(), "labels": [int(v) for v in data["y_local"]]})
+        last = train(board, [])
+    finally:
+        stop_edge(proc)
+    say(f"native reference: {last.get('steps')} steps, median {_f(last.get('step_ms_median'))} ms")
+    return last
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def stop_edge(proc: Any) -> None:
@@ -345,6 +378,9 @@ def run(cache: Path, out: Path) -> int:
                 timings["drive_s"] = time.perf_counter() - t0
             finally:
                 stop_edge(proc)
+        t0 = time.perf_counter()
+        figures["native"] = native_step(bundle, data, work)
+        timings["native_reference_s"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - t_start

@@ -32,7 +32,8 @@ def _f(v: Any, fmt: str) -> str:
 def render(out: Path, res: dict[str, Any]) -> str:
     """Write ``board.json`` and ``board.md`` to ``out``; returns the markdown."""
     res = {**res, "machine": machine_info()}
-    m, fig, t, tr = res["machine"], res["figures"], res["timings"], res["figures"].get("training", {})
+    m, fig, t = res["machine"], res["figures"], res["timings"]
+    tr, nat = fig.get("training", {}), fig.get("native", {})
     checks = res["checks"]
     passed = sum(c["ok"] for c in checks)
     rootfs = res["rootfs"]
@@ -66,6 +67,9 @@ def render(out: Path, res: dict[str, Any]) -> str:
             ["POST /v1/predict, batch 1, median of 20", f"{_f(fig.get('predict_http_ms_p50'), '.1f')} ms"],
             ["training step, median", f"{_f(fig.get('step_ms_emulated'), '.1f')} ms"],
             ["training run (steps, seconds)", f"{tr.get('steps', '–')} steps, {_f(tr.get('seconds'), '.1f')} s"],
+            ["the same run natively on the host (x86_64, onnxruntime " + str(m.get("onnxruntime")) + "): step, "
+             "median", f"{_f(nat.get('step_ms_median'), '.2f')} ms ({nat.get('steps', '–')} steps, "
+                       f"{_f(nat.get('seconds'), '.1f')} s)"],
             ["holdout accuracy in the run", f"{_f(tr.get('holdout_before'), '.3f')} -> "
                                             f"{_f(tr.get('holdout_after'), '.3f')}"],
             ["held-out accuracy over HTTP", f"{_f(fig.get('acc_before'), '.3f')} -> {_f(fig.get('acc_after'), '.3f')}"],
