@@ -42,7 +42,7 @@ CLASSES = (1, 4, 7)
 CORRUPTION = "rotation"  # the shift the device sees and the cloud model never did
 SRC, RUN = "/opt/eclm/src", "/opt/eclm/run"  # inside the rootfs
 PIP_CACHE = "/var/cache/eclm-pip"  # inside; bound to <cache>/pip
-BANK_INPUTS = ("pyproject.toml", "eclm", "exporter", "device_profiles")  # what the cached bank depends on
+BANK_INPUTS = ("pyproject.toml", "eclm", "exporter", "device_profiles")  # what the cached bank and bundle depend on
 PROBE = ("import importlib.metadata as md, importlib.util, json, platform; import onnxruntime as ort; "
          "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
          "'torch_installed': importlib.util.find_spec('torch') is not None, 'onnxruntime': ort.__version__, "
@@ -111,7 +111,7 @@ def committed_tree(dest: Path) -> str:
 
 
 def _bank_key() -> str:
-    """A digest of the files a bank is made from: the cached bank is reused only while they are unchanged."""
+    """A digest of the files bank and bundle are made from: the cached ones are reused only while these hold."""
     h = hashlib.sha256()
     for name in BANK_INPUTS:
         p = ROOT / name
@@ -122,30 +122,30 @@ def _bank_key() -> str:
 
 
 def host_bundle(cache: Path, work: Path, timings: dict[str, float]) -> tuple[Path, list[str]]:
-    """A digits pi4 bundle for ``CLASSES``, exported on the host; the bank is cached while its sources hold."""
+    """A digits pi4 bundle for ``CLASSES``, made on the host; bank and bundle are cached while their sources hold."""
     bin_dir = Path(sys.executable).parent
-    bank = cache / f"bank-digits-{_bank_key()}"
-    commands = []
-    train = [str(bin_dir / "eclm-cloud"), "train", "--dataset", "digits", "--bank", str(bank)]
-    if (bank / "bank.json").exists():
-        say(f"reusing the digits bank {bank} (made by: {shlex.join(train)})")
-    else:
-        for old in cache.glob("bank-digits-*"):
+    folder = cache / f"digits-{_bank_key()}"
+    for old in cache.glob("digits-*"):
+        if old != folder:
             shutil.rmtree(old)
-        say(f"host: {shlex.join(train)}")
-        t0 = time.perf_counter()
-        _host(train, work / "train.log")
-        timings["host_train_bank_s"] = time.perf_counter() - t0
-    commands.append(shlex.join(train))
-    bundle = work / "bundle"
+    bank, bundle = folder / "bank", folder / "bundle-pi4"
+    train = [str(bin_dir / "eclm-cloud"), "train", "--dataset", "digits", "--bank", str(bank)]
     export = [str(bin_dir / "eclm-export"), "--bank", str(bank), "--profile", "pi4", "--out", str(bundle),
               "--classes", ",".join(map(str, CLASSES))]
-    say(f"host: {shlex.join(export)}")
-    t0 = time.perf_counter()
-    _host(export, work / "export.log")
-    timings["host_export_s"] = time.perf_counter() - t0
-    commands.append(shlex.join(export))
-    return bundle, commands
+    for key, cmd, out, done in (("host_train_bank_s", train, bank, "bank.json"),
+                                ("host_export_s", export, bundle, "manifest.json")):
+        if (out / done).exists():
+            say(f"reusing {out} (made by: {shlex.join(cmd)})")
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        say(f"host: {shlex.join(cmd)}")
+        t0 = time.perf_counter()
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        _host([str(partial) if a == str(out) else a for a in cmd], work / f"{out.name}.log")
+        partial.rename(out)  # only a finished bank or bundle is ever reused
+        timings[key] = time.perf_counter() - t0
+    return bundle, [shlex.join(train), shlex.join(export)]
 
 
 def _host(cmd: list[str], log: Path) -> None:
@@ -253,7 +253,7 @@ def native_step(bundle: Path, data: dict[str, np.ndarray], work: Path) -> dict[s
     board, proc = launch(argv, port, work / "native-serve.log", "eclm-edge serve (native)", env=env)
     try:
         board.post("/v1/samples", {"inputs": data["x_local"].tolist(), "labels": [int(v) for v in data["y_local"]]})
-        last = train(board, [])
+        last = train(board, [], "native")
     finally:
         stop_edge(proc)
     say(f"native reference: {last.get('steps')} steps, median {_f(last.get('step_ms_median'))} ms")
@@ -320,7 +320,7 @@ def drive(edge: Board, root: Path, data: dict[str, np.ndarray], checks: list[Che
     return figures
 
 
-def train(edge: Board, checks: list[Check], timeout: float = 1800) -> dict[str, Any]:
+def train(edge: Board, checks: list[Check], what: str = "emulated", timeout: float = 1800) -> dict[str, Any]:
     """POST /v1/train and wait (with progress lines) for the run's result."""
     code, out = edge.post("/v1/train", {})
     checks.append(Check("training run started", code == 202, f"{code} {json.dumps(out)[:200]}"))
@@ -330,10 +330,10 @@ def train(edge: Board, checks: list[Check], timeout: float = 1800) -> dict[str, 
     while time.monotonic() - t0 < timeout:
         tr = edge.get("/v1/status")["training"]
         if not tr["running"] and tr["last"]:
-            say(f"training finished in {time.monotonic() - t0:.0f} s (emulated)")
+            say(f"training finished in {time.monotonic() - t0:.0f} s ({what})")
             return dict(tr["last"])
         if time.monotonic() - last_say > 30:
-            say(f"training (emulated): {time.monotonic() - t0:.0f} s")
+            say(f"training ({what}): {time.monotonic() - t0:.0f} s")
             last_say = time.monotonic()
         time.sleep(1)
     return {"accepted": False, "reason": f"no result within {timeout:.0f} s"}
