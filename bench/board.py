@@ -145,7 +145,8 @@ def host_bundle(cache: Path, work: Path, timings: dict[str, float]) -> tuple[Pat
         _host([str(partial) if a == str(out) else a for a in cmd], work / f"{out.name}.log")
         partial.rename(out)  # only a finished bank or bundle is ever reused
         timings[key] = time.perf_counter() - t0
-    return bundle, [shlex.join(train), shlex.join(export)]
+    shown = [[Path(cmd[0]).name, *cmd[1:]] for cmd in (train, export)]  # as a user types them
+    return bundle, [shlex.join(cmd) for cmd in shown]
 
 
 def _host(cmd: list[str], log: Path) -> None:
@@ -387,7 +388,7 @@ def run(cache: Path, out: Path) -> int:
     results = {"command": "python -m bench.board " + shlex.join(sys.argv[1:]),
                "checks": [vars(c) for c in checks], "figures": figures, "timings": timings, "rootfs": rootfs,
                "install_command": command, "commit": commit, "host_commands": host_commands, "probe": info,
-               "classes": list(CLASSES), "corruption": CORRUPTION, "samples": {
+               "classes": list(CLASSES), "load_avg_1m": os.getloadavg()[0], "corruption": CORRUPTION, "samples": {
                    "local": len(data["y_local"]), "test": len(data["y_test"])}}
     render(out, results)
     failed = [c.name for c in checks if not c.ok]

@@ -9,8 +9,7 @@ from typing import Any
 from bench.common import machine_info, md_table, write_results
 
 EMULATED = ("measured under qemu-user emulation of aarch64 on the x86 host named above: emulated figures, "
-            "not Raspberry Pi figures (a Pi 4's Cortex-A72 runs native code; emulation is typically "
-            "several times slower)")
+             "not Raspberry Pi figures")
 
 
 @dataclass
@@ -29,6 +28,11 @@ def _f(v: Any, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _ratio(emulated: dict[str, Any], native: dict[str, Any]) -> str:
+    e, n = emulated.get("step_ms_median"), native.get("step_ms_median")
+    return f"{e / n:.0f} times as long as" if e and n else "longer than"
+
+
 def render(out: Path, res: dict[str, Any]) -> str:
     """Write ``board.json`` and ``board.md`` to ``out``; returns the markdown."""
     res = {**res, "machine": machine_info()}
@@ -37,13 +41,16 @@ def render(out: Path, res: dict[str, Any]) -> str:
     checks = res["checks"]
     passed = sum(c["ok"] for c in checks)
     rootfs = res["rootfs"]
-    cached = rootfs["reused"] and "host_train_bank_s" not in t
+    cached = rootfs["reused"] and "host_train_bank_s" not in t and "host_export_s" not in t
     lines = [
         "# The board: `eclm-edge` on an emulated arm64 Debian board", "",
         f"Command: `sudo make board-test` (runs `{res['command']}`), commit `{res['commit'][:10]}`, "
-        f"{m['date']}; host {m['cpu']}, {m['cores']} cores. The rootfs, the digits bank and pip's downloads "
-        f"are cached in the cache folder; this run {'reused all three' if cached else 'built some of them'}.", "",
-        f"**{passed} of {len(checks)} checks passed.** Times and latencies are {EMULATED}.", "",
+        f"{m['date']}; host {m['cpu']}, {m['cores']} cores. The rootfs, the digits bank and bundle and pip's downloads "
+        f"are cached in the cache folder; this run {'reused all of them' if cached else 'built some of them'}.", "",
+        f"**{passed} of {len(checks)} checks passed.** Times and latencies are {EMULATED}: emulation "
+        f"translates every aarch64 instruction, and this run's training step took {_ratio(tr, nat)} the same "
+        f"step run natively on the host; a Pi 4 (Cortex-A72) is neither. The host is shared (load average "
+        f"{res['load_avg_1m']:.1f} on {m['cores']} cores when the run ended), so the times vary between runs.", "",
         "## What ran",
         f"- Rootfs: `{rootfs['command']}` (Debian bookworm, arm64; "
         f"{'reused, built ' + str(rootfs['built']) if rootfs['reused'] else 'built in this run'}, "
