@@ -20,7 +20,7 @@ def machine_info() -> dict[str, Any]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     versions = {}
-    for dist in ("torch", "onnxruntime-training-cpu", "onnxruntime", "paho-mqtt", "numpy"):
+    for dist in ("torch", "onnxruntime", "onnx", "onnxscript", "paho-mqtt", "numpy"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -7,7 +7,7 @@ A. Peak RSS of the torch-free runtime (``EdgeService`` in an edge-only virtualen
    storing samples and fine-tuning, vs the same work done with PyTorch.
 B. ``EdgeService.predict`` vs a bare ONNX Runtime session on the same model, in one process.
 C. HTTP latency of ``eclm-edge serve`` (POST /v1/predict, batch 1, keep-alive).
-D. The runtime's training step vs the bare ORT training API and vs a PyTorch step.
+D. The runtime's training step vs a bare session on the same step graph and vs a PyTorch step.
 E. On-device adaptation of three digits devices with corrupted, class-skewed local data.
 
 The edge virtualenv is created at ``/tmp/eclm-edge-venv`` (``pip install -e '.[edge]'``) if missing.
@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-EDGE_VENV = Path("/tmp/eclm-edge-venv")
+DEFAULT_EDGE_VENV = Path("/tmp/eclm-edge-venv")
+EDGE_VENV = DEFAULT_EDGE_VENV  # set by --edge-venv
 EDGE_PY = EDGE_VENV / "bin" / "python"
 MiB = 2**20
 PROFILE = "pi4"
@@ -1076,6 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="work folder kept between runs (banks and bundles are reused); "
                    "default: a temporary folder, removed")
     p.add_argument("--only", default="ABCDE", help="sections to run, e.g. AB")
+    p.add_argument("--edge-venv", type=Path, default=DEFAULT_EDGE_VENV,
+                   help="the edge-only virtualenv (created if missing)")
     p.add_argument("--child", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -1086,6 +1089,8 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    global EDGE_VENV, EDGE_PY
+    EDGE_VENV, EDGE_PY = args.edge_venv.resolve(), args.edge_venv.resolve() / "bin" / "python"
     command = "python -m bench.edge_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     res: dict[str, Any] = {"command": command, "quick": args.quick, "machine": machine_info()}

@@ -208,7 +208,7 @@ Command: `{command}`.
 - Memory: ORT peaks are the bundle manifest's `costs.measured` (torch-free subprocess, VmHWM minus RSS
   after importing onnxruntime); torch eager peak is VmHWM minus RSS after importing torch and the model
   code, in a fresh subprocess with one batch-1 forward. Export time is the wall clock of `export_bundle`
-  (ONNX export of the model, its selector and smaller variants, checks, training artifacts, and both
+  (ONNX export of the model, its selector and smaller variants, checks, the training step graph and its check, and both
   measurement subprocesses).
 - "over budget" lists the manifest's `within_budget` checks that failed.
 """

@@ -42,7 +42,7 @@ class BundleError(EclmError):
 
 class ExportValidationError(EclmError):
     exit_code = 15
-    help = "The exported ONNX graph disagrees with the PyTorch model or its training artifacts do not run."
+    help = "An exported ONNX graph disagrees with the PyTorch model, or its training step with PyTorch autograd."
 
 
 class DataError(EclmError):
@@ -57,7 +57,8 @@ class ConfigError(EclmError):
 
 class TrainingUnavailableError(EclmError):
     exit_code = 18
-    help = "The serving bundle has no on-device training artifacts; it serves and collects samples only."
+    help = ("The serving bundle cannot train on this device (no step graph, or one this ONNX Runtime cannot load);"
+            " it serves and collects samples only.")
 
 
 class BrokerError(EclmError):

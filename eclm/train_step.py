@@ -51,10 +51,13 @@ def release_memory() -> None:
         pass
 
 
-# Graph rewrites that would keep a second, re-laid-out copy of weights the runtime already holds:
-# the blocked (NCHWc) layout of convolution weights, and convolution fusions that bake a following
-# Mul or Add into new weights. Prepacking is turned off for the same reason (see session_options).
-COPYING_OPTIMIZERS = ("NchwcTransformer", "ConvAddFusion", "ConvMulFusion", "ConvBNFusion")
+# Graph rewrites that must not run on a graph whose initializers the runtime hands in:
+# - constant folding computes with the values in the file, not the ones handed in, so a trained
+#   BatchNorm scale (folded with its statistics) would be silently ignored;
+# - the blocked (NCHWc) layout of convolution weights, and convolution fusions that bake a following
+#   Mul or Add into new weights, keep a second copy beside the runtime's array (and likewise ignore it).
+# Prepacking is turned off for the same reason (see session_options).
+DISABLED_OPTIMIZERS = ("ConstantFolding", "NchwcTransformer", "ConvAddFusion", "ConvMulFusion", "ConvBNFusion")
 
 
 def session_options(threads: int = 1) -> Any:
@@ -82,7 +85,7 @@ def open_session(path: Path, arrays: Mapping[str, np.ndarray], threads: int = 1)
         options.add_initializer(name, value)
         kept.append(value)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=list(COPYING_OPTIMIZERS))
+                                   disabled_optimizers=list(DISABLED_OPTIMIZERS))
     return session, kept
 
 

@@ -261,7 +261,7 @@ class EdgeService:
         if not self.serving.trainable:
             raise TrainingUnavailableError(
                 f"this bundle cannot train on the device: {self.serving.training_reason}",
-                hint="it still serves and collects samples; export a bundle with training artifacts to train",
+                hint="it still serves and collects samples; export a bundle with a training step graph to train",
             )
         if self.training_now:
             return False
@@ -281,7 +281,7 @@ class EdgeService:
         if not self.serving.trainable:
             raise TrainingUnavailableError(
                 f"this bundle cannot train on the device: {self.serving.training_reason}",
-                hint="it still serves and collects samples; export a bundle with training artifacts to train",
+                hint="it still serves and collects samples; export a bundle with a training step graph to train",
             )
         self._train_job(reason)
         assert self.last_training is not None

@@ -9,7 +9,12 @@ from exporter.costs import SESSION_OVERHEAD_BYTES, PartCost
 
 TRAIN_FOLDER = "training"
 BACKWARD_FACTOR = 3.0  # activations kept for backward plus their gradients, per trainable part
-OPTIMIZER_COPIES = 3  # gradient plus AdamW's two moments, per trainable parameter
+# Copies of each trainable parameter while the step graph runs (exporter/step_graph.py, eclm/train_step.py):
+# two parameter buffers (the step reads one and writes the other), two per optimizer state slot, the gradient.
+TRAINABLE_COPIES = {"adamw": 2 + 2 * 2 + 1, "sgd": 2 + 2 * 1 + 1}
+# The runtime's one set of weights, plus what the step graph's session holds while it loads (its own
+# copy of the frozen parameters, read from the file, is let go once the shared arrays replace it).
+WEIGHT_COPIES = 2
 
 
 @dataclass(frozen=True)
@@ -22,15 +27,16 @@ class TrainingPlan:
 
 
 def estimate_training_bytes(
-    costs: Mapping[str, PartCost], all_parts: Sequence[str], trainable: Sequence[str], batch_size: int
+    costs: Mapping[str, PartCost], all_parts: Sequence[str], trainable: Sequence[str], batch_size: int,
+    optimizer: str = "adamw",
 ) -> int:
-    """Weights of the whole sub-model, optimizer state of the trainable parts, and the activations
-    the backward pass keeps from the first trainable part on, at ``batch_size``.
+    """Weights of the whole sub-model, the step's buffers and optimizer state of the trainable parts, and
+    the activations the backward pass keeps from the first trainable part on, at ``batch_size``.
     """
     weights = sum(costs[p].param_bytes for p in all_parts)
-    optimizer = OPTIMIZER_COPIES * sum(costs[p].param_bytes for p in trainable)
+    step = TRAINABLE_COPIES[optimizer] * sum(costs[p].param_bytes for p in trainable)
     acts = BACKWARD_FACTOR * batch_size * sum(costs[p].activation_bytes for p in trainable)
-    return int(2 * weights + optimizer + acts + 2 * SESSION_OVERHEAD_BYTES)
+    return int(WEIGHT_COPIES * weights + step + acts + 2 * SESSION_OVERHEAD_BYTES)
 
 
 def plan_training(
@@ -40,6 +46,7 @@ def plan_training(
     budget_bytes: float,
     batch_size: int,
     max_layers: int | None = None,
+    optimizer: str = "adamw",
 ) -> TrainingPlan:
     """Train the head, then whole module layers from the last one down, while the estimate fits.
 
@@ -47,13 +54,13 @@ def plan_training(
     derived for stays valid and the device's importance reports stay comparable over time.
     """
     chosen = ["head"]
-    if estimate_training_bytes(costs, all_parts, chosen, batch_size) > budget_bytes:
+    if estimate_training_bytes(costs, all_parts, chosen, batch_size, optimizer) > budget_bytes:
         return TrainingPlan([], 0, budget_bytes)
     for count, layer_parts in enumerate(layers_top_down):
         if max_layers is not None and count >= max_layers:
             break
         trial = [*chosen, *layer_parts]
-        if estimate_training_bytes(costs, all_parts, trial, batch_size) > budget_bytes:
+        if estimate_training_bytes(costs, all_parts, trial, batch_size, optimizer) > budget_bytes:
             break
         chosen = trial
-    return TrainingPlan(chosen, estimate_training_bytes(costs, all_parts, chosen, batch_size), budget_bytes)
+    return TrainingPlan(chosen, estimate_training_bytes(costs, all_parts, chosen, batch_size, optimizer), budget_bytes)

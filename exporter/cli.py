@@ -28,7 +28,7 @@ def export(
     signing_key: Path = typer.Option(None, "--signing-key", envvar="ECLM_SIGNING_KEY", exists=True, dir_okay=False,
                                      help="Sign the manifest with this Ed25519 key (from `eclm-cloud keys`)."),
 ) -> None:
-    """Write a bundle: model.onnx, selector.onnx, ORT training artifacts (if the board trains), manifest.json.
+    """Write a bundle: model.onnx, selector.onnx, training/train_step.onnx (if the board trains), manifest.json.
 
     The sub-model maximises module importance (from --importance, --classes, or the bank's proxy
     data) within the profile's memory, compute and transfer budgets. The exporter checks ONNX

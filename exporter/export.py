@@ -213,7 +213,7 @@ def _build(
         reason = f"profile {profile.name} does not train on the device (ort_training = false); it serves inference only"
     else:
         plan = plan_training(costs, layers_top_down, used_parts, profile.training_budget_bytes,
-                             edge.batch_size, req.max_train_layers)
+                             edge.batch_size, req.max_train_layers, optimizer.name)
         if not plan.trainable_parts:
             reason = f"even the head alone exceeds {profile.name}'s training memory budget"
 

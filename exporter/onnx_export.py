@@ -1,11 +1,12 @@
 """ONNX export of sub-models and the selector, with normalisation baked into the graph.
 
-We use the TorchScript exporter (``dynamo=False``) at opset 17: it keeps every parameter as a
-graph initializer named after its state-dict key, which is what ONNX Runtime's
-``generate_artifacts`` needs to mark parameters trainable or frozen and what the device needs to
-map its deltas back to bank modules; its IR version (8) is one ONNX Runtime 1.19 accepts. Batch
-normalisation is exported as its eval-mode arithmetic (see :class:`FrozenBatchNorm2d`) and constant
-folding is off, so its running statistics stay frozen and its scale and shift stay trainable.
+We use the TorchScript exporter (``dynamo=False``) at opset 17 for the serving graphs: it keeps every
+parameter as a graph initializer named after its state-dict key, which is what the device needs to
+hand its own (trained) arrays to the session by name and to map its deltas back to bank modules,
+and the training step graph (``exporter/step_graph.py``) uses the same names. Batch normalisation
+is exported as its eval-mode arithmetic (see :class:`FrozenBatchNorm2d`) and constant folding is off,
+so its scale and shift stay separate, replaceable initializers rather than being folded into one
+constant.
 """
 
 from __future__ import annotations
@@ -18,18 +19,16 @@ import torch
 from torch import Tensor, nn
 
 OPSET = 17
-MAX_IR_VERSION = 10  # ONNX Runtime 1.19.2 refuses newer IR versions
 INPUT_NAME = "input"
 
 
 class FrozenBatchNorm2d(nn.Module):
     """Batch normalisation with frozen running statistics, written as a per-channel scale and shift.
 
-    ONNX Runtime's ``generate_artifacts`` turns every BatchNormalization node of the training graph
-    into training mode (batch statistics, running statistics rewritten by each step, even in frozen
-    parts). Exporting the eval-mode arithmetic instead keeps training and inference identical and
-    the statistics fixed, while ``weight`` and ``bias`` stay trainable. State-dict names match
-    ``nn.BatchNorm2d`` (without ``num_batches_tracked``).
+    Fine-tuning on a device sees small, skewed batches: batch statistics would be noisy and would
+    rewrite the running statistics. The eval-mode arithmetic keeps training and inference the same
+    function and the statistics fixed, while ``weight`` and ``bias`` stay trainable. State-dict names
+    match ``nn.BatchNorm2d`` (without ``num_batches_tracked``).
     """
 
     running_mean: Tensor
@@ -110,8 +109,6 @@ def export_onnx(module: nn.Module, path: Path, input_shape: tuple[int, ...], out
     model.graph.input.extend(kept)
     onnx.save(model, str(path))
     onnx.checker.check_model(model)
-    if model.ir_version > MAX_IR_VERSION:
-        raise RuntimeError(f"{path} has IR version {model.ir_version}; ONNX Runtime 1.19 reads <= {MAX_IR_VERSION}")
 
 
 def initializer_names(path: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """Session fixtures: one real digits module bank and one real bundle per registered device profile.
 
 Everything here is real: the bank is trained with torch on scikit-learn's digits, the bundles are
-exported to ONNX with ONNX Runtime training artifacts and measured by the torch-free probe.
+exported to ONNX with their training step graphs and measured by the torch-free probe.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def pi4(digits_bundles: dict[str, tuple[Path, BundleManifest]]) -> Path:
 
 @pytest.fixture(scope="session")
 def zero(digits_bundles: dict[str, tuple[Path, BundleManifest]]) -> Path:
-    """A bundle without on-device training (the profile has no ORT training API)."""
+    """A bundle without on-device training (the profile does not train on the device)."""
     path, manifest = digits_bundles["pi-zero-2w"]
     assert manifest.training["available"] is False
     return path

@@ -69,7 +69,7 @@ def test_serve_predict_and_train_in_a_fresh_interpreter_import_no_torch(
     assert result["modules"] == [], result["modules"][:10]
     assert len(result["predictions"]) == 4
     run = result["result"]
-    assert run["delta_id"] and run["steps"] > 0, run  # the training API ran, through the C binding
+    assert run["delta_id"] and run["steps"] > 0, run  # the step graph ran on plain onnxruntime
     assert result["delta_tensors"] > 0
     assert result["generation"] == (run["generation"] if run["accepted"] else 0)
 

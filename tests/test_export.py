@@ -1,5 +1,5 @@
 """Bundles for every registered profile: verification, budgets, ONNX Runtime against PyTorch,
-on-device training artifacts, tampering, and the accuracy the demo reports."""
+the training step graph, tampering, and the accuracy the demo reports."""
 
 from __future__ import annotations
 
