@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -32,17 +30,25 @@ from typing import Any
 import numpy as np
 
 from bench import chroot
+from bench.board_host import (
+    CLASSES,
+    CORRUPTION,
+    ROOT,
+    board_install_command,
+    committed_tree,
+    device_data,
+    fetched_wheels,
+    fill_wheelhouse,
+    host_bundle,
+    say,
+)
 from bench.board_report import Check, render
 from bench.broker import free_port
 from eclm.errors import EclmError
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = "/var/cache/eclm-board"
-CLASSES = (1, 4, 7)
-CORRUPTION = "rotation"  # the shift the device sees and the cloud model never did
 SRC, RUN = "/opt/eclm/src", "/opt/eclm/run"  # inside the rootfs
-PIP_CACHE = "/var/cache/eclm-pip"  # inside; bound to <cache>/pip
-BANK_INPUTS = ("pyproject.toml", "eclm", "exporter", "device_profiles")  # what the cached bank and bundle depend on
+PIP_DIR = "/var/cache/eclm-pip"  # inside; bound to <cache>/pip: pip's cache and a folder of wheels
 PROBE = ("import importlib.metadata as md, importlib.util, json, platform; import onnxruntime as ort; "
          "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
          "'torch_installed': importlib.util.find_spec('torch') is not None, 'onnxruntime': ort.__version__, "
@@ -77,96 +83,6 @@ class Board:
         return float((pred == y).mean())
 
 
-def say(msg: str) -> None:
-    print(f"board: {msg}", file=sys.stderr, flush=True)
-
-
-def board_install_command(readme: str) -> str:
-    """The first ``$ ... pip install ...`` line of a console block in the README's "Raspberry Pi" section."""
-    section = re.search(r"^## Raspberry Pi\b.*?(?=^## |\Z)", readme, re.M | re.S)
-    if section:
-        for block in re.findall(r"```console\n(.*?)```", section.group(0), re.S):
-            for line in block.splitlines():
-                if line.startswith("$ ") and "pip install" in line:
-                    return line[2:].strip()
-    raise EclmError("README.md has no board install command",
-                    hint="its '## Raspberry Pi' section needs a ```console block with a '$ ... pip install' line")
-
-
-def committed_tree(dest: Path) -> str:
-    """Unpack the repository's HEAD into ``dest``; returns the commit (uncommitted changes are not included)."""
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode != 0:
-        raise EclmError(f"{ROOT} is not a git checkout", hint="the board test installs the committed tree: "
-                        "run it from a clone of the repository")
-    if subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                      capture_output=True, text=True).stdout.strip():
-        say("uncommitted changes are not part of the board install: it installs HEAD")
-    dest.mkdir(parents=True)
-    archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD"], stdout=subprocess.PIPE)
-    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
-    if archive.wait() != 0:
-        raise EclmError("git archive HEAD failed", hint=f"check the repository at {ROOT}")
-    return head.stdout.strip()
-
-
-def _bank_key() -> str:
-    """A digest of the files bank and bundle are made from: the cached ones are reused only while these hold."""
-    h = hashlib.sha256()
-    for name in BANK_INPUTS:
-        p = ROOT / name
-        for f in sorted([p] if p.is_file() else p.rglob("*")):
-            if f.is_file() and "__pycache__" not in f.parts:
-                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def host_bundle(cache: Path, work: Path, timings: dict[str, float]) -> tuple[Path, list[str]]:
-    """A digits pi4 bundle for ``CLASSES``, made on the host; bank and bundle are cached while their sources hold."""
-    bin_dir = Path(sys.executable).parent
-    folder = cache / f"digits-{_bank_key()}"
-    for old in cache.glob("digits-*"):
-        if old != folder:
-            shutil.rmtree(old)
-    bank, bundle = folder / "bank", folder / "bundle-pi4"
-    train = [str(bin_dir / "eclm-cloud"), "train", "--dataset", "digits", "--bank", str(bank)]
-    export = [str(bin_dir / "eclm-export"), "--bank", str(bank), "--profile", "pi4", "--out", str(bundle),
-              "--classes", ",".join(map(str, CLASSES))]
-    for key, cmd, out, done in (("host_train_bank_s", train, bank, "bank.json"),
-                                ("host_export_s", export, bundle, "manifest.json")):
-        if (out / done).exists():
-            say(f"reusing {out} (made by: {shlex.join(cmd)})")
-            continue
-        shutil.rmtree(out, ignore_errors=True)
-        say(f"host: {shlex.join(cmd)}")
-        t0 = time.perf_counter()
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        _host([str(partial) if a == str(out) else a for a in cmd], work / f"{out.name}.log")
-        partial.rename(out)  # only a finished bank or bundle is ever reused
-        timings[key] = time.perf_counter() - t0
-    shown = [[Path(cmd[0]).name, *cmd[1:]] for cmd in (train, export)]  # as a user types them
-    return bundle, [shlex.join(cmd) for cmd in shown]
-
-
-def _host(cmd: list[str], log: Path) -> None:
-    chroot.run_logged(cmd, log, say, Path(cmd[0]).name)
-
-
-def device_data(seed: int = 0) -> dict[str, np.ndarray]:
-    """The device's local samples and held-out test samples: pool digits of ``CLASSES``, rotated."""
-    from bench.corruptions import corrupt
-    from exporter.data import load_dataset, split
-
-    pool = split(load_dataset("digits"), 0).pool
-    mask = np.isin(pool.y, CLASSES)
-    x = corrupt(pool.x[mask].astype(np.float32), CORRUPTION, 1.0, seed)
-    y = pool.y[mask].astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(y))
-    local, test = order[: len(y) // 2], order[len(y) // 2:]
-    return {"x_local": x[local], "y_local": y[local], "x_test": x[test], "y_test": y[test]}
-
-
 def install(root: Path, cache: Path, command: str, timings: dict[str, float]) -> tuple[Path, str]:
     """Fresh source copy and the README's install command inside; returns the venv's bin folder inside."""
     src = root / SRC.lstrip("/")
@@ -177,8 +93,9 @@ def install(root: Path, cache: Path, command: str, timings: dict[str, float]) ->
     say(f"installing commit {commit[:10]} inside with the README's command: {command}")
     t0 = time.perf_counter()
     chroot.run_logged(chroot.inside(root, ["/bin/sh", "-c", command], cwd=SRC,
-                                    env={"PIP_CACHE_DIR": PIP_CACHE, "PIP_CERT": "/" + chroot.CA_BUNDLE,
-                                         "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_PROGRESS_BAR": "off"}),
+                                    env={"PIP_CACHE_DIR": f"{PIP_DIR}/cache", "PIP_FIND_LINKS": f"{PIP_DIR}/wheels",
+                                         "PIP_CERT": "/" + chroot.CA_BUNDLE, "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                                         "PIP_PROGRESS_BAR": "off"}),
                       cache / "install.log", say, "pip install (emulated)", heartbeat=20)
     timings["install_s"] = time.perf_counter() - t0
     found = sorted(src.glob("*/bin/eclm-edge"))
@@ -363,9 +280,12 @@ def run(cache: Path, out: Path) -> int:
     try:
         bundle, host_commands = host_bundle(cache, work, timings)
         data = device_data()
-        with chroot.mounted(root, {PIP_CACHE: cache / "pip"}, say):
+        (cache / "pip" / "wheels").mkdir(parents=True, exist_ok=True)
+        with chroot.mounted(root, {PIP_DIR: cache / "pip"}, say):
             venv_bin, commit = install(root, cache, command, timings)
             info = probe(root, venv_bin)
+            downloaded = fetched_wheels((cache / "install.log").read_text(errors="replace"))
+            fill_wheelhouse(cache / "pip" / "wheels", downloaded, info["python"])
             checks.append(Check("runs as aarch64", info["machine"] == "aarch64", f"platform.machine() = "
                                 f"{info['machine']}, Python {info['python']}"))
             checks.append(Check("torch not installed", not info["torch_installed"], "importlib finds no torch"))
@@ -381,6 +301,7 @@ def run(cache: Path, out: Path) -> int:
                 stop_edge(proc)
         t0 = time.perf_counter()
         figures["native"] = native_step(bundle, data, work)
+        figures["pip_downloaded_wheels"] = downloaded
         timings["native_reference_s"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -28,6 +28,12 @@ def _f(v: Any, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _downloads(files: list[str] | None) -> str:
+    if not files:
+        return "every wheel came from the cache folder's wheelhouse, pip only asked the index for versions"
+    return (f"pip downloaded {len(files)} wheels, now kept in the cache folder's wheelhouse for the next run")
+
+
 def _ratio(emulated: dict[str, Any], native: dict[str, Any]) -> str:
     e, n = emulated.get("step_ms_median"), native.get("step_ms_median")
     return f"{e / n:.0f} times as long as" if e and n else "longer than"
@@ -56,7 +62,8 @@ def render(out: Path, res: dict[str, Any]) -> str:
         f"{'reused, built ' + str(rootfs['built']) if rootfs['reused'] else 'built in this run'}, "
         f"{_f(rootfs.get('seconds'), '.0f')} s to build), entered with `chroot` and /proc, /dev mounted.",
         f"- Install inside, in a copy of the committed tree, with the README's Raspberry Pi command: "
-        f"`{res['install_command']}` ({_f(t.get('install_s'), '.0f')} s emulated, pip downloads cached). "
+        f"`{res['install_command']}` ({_f(t.get('install_s'), '.0f')} s emulated; "
+        f"{_downloads(fig.get('pip_downloaded_wheels'))}). "
         f"Inside: Python {res['probe']['python']}, `platform.machine()` = {res['probe']['machine']}, "
         f"onnxruntime {res['probe']['onnxruntime']} from the package index.",
         "- On the host: " + "; ".join(f"`{c}`" for c in res["host_commands"]) + ".",

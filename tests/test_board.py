@@ -12,7 +12,7 @@ import pytest
 from _eclm_testutil import ROOT
 
 from bench import chroot
-from bench.board import board_install_command
+from bench.board_host import board_install_command, fetched_wheels
 from eclm.errors import EclmError
 
 IS_ROOT = os.geteuid() == 0
@@ -99,3 +99,12 @@ def test_mounts_a_killed_run_left_are_removed_before_the_folder(tmp_path: Path) 
     finally:
         _force_unmount(root, "var/cache/pip")
     assert not root.exists() and (host / "kept").read_text() == "a file of the host"
+
+
+def test_the_wheels_an_install_downloaded_are_read_from_its_log() -> None:
+    log = ("Processing /opt/eclm/src\nCollecting numpy>=1.24\n"
+           "  Downloading numpy-2.4.6-cp311-cp311-manylinux_2_27_aarch64.manylinux_2_28_aarch64.whl (16.0 MB)\n"
+           "  Using cached typer-0.29.2-py3-none-any.whl (121 kB)\n"
+           "  Downloading https://files.example/p/onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_aarch64.whl (23 MB)\n")
+    assert fetched_wheels(log) == ["numpy-2.4.6-cp311-cp311-manylinux_2_27_aarch64.manylinux_2_28_aarch64.whl",
+                                   "onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_aarch64.whl"]
