@@ -41,6 +41,7 @@ from bench.board_host import (
     fill_wheelhouse,
     host_bundle,
     say,
+    wheelhouse_ready,
 )
 from bench.board_report import Check, render
 from bench.broker import free_port
@@ -83,26 +84,41 @@ class Board:
         return float((pred == y).mean())
 
 
-def install(root: Path, cache: Path, command: str, timings: dict[str, float]) -> tuple[Path, str]:
-    """Fresh source copy and the README's install command inside; returns the venv's bin folder inside."""
+def install(root: Path, cache: Path, command: str, timings: dict[str, float]) -> tuple[Path, str, bool]:
+    """Fresh source copy and the README's install command inside: offline from the cache folder's wheels
+    when they serve this pyproject.toml, else (or when that fails) from the index. Returns the venv's bin
+    folder inside, the commit and whether the install went to the index.
+    """
     src = root / SRC.lstrip("/")
     if src.parent.exists():
         shutil.rmtree(src.parent)
     commit = committed_tree(src)
     chroot.prepare_network(root)
-    say(f"installing commit {commit[:10]} inside with the README's command: {command}")
+    env = {"PIP_CACHE_DIR": f"{PIP_DIR}/cache", "PIP_FIND_LINKS": f"{PIP_DIR}/wheels",
+           "PIP_CERT": "/" + chroot.CA_BUNDLE, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_PROGRESS_BAR": "off"}
+    online = not wheelhouse_ready(cache / "pip" / "wheels")
     t0 = time.perf_counter()
-    chroot.run_logged(chroot.inside(root, ["/bin/sh", "-c", command], cwd=SRC,
-                                    env={"PIP_CACHE_DIR": f"{PIP_DIR}/cache", "PIP_FIND_LINKS": f"{PIP_DIR}/wheels",
-                                         "PIP_CERT": "/" + chroot.CA_BUNDLE, "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-                                         "PIP_PROGRESS_BAR": "off"}),
-                      cache / "install.log", say, "pip install (emulated)", heartbeat=20)
+    for attempt in ("offline", "online"):
+        if attempt == "offline" and online:
+            continue
+        say(f"installing commit {commit[:10]} inside ({attempt}) with the README's command: {command}")
+        try:
+            chroot.run_logged(chroot.inside(root, ["/bin/sh", "-c", command], cwd=SRC,
+                                            env={**env, "PIP_NO_INDEX": "1"} if attempt == "offline" else env),
+                              cache / "install.log", say, f"pip install (emulated, {attempt})", heartbeat=20)
+            online = attempt == "online"
+            break
+        except EclmError as exc:
+            if attempt == "online":
+                raise
+            say(f"the offline install failed ({exc.message[:120]}); asking the index")
+            shutil.rmtree(src / ".venv", ignore_errors=True)
     timings["install_s"] = time.perf_counter() - t0
     found = sorted(src.glob("*/bin/eclm-edge"))
     if not found:
         raise EclmError("the README's board install command left no eclm-edge in a virtualenv in the source folder",
                         hint=f"see {cache / 'install.log'}")
-    return Path("/") / found[0].parent.relative_to(root), commit
+    return Path("/") / found[0].parent.relative_to(root), commit, online
 
 
 def probe(root: Path, venv_bin: Path) -> dict[str, Any]:
@@ -282,10 +298,11 @@ def run(cache: Path, out: Path) -> int:
         data = device_data()
         (cache / "pip" / "wheels").mkdir(parents=True, exist_ok=True)
         with chroot.mounted(root, {PIP_DIR: cache / "pip"}, say):
-            venv_bin, commit = install(root, cache, command, timings)
+            venv_bin, commit, online = install(root, cache, command, timings)
             info = probe(root, venv_bin)
             downloaded = fetched_wheels((cache / "install.log").read_text(errors="replace"))
-            fill_wheelhouse(cache / "pip" / "wheels", downloaded, info["python"])
+            if online:
+                fill_wheelhouse(cache / "pip" / "wheels", downloaded, info["python"])
             checks.append(Check("runs as aarch64", info["machine"] == "aarch64", f"platform.machine() = "
                                 f"{info['machine']}, Python {info['python']}"))
             checks.append(Check("torch not installed", not info["torch_installed"], "importlib finds no torch"))
@@ -301,7 +318,7 @@ def run(cache: Path, out: Path) -> int:
                 stop_edge(proc)
         t0 = time.perf_counter()
         figures["native"] = native_step(bundle, data, work)
-        figures["pip_downloaded_wheels"] = downloaded
+        figures["pip"] = {"online": online, "downloaded_wheels": downloaded}
         timings["native_reference_s"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)

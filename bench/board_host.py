@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shlex
 import shutil
@@ -122,28 +123,48 @@ def fetched_wheels(install_log: str) -> list[str]:
     return sorted(set(re.findall(r"Downloading (?:\S*/)?([^\s/]+\.whl)", install_log)))
 
 
+WHEELHOUSE_DAYS = 7  # after this, or when pyproject.toml changes, the install asks the index again
+BUILD_TOOLS = ("setuptools", "wheel")  # pip's isolated build of the project fetches them out of sight
+
+
+def wheelhouse_ready(wheels: Path) -> bool:
+    """The wheelhouse was filled for the current pyproject.toml less than ``WHEELHOUSE_DAYS`` ago."""
+    try:
+        record = json.loads((wheels / "record.json").read_text())
+    except (OSError, ValueError):
+        return False
+    fresh = time.time() - float(record.get("filled", 0)) < WHEELHOUSE_DAYS * 86400
+    return bool(fresh and record.get("pyproject") == _pyproject_key())
+
+
+def _pyproject_key() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+
+
 def fill_wheelhouse(wheels: Path, downloaded: list[str], python: str) -> list[str]:
-    """Fetch, natively on the host, the aarch64 wheel files an install downloaded, into the folder given to
-    pip as ``--find-links``: pip prefers a local file to the index's equal one, so the next install
-    downloads nothing it already had. (pip's HTTP cache keeps nothing behind a proxy that strips
-    Cache-Control.) Returns the requirements fetched; a failure is only a warning.
+    """Fetch, natively on the host, the aarch64 wheel files an install downloaded (and the build tools)
+    into a folder of wheels, and record that it serves the current pyproject.toml: the next install runs
+    offline from it (``PIP_NO_INDEX``). pip's own HTTP cache keeps nothing behind a proxy that strips
+    Cache-Control, and with both a local wheel and the index's equal one it takes the index's. Returns
+    the requirements fetched; a failure is only a warning.
     """
     have = {f.name for f in wheels.glob("*.whl")}
-    want = [f"{name}=={version}" for name, version, *_ in
-            (f.split("-") for f in downloaded if f not in have)]
-    if not want:
-        return []
+    want = [f"{name}=={version}" for name, version, *_ in (f.split("-") for f in downloaded if f not in have)]
     major_minor = ".".join(python.split(".")[:2])
-    cmd = [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps", "--only-binary=:all:",
-           "--index-url", "https://pypi.org/simple", "--python-version", major_minor, "--implementation", "cp",
-           "--abi", "cp" + major_minor.replace(".", ""), *(f"--platform={p}" for p in AARCH64_PLATFORMS),
-           "--dest", str(wheels), *want]
+    common = [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps", "--only-binary=:all:",
+              "--index-url", "https://pypi.org/simple", "--dest", str(wheels)]
     if Path("/" + chroot.CA_BUNDLE).exists():
-        cmd[4:4] = ["--cert", "/" + chroot.CA_BUNDLE]
+        common += ["--cert", "/" + chroot.CA_BUNDLE]
+    target = ["--python-version", major_minor, "--implementation", "cp", "--abi", "cp" + major_minor.replace(".", ""),
+              *(f"--platform={p}" for p in AARCH64_PLATFORMS)]
     wheels.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        say(f"warning: could not keep the downloaded wheels for the next run: {done.stderr.strip()[-200:]}")
-        return []
-    say(f"kept {len(want)} downloaded wheels in {wheels} for the next install")
+    for cmd in ([*common, *target, *want] if want else None, [*common, *BUILD_TOOLS]):
+        if cmd is None:
+            continue
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            say(f"warning: could not keep the downloaded wheels for the next run: {done.stderr.strip()[-200:]}")
+            return []
+    (wheels / "record.json").write_text(json.dumps({"pyproject": _pyproject_key(), "filled": time.time()}) + "\n")
+    say(f"kept {len(want)} downloaded wheels and the build tools in {wheels}: the next install runs offline from it")
     return want

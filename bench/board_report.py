@@ -28,10 +28,14 @@ def _f(v: Any, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def _downloads(files: list[str] | None) -> str:
-    if not files:
-        return "every wheel came from the cache folder's wheelhouse, pip only asked the index for versions"
-    return (f"pip downloaded {len(files)} wheels, now kept in the cache folder's wheelhouse for the next run")
+def _pip(pip: dict[str, Any] | None) -> str:
+    if not pip:
+        return "–"
+    if not pip["online"]:
+        return ("offline from the cache folder's wheels (`PIP_NO_INDEX`), which an install from the index "
+                "filled for this pyproject.toml within the last week")
+    return (f"from the package index: pip downloaded {len(pip['downloaded_wheels'])} wheels, now kept in the "
+            f"cache folder for the next runs")
 
 
 def _ratio(emulated: dict[str, Any], native: dict[str, Any]) -> str:
@@ -63,7 +67,7 @@ def render(out: Path, res: dict[str, Any]) -> str:
         f"{_f(rootfs.get('seconds'), '.0f')} s to build), entered with `chroot` and /proc, /dev mounted.",
         f"- Install inside, in a copy of the committed tree, with the README's Raspberry Pi command: "
         f"`{res['install_command']}` ({_f(t.get('install_s'), '.0f')} s emulated; "
-        f"{_downloads(fig.get('pip_downloaded_wheels'))}). "
+        f"{_pip(fig.get('pip'))}). "
         f"Inside: Python {res['probe']['python']}, `platform.machine()` = {res['probe']['machine']}, "
         f"onnxruntime {res['probe']['onnxruntime']} from the package index.",
         "- On the host: " + "; ".join(f"`{c}`" for c in res["host_commands"]) + ".",
