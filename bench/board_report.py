@@ -69,7 +69,7 @@ def render(out: Path, res: dict[str, Any]) -> str:
         f"`{res['install_command']}` ({_f(t.get('install_s'), '.0f')} s emulated; "
         f"{_pip(fig.get('pip'))}). "
         f"Inside: Python {res['probe']['python']}, `platform.machine()` = {res['probe']['machine']}, "
-        f"onnxruntime {res['probe']['onnxruntime']} from the package index.",
+        f"onnxruntime {res['probe']['onnxruntime']} (the package index's aarch64 wheel).",
         "- On the host: " + "; ".join(f"`{c}`" for c in res["host_commands"]) + ".",
         f"- Inside: `eclm-edge serve` (automatic training, drift and resource monitors off: the run decides "
         f"when to train, and emulated CPU and latency readings must not step the variant ladder down), driven "
