@@ -163,7 +163,7 @@ def launch(cmd: list[str], port: int, log_path: Path, what: str, env: dict[str, 
     board = Board(port)
     t0 = last_say = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     while time.perf_counter() - t0 < timeout:
         if time.perf_counter() - last_say > 30:
             say(f"starting {what}: {time.perf_counter() - t0:.0f} s")
@@ -199,13 +199,14 @@ def _f(v: Any) -> str:
 
 
 def stop_edge(proc: Any) -> None:
+    """SIGTERM (the server shuts down cleanly), then SIGKILL to whatever is left of its process group."""
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+    chroot.kill_group(proc)
 
 
 def drive(edge: Board, root: Path, data: dict[str, np.ndarray], checks: list[Check]) -> dict[str, Any]:

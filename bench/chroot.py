@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -20,6 +21,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from eclm.errors import EclmError
 
@@ -102,8 +104,8 @@ def run_logged(cmd: list[str], log: Path, say: Say, what: str, heartbeat: float 
                timeout: float = 3600.0) -> None:
     """Run ``cmd`` with its output in ``log``; a progress line every ``heartbeat`` s; EclmError on failure."""
     t0 = last = time.monotonic()
-    with open(log, "w") as out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                  text=True, errors="replace") as proc:
+    with open(log, "w") as out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                  errors="replace", start_new_session=True) as proc:
         assert proc.stdout is not None
         recent = ""
         try:
@@ -117,15 +119,25 @@ def run_logged(cmd: list[str], log: Path, say: Say, what: str, heartbeat: float 
                     say(f"{what}: {now - t0:.0f} s, {recent[:100]}")
                     last = now
                 if now - t0 > timeout:
-                    proc.kill()
                     raise EclmError(f"{what} took longer than {timeout:.0f} s", hint=f"see {log}")
         except BaseException:
-            proc.kill()
+            kill_group(proc)
             raise
         code = proc.wait()
     if code != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise EclmError(f"{what} failed with exit code {code}: {tail[:300]}", hint=f"full output in {log}")
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL the process group ``proc`` leads (it was started with ``start_new_session``), then reap it:
+    a shell's children (pip, a build, dpkg) go too, and nothing keeps running inside the rootfs.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def mounts_below(root: Path) -> list[Path]:

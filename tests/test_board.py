@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,15 @@ def test_the_wheels_an_install_downloaded_are_read_from_its_log() -> None:
            "  Downloading https://files.example/p/onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_aarch64.whl (23 MB)\n")
     assert fetched_wheels(log) == ["numpy-2.4.6-cp311-cp311-manylinux_2_27_aarch64.manylinux_2_28_aarch64.whl",
                                    "onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_aarch64.whl"]
+
+
+def test_a_step_that_overruns_takes_its_whole_process_group_with_it(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; while true; do echo tick; sleep 0.2; done"
+    with pytest.raises(EclmError, match="took longer than 1 s"):
+        chroot.run_logged(["sh", "-c", script], tmp_path / "log", print, "a step", timeout=1)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # a killed orphan is reaped by init shortly after
+    assert not Path(f"/proc/{child}").exists(), "the shell's background child outlived the step"
