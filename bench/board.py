@@ -203,9 +203,13 @@ def stop_edge(proc: Any) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(60)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
-            pass
+            say("stopping eclm-edge serve: it lets a running training run finish (up to 60 s)")
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
     chroot.kill_group(proc)
 
 
@@ -344,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     def on_signal(signum: int, _frame: Any) -> None:
+        say(f"signal {signum}: stopping what runs in the rootfs and unmounting")
         raise SystemExit(128 + signum)  # unwinds through every finally: the server stops, mounts go
 
     signal.signal(signal.SIGTERM, on_signal)
