@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     except EclmError as exc:
         print(f"board-test: error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("board-test: interrupted; nothing left mounted or running", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
