@@ -1,11 +1,12 @@
 # Two commands do everything on a fresh machine:
 #   make demo   -> installs into .venv and runs `eclm demo` (the main job)
 #   make test   -> installs into .venv and runs the test suite
+# As root, `make board-test` installs and drives the edge runtime on an emulated arm64 Debian board.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench board-test clean
 
 $(BIN)/eclm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,12 @@ lint: install
 
 bench: install
 	$(BIN)/eclm bench --suite export --out docs/benchmarks
+
+# The rootfs (10-20 minutes to build), the digits bank and pip's downloads are cached outside the repository.
+BOARD_CACHE ?= $(or $(ECLM_BOARD_CACHE),/var/cache/eclm-board)
+BOARD_OUT ?= docs/benchmarks
+board-test: install
+	$(BIN)/python -m bench.board --cache $(BOARD_CACHE) --out $(BOARD_OUT)
 
 clean:
 	rm -rf $(VENV) eclm-demo bank bundles
