@@ -43,9 +43,13 @@ def _run(cmd: list[str], cwd: Path, log: Path, what: str) -> None:
 
 def install(python: str, work: Path, log: Path, timings: dict[str, float]) -> tuple[Path, dict[str, Any], str]:
     """The committed tree in ``work/src`` and the README's board install command run there with ``python``."""
-    exe = shutil.which(python)
-    if exe is None:
-        raise EclmError(f"no interpreter {python!r} on PATH", hint="pass --python with an installed Python 3.11+")
+    found = shutil.which(python)
+    real = subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True,
+                          timeout=60) if found else None
+    if real is None or real.returncode != 0:
+        raise EclmError(f"cannot run the interpreter {python!r}", hint="pass --python with the path of an installed "
+                        "Python 3.11+ (a pyenv shim needs that version enabled)")
+    exe = real.stdout.strip()
     src = work / "src"
     commit = committed_tree(src)
     command = board_install_command((ROOT / "README.md").read_text())
