@@ -152,9 +152,9 @@ def start_edge(root: Path, venv_bin: Path, bundle: Path, cache: Path, timings: d
 SERVE_ENV = {"ECLM_EDGE_RESOURCE_INTERVAL_S": "0", "ECLM_EDGE_DRIFT": "false"}
 
 
-def serve_argv(edge_bin: Path, bundle: Path, state: Path, port: int) -> list[str]:
+def serve_argv(edge_bin: Path, bundle: Path, state: Path, port: int, device: str = "board-arm64") -> list[str]:
     return [str(edge_bin), "serve", "--bundle", str(bundle), "--state-dir", str(state), "--port", str(port),
-            "--device-id", "board-arm64", "--train-every", "0"]
+            "--device-id", device, "--train-every", "0"]
 
 
 def launch(cmd: list[str], port: int, log_path: Path, what: str, env: dict[str, str] | None = None,
@@ -213,7 +213,8 @@ def stop_edge(proc: Any) -> None:
     chroot.kill_group(proc)
 
 
-def drive(edge: Board, state: Path, data: dict[str, np.ndarray], checks: list[Check]) -> dict[str, Any]:
+def drive(edge: Board, state: Path, data: dict[str, np.ndarray], checks: list[Check], what: str = "emulated"
+          ) -> dict[str, Any]:
     """Every HTTP check against the running runtime whose state directory is ``state``; returns the figures."""
     figures: dict[str, Any] = {}
     st = edge.get("/v1/status")
@@ -237,7 +238,7 @@ def drive(edge: Board, state: Path, data: dict[str, np.ndarray], checks: list[Ch
                                           "labels": [int(v) for v in data["y_local"]]})
     held = edge.get("/v1/status")["samples"]["held"]
     checks.append(Check("samples stored", code == 200 and held == len(data["y_local"]), f"{code}, {held} held"))
-    last = train(edge, checks)
+    last = train(edge, checks, what)
     figures["training"] = last
     st = edge.get("/v1/status")
     gen1 = st["bundle"]["generation"]

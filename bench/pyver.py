@@ -85,12 +85,12 @@ def run(python: str, cache: Path, out: Path) -> int:
                             f"onnxruntime {info['onnxruntime']}; training packages: {training or 'none'}"))
         port = free_port()
         state = work / "state"
-        argv = serve_argv(venv_bin / "eclm-edge", bundle, state, port)
+        argv = serve_argv(venv_bin / "eclm-edge", bundle, state, port, "pyver-" + info["python"])
         say(f"serving: {shlex.join(argv)}")
         edge, proc = launch(argv, port, work / "serve.log", f"eclm-edge serve (Python {info['python']})",
                             env={**os.environ, **SERVE_ENV})
         try:
-            figures = drive(edge, state, data, checks)
+            figures = drive(edge, state, data, checks, f"native, Python {info['python']}")
         finally:
             stop_edge(proc)
     except BaseException:
