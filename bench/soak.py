@@ -32,7 +32,7 @@ from bench.procs import Edge, Proc, _cmd, daemon, wait_connected, wait_until
 
 Say = Callable[[str], None]
 MODULE = "head"  # every bundle holds it, so every pill aimed at a module aims here
-DAEMON_ARGS = ("--round-deltas", "3", "--round-seconds", "3", "--gate-margin", "1.0")
+DAEMON_ARGS = ("--round-deltas", "3", "--round-seconds", "3", "--gate-margin", "1.0", "--max-staleness", "50")
 
 
 @dataclass
@@ -199,15 +199,19 @@ def _ledger_facts(bank: Path, produced: list[str]) -> dict[str, Any]:
     try:
         versions = ledger.versions()
         rounds_of: dict[str, set[int]] = {}
+        foreign: list[str] = []  # versions made (in part) from deltas that no honest device produced
         for part in versions:
             for entry in ledger.lineage(part):
+                if entry["round"] is None:
+                    continue
                 for d in entry["deltas"]:
-                    if entry["round"] is not None:
-                        rounds_of.setdefault(d, set()).add(int(entry["round"]))
+                    rounds_of.setdefault(d, set()).add(int(entry["round"]))
+                if set(entry["deltas"]) - set(produced):
+                    foreign.append(f"{part} v{entry['version']}")
         summary = ledger.summary()
         return {"status": {d: ledger.known(d) for d in produced},
                 "merged_in_rounds": {d: sorted(rounds_of.get(d, ())) for d in produced},
-                "rounds": ledger.next_round() - 1, "module_version": versions.get(MODULE),
+                "foreign_versions": foreign, "rounds": ledger.next_round() - 1, "module_version": versions.get(MODULE),
                 "deltas": summary["deltas"], "rejected_by_reason": summary["rejected_by_reason"]}
     finally:
         ledger.close()

@@ -7,7 +7,7 @@ from typing import Any
 
 from bench.common import machine_info, md_table, write_results
 from bench.pills import BY_NAME
-from bench.soak import SoakRun
+from bench.soak import DAEMON_ARGS, SoakRun
 
 MiB = 2**20
 RSS_GROWTH_LIMIT = 64 * MiB  # most resident memory in the attack's second half over its first half
@@ -55,6 +55,10 @@ def judge(run: SoakRun) -> list[dict[str, Any]]:
              if not_merged else "")},
         {"criterion": "no honest delta left an outbox without reaching the ledger", "passed": not lost,
          "figure": f"{len(lost)} lost" + (f": {', '.join(i[:8] for i in lost[:6])}" if lost else "")},
+        {"criterion": "no module version was made from a delta no honest device sent",
+         "passed": not run.ledger.get("foreign_versions"),
+         "figure": f"{len(run.ledger.get('foreign_versions', []))} such versions" + (
+             f": {', '.join(run.ledger['foreign_versions'][:8])}" if run.ledger.get("foreign_versions") else "")},
         {"criterion": "every honest outbox drained (each delta acknowledged)", "passed": not left,
          "figure": ", ".join(f"{d}: {len(v)}" for d, v in run.outbox_left.items()) + " left"},
         {"criterion": "honest edges never exit", "passed": not run.edges_exited,
@@ -84,9 +88,10 @@ Command: `{command}`; {info['cpu']}, {info['cores']} cores, {info['date']}. Set-
 bundle, broker, daemon, edges) {run.setup_seconds:.0f} s; attack {run.attack_seconds:.0f} s of
 {run.duration:.0f} s; drain {run.drain_seconds:.0f} s.
 
-A private mosquitto, the real `eclm-cloud sync` daemon (`{' '.join(('--round-deltas 3', '--round-seconds 3',
-'--gate-margin 1.0'))}`: the validation gate is not under test here, and a held honest delta would
-read as a loss) and {len(run.devices)} real `eclm-edge serve` processes run as subprocesses. Every edge
+A private mosquitto, the real `eclm-cloud sync` daemon (`{' '.join(DAEMON_ARGS)}`:
+the validation gate and the staleness limit are not under test here, and an honest delta held or
+refused by them would read as a loss) and {len(run.devices)} real `eclm-edge serve` processes run as
+subprocesses. Every edge
 serves the same signed pi4 bundle from its own state folder; the bench feeds it 40 labelled digits
 at a time over `POST /v1/samples` and asks it to train (`POST /v1/train`), in a loop, so it sends real
 deltas. Meanwhile one attacker client on the broker sends the pills below on their schedule. After the
