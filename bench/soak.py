@@ -1,7 +1,7 @@
 """`eclm bench --suite soak`: hostile messages for a bounded time while honest devices train.
 
 A private mosquitto, the real ``eclm-cloud sync`` daemon and real ``eclm-edge serve`` processes (one
-pi4 bundle, exported once, served by every honest device from its own state folder) run as
+pi4 bundle, exported once and re-issued for each honest device, see :func:`issue_for`) run as
 subprocesses. Honest devices are fed labelled digits over their HTTP API and trained in a loop, so
 they send real deltas; an attacker client sends every pill of :mod:`bench.pills` on its schedule plus
 random garbage until ``duration`` ends. Then the honest devices' outboxes are given time to drain
@@ -49,7 +49,7 @@ class SoakRun:
     attack_seconds: float = 0.0
     drain_seconds: float = 0.0
     daemon_exit: int | None = None
-    daemon_died_at: float | None = None
+    daemon_died_at: float | None = None  # seconds after the attack began (later than it: in the drain)
     edges_exited: dict[str, int] = field(default_factory=dict)
     outbox_left: dict[str, list[str]] = field(default_factory=dict)
     ledger: dict[str, Any] = field(default_factory=dict)
@@ -181,6 +181,22 @@ def _setup_bank(work: Path, say: Say) -> tuple[Path, Path, Path, Path]:
     return bank, priv, pub, bundle
 
 
+def issue_for(bundle: Path, device: str, key: Path, target: Path) -> Path:
+    """The bundle re-issued for one device: its manifest names the device and is signed by the cloud's key
+    again, as ``eclm-export --device-id`` would write it (one export serves every honest device, which keeps
+    the set-up short on a small machine).
+    """
+    from eclm.manifest import copy_bundle, read_manifest, write_manifest
+    from eclm.signing import load_signer
+
+    target.mkdir(parents=True)
+    copy_bundle(bundle, target)
+    manifest = read_manifest(target)
+    manifest.device_id = device
+    write_manifest(target, manifest, load_signer(key))
+    return target
+
+
 def _context(bank: Path, honest: list[str]) -> pillbox.PillContext:
     from exporter.bank import DirectoryBank
 
@@ -225,8 +241,12 @@ def _outbox_ids(work: Path, devices: list[str]) -> dict[str, list[str]]:
 
 
 def _drain(run: SoakRun, work: Path, bank: Path, sync: Proc, timeout: float) -> None:
+    t0 = time.time()
+
     def settled() -> bool:
         if not sync.alive():
+            if run.daemon_died_at is None:
+                run.daemon_died_at = run.attack_seconds + time.time() - t0
             return True
         if any(_outbox_ids(work, run.devices).values()):
             return False
@@ -234,7 +254,6 @@ def _drain(run: SoakRun, work: Path, bank: Path, sync: Proc, timeout: float) -> 
         status = _ledger_facts(bank, ids)["status"]
         return all(s not in (None, "pending") for s in status.values())
 
-    t0 = time.time()
     try:
         wait_until(settled, timeout, "honest deltas to be acknowledged and merged", interval=1.0)
     except TimeoutError:
@@ -265,7 +284,8 @@ def run_soak(duration: float, pills: list[pillbox.Pill], say: Say, devices: int 
         wait_connected(sync)
         say(f"daemon up (pid {sync.proc.pid if sync.proc else '?'}); starting {devices} honest edges")
         for dev in honest:
-            edges[dev] = Edge(dev, bundle, work / f"state-{dev}", broker.url, pub, work / f"{dev}.log",
+            mine = issue_for(bundle, dev, priv, work / f"bundle-{dev}")
+            edges[dev] = Edge(dev, mine, work / f"state-{dev}", broker.url, pub, work / f"{dev}.log",
                               env={"ECLM_EDGE_RESOURCE_INTERVAL_S": "0"})
             edges[dev].start()
         pool = split(load_dataset("digits"), 0).pool

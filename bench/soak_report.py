@@ -46,7 +46,8 @@ def judge(run: SoakRun) -> list[dict[str, Any]]:
     out = [
         {"criterion": "the daemon never exits", "passed": run.daemon_exit is None and run.daemon_died_at is None,
          "figure": "alive at the end" if run.daemon_exit is None and run.daemon_died_at is None else
-         f"exited with code {run.daemon_exit} after {run.daemon_died_at or run.attack_seconds:.0f} s of attack"},
+         f"exited with code {run.daemon_exit}, {run.daemon_died_at or run.attack_seconds:.0f} s after the attack "
+         f"began"},
         {"criterion": "honest devices produced deltas", "passed": len(ids) > 0,
          "figure": f"{len(ids)} deltas from {sum(1 for d in run.devices if run.produced.get(d))} devices"},
         {"criterion": "every honest delta stored once and merged in exactly one round", "passed": not not_merged,
@@ -84,19 +85,22 @@ def render(run: SoakRun, criteria: list[dict[str, Any]], info: dict[str, Any], c
         died = "\n## The daemon's last log lines\n```\n" + run.daemon_log_tail[-3000:] + "\n```\n"
     return f"""# Soak: hostile messages while honest devices train — {verdict}
 
-Command: `{command}`; {info['cpu']}, {info['cores']} cores, {info['date']}. Set-up (bank, key pair,
-bundle, broker, daemon, edges) {run.setup_seconds:.0f} s; attack {run.attack_seconds:.0f} s of
-{run.duration:.0f} s; drain {run.drain_seconds:.0f} s.
+Command: `{command}`
+
+{info['cpu']}, {info['cores']} cores, {info['date']}. Set-up (bank, key pair, bundle, broker, daemon,
+edges) {run.setup_seconds:.0f} s; attack {run.attack_seconds:.0f} s of {run.duration:.0f} s; drain
+{run.drain_seconds:.0f} s (ends early once every honest delta is settled or the daemon is gone).
 
 A private mosquitto, the real `eclm-cloud sync` daemon (`{' '.join(DAEMON_ARGS)}`:
 the validation gate and the staleness limit are not under test here, and an honest delta held or
 refused by them would read as a loss) and {len(run.devices)} real `eclm-edge serve` processes run as
-subprocesses. Every edge
-serves the same signed pi4 bundle from its own state folder; the bench feeds it 40 labelled digits
-at a time over `POST /v1/samples` and asks it to train (`POST /v1/train`), in a loop, so it sends real
-deltas. Meanwhile one attacker client on the broker sends the pills below on their schedule. After the
-attack the honest devices stop training and their outboxes get time to drain. Statuses and rounds
-are read through the ledger's own Python API; memory is sampled from `/proc` once a second.
+subprocesses. One pi4 bundle is exported and re-issued for each device (its manifest names the
+device and is signed by the cloud's key again, as `eclm-export --device-id` writes it). The bench
+feeds each edge 40 labelled digits at a time over `POST /v1/samples` and asks it to train
+(`POST /v1/train`), in a loop, so it sends real deltas. Meanwhile one attacker client on the broker
+sends the pills below on their schedule (`bench/pills.py`). After the attack the honest devices stop
+training and their outboxes get time to drain. Statuses and rounds are read through the ledger's
+own Python API; memory is sampled from `/proc` once a second.
 
 ## Criteria
 {md_table(["criterion", "result", "figure"], [[c["criterion"], "pass" if c["passed"] else "**FAIL**", c["figure"]]
