@@ -331,7 +331,7 @@ def run_soak(duration: float, pills: list[pillbox.Pill], say: Say, devices: int 
         elif sync.proc is not None:
             run.daemon_exit = sync.proc.returncode
         run.ledger = _ledger_facts(bank, [i for ids in run.produced.values() for i in ids])
-        run.daemon_log_tail = sync.tail(25)
+        run.daemon_log_tail = "\n".join(line[:400] for line in sync.tail(25).splitlines())  # events are long
     finally:
         if sampler is not None:
             sampler.stop.set()

@@ -116,7 +116,8 @@ own Python API; memory is sampled from `/proc` once a second.
         ["daemon exit code", run.daemon_exit if run.daemon_exit is not None else "still running"],
     ])}
 
-Refused, by reason (ledger): {md_table(["reason", "count"], refused) if refused else "none recorded"}
+## Refused, by reason (ledger)
+{md_table(["reason", "count"], refused) if refused else "none recorded"}
 {died}"""
 
 
