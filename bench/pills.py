@@ -37,6 +37,7 @@ class PillContext:
     honest: list[str]  # honest device ids: [0] gets forged "*" acks, [1] pattern acks, [-1] a chunk flood
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     export_profile: str = "pi-zero-2w"  # a real profile without on-device training
+    importance: list[list[float]] = field(default_factory=lambda: [[1.0]])  # of the bank's shape, so exports run
     sent: dict[str, int] = field(default_factory=dict)  # per pill, how many times it was built
 
 
@@ -58,7 +59,7 @@ def _small(ctx: PillContext) -> dict[str, np.ndarray]:
 
 
 def _profile(device: str, ctx: PillContext, profile_name: str, want_bundle: bool) -> bytes:
-    msg = wire.ProfileMessage(device_id=device, bank_id=ctx.bank_id, bundle="soak", importance=[[1.0]],
+    msg = wire.ProfileMessage(device_id=device, bank_id=ctx.bank_id, bundle="soak", importance=ctx.importance,
                               sample_count=10, profile_name=profile_name, modules={ctx.module: 1},
                               trainable=False, want_bundle=want_bundle)
     return wire.encode(msg)

@@ -197,13 +197,17 @@ def issue_for(bundle: Path, device: str, key: Path, target: Path) -> Path:
     return target
 
 
-def _context(bank: Path, honest: list[str]) -> pillbox.PillContext:
+def _context(bank: Path, bundle: Path, honest: list[str]) -> pillbox.PillContext:
+    """What the attacker knows; the importance of the honest bundle gives profiles the bank's shape."""
+    from eclm.manifest import read_manifest
     from exporter.bank import DirectoryBank
 
     b = DirectoryBank(bank)
     info = b.info()
     shapes = {n: tuple(a.shape) for n, a in b.read_part(MODULE).items() if a.dtype.kind == "f"}
-    return pillbox.PillContext(info.bank_id, MODULE, shapes, {MODULE: info.parts[MODULE].version}, honest)
+    importance = [[float(v) for v in row] for row in read_manifest(bundle).importance]
+    return pillbox.PillContext(info.bank_id, MODULE, shapes, {MODULE: info.parts[MODULE].version}, honest,
+                               importance=importance)
 
 
 def _ledger_facts(bank: Path, produced: list[str]) -> dict[str, Any]:
@@ -293,7 +297,7 @@ def run_soak(duration: float, pills: list[pillbox.Pill], say: Say, devices: int 
             drivers.append(HonestDevice(e, pool.x, pool.y, k, run))
         sampler = Sampler({"daemon": sync, **{d: e.proc for d, e in edges.items()}}, run.rss)
         sampler.thread.start()
-        ctx = _context(bank, honest)
+        ctx = _context(bank, bundle, honest)
         attacker = Attacker(broker.port, ctx)
         run.setup_seconds = time.time() - t_setup
         say(f"soak: {duration:.0f} s of {', '.join(run.pills) or 'no pills (honest only)'}")

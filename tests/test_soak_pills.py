@@ -14,7 +14,8 @@ from eclm.errors import ConfigError, DataError
 
 def _ctx() -> pills.PillContext:
     return pills.PillContext("bank-x", "head", {"head.weight": (10, 8), "head.bias": (10,)}, {"head": 3},
-                             ["honest-0", "honest-1", "honest-2"], np.random.default_rng(1))
+                             ["honest-0", "honest-1", "honest-2"], np.random.default_rng(1),
+                             importance=[[0.5, 0.5], [1.0, 0.0]])
 
 
 def _decoded(pubs: list[pills.Publication]) -> list[wire.Message]:
@@ -48,6 +49,7 @@ def test_the_pills_are_what_they_say() -> None:
     assert isinstance(board, wire.ProfileMessage)
     assert (board.profile_name, board.trainable, board.modules, board.want_bundle) == ("no-such-board", False,
                                                                                        {"head": 1}, True)
+    assert board.importance == ctx.importance
     ((topic, payload),) = build["long_device_id"]()
     long_id = topic.split("/")[3]
     assert len(long_id) == 200 and wire.decode(payload).device_id == long_id  # type: ignore[union-attr]
