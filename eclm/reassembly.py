@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from eclm.errors import DataError

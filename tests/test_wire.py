@@ -79,7 +79,8 @@ def build_delta(rng: np.random.Generator) -> wire.DeltaMessage:
 
 def build_ack(rng: np.random.Generator) -> wire.AckMessage:
     return wire.AckMessage(delta_id=_hex(rng, 32), status=str(rng.choice(["stored", "duplicate", "rejected"])),
-                           reason=f"norm_bound: {_hex(rng)}", device_id=f"dev-{_hex(rng, 8)}", created=float(rng.uniform(1.6e9, 1.8e9)))
+                           reason=f"norm_bound: {_hex(rng)}", device_id=f"dev-{_hex(rng, 8)}",
+                           created=float(rng.uniform(1.6e9, 1.8e9)))
 
 
 def build_module_update(rng: np.random.Generator) -> wire.ModuleUpdateMessage:
