@@ -71,7 +71,6 @@ class EdgeSync:
         self.client.on_message = guard("on_message")(self._on_message)
         self.client.on_subscribe = guard("on_subscribe")(lambda *_a: None)
         self.client.on_publish = guard("on_publish")(lambda *_a: None)
-        self.client.on_log = None  # paho's own log goes to the "eclm.mqtt" logger (make_client)
         if self.verifier is None:
             log.warning("no --trust-key: acks and updates from the broker are NOT verified; anyone who can publish "
                         "to %s can make this device drop deltas from its outbox (updates are refused). Configure "
@@ -98,16 +97,21 @@ class EdgeSync:
 
     def report(self) -> dict[str, Any]:
         """The connection as status shows it: offline is said, with the last error and since when."""
-        health = self.health.check()
-        if not health["network_loop"] and self.connected.is_set():  # a dead loop is not a connection
-            self.connected.clear()
-            self.service.metrics.broker_connected.set(0)
+        health = self._check_health()
         connected = self.connected.is_set()
         return {"broker": str(self.broker), "client_id": self.client_id, "connected": connected,
                 "since": self._since, "failed_attempts": self._failures,
                 "last_error": None if connected else self._last_error,
                 "mode": "online" if connected else "offline: serving and keeping deltas in the outbox, retrying",
                 **health}
+
+    def _check_health(self) -> dict[str, Any]:
+        """Restart dead sync threads (see :class:`SyncHealth`); a dead network loop is not a connection."""
+        health = self.health.check()
+        if not health["network_loop"] and self.connected.is_set():
+            self.connected.clear()
+            self.service.metrics.broker_connected.set(0)
+        return health
 
     def _on_connect_fail(self, _c: Any, _u: Any) -> None:
         """Paho could not reach the broker (it retries with back-off up to 30 s): say so, do not stop serving."""
@@ -208,7 +212,7 @@ class EdgeSync:
         last_trained = None
         while not self.stop.wait(1.0):
             try:
-                self.health.check()  # restarts a dead sibling worker or network loop
+                self._check_health()  # restarts a dead sibling worker or network loop
                 self.flush_once()
                 lt = self.service.last_training
                 if lt is not None and lt is not last_trained and self.connected.is_set():

@@ -201,14 +201,14 @@ def test_hostile_acks_and_updates_do_not_stop_the_edges_sync(rig: HostileRig) ->
     svc = EdgeService(load_config(overrides={"state_dir": rig.tmp / "reader", "bundle": rig.bundle,
                                              "train_every_samples": 0, "resource_interval_s": 0}, environ={}))
     try:
-        head = next(m for m in svc.serving.manifest.modules if m["part_id"] == "head")
-        values = {n.removeprefix("net."): svc.serving.weights[n].copy() for n in head["params"]}
+        module = max(svc.serving.manifest.modules, key=lambda m: len(m["params"]))
+        values = {n.removeprefix("net."): svc.serving.weights[n].copy() for n in module["params"]}
     finally:
         svc.close()
-    version = rig.edge.get("/v1/status")["module_versions"]["head"]
-    msg = wire.ModuleUpdateMessage("good", "bank", {"head": version + 1}, {"head": sorted(values)}, values,
-                                   device_id=DEV)
+    pid = module["part_id"]
+    version = rig.edge.get("/v1/status")["module_versions"][pid]
+    msg = wire.ModuleUpdateMessage("good", "bank", {pid: version + 1}, {pid: sorted(values)}, values, device_id=DEV)
     for part in wire.chunk(wire.encode(msg, signer=rig.signer), 64 * 2**10):
         rig.send(update, part)
-    wait_until(lambda: rig.edge.get("/v1/status")["module_versions"]["head"] == version + 1, 60,
+    wait_until(lambda: rig.edge.get("/v1/status")["module_versions"][pid] == version + 1, 60,
                f"the module update to apply:\n{rig.edge.proc.tail()}")
