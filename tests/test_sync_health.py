@@ -98,3 +98,19 @@ def test_client_ids_are_per_install_and_stable(tmp_path: Path) -> None:
     (tmp_path / "a" / "mqtt-client-id").write_text("junk/#\n")
     c = install_client_id(tmp_path / "a", "eclm-edge-dev1")  # a damaged file gets a fresh suffix
     assert c not in (a, b) and c == install_client_id(tmp_path / "a", "eclm-edge-dev1")
+
+
+@pytest.mark.parametrize("pattern", ["*", "x**", "[a-z]*", "?bc", "../abc"])
+def test_the_outbox_drops_only_the_entry_named_exactly(tmp_path: Path, pattern: str) -> None:
+    import numpy as np
+
+    from eclm.errors import DataError
+    from edge_runtime.outbox import Outbox
+
+    box = Outbox(tmp_path / "outbox")
+    box.put("abc", {"bank_id": "b"}, {"t": np.zeros(2, np.float32)})
+    with pytest.raises(DataError, match="delta id"):
+        box.ack(pattern)
+    assert len(box) == 1 and box.holds("abc") and not box.holds("ab")
+    assert box.ack("ab") is False and len(box) == 1
+    assert box.ack("abc") is True and len(box) == 0 and box.known_ids() == {"abc"}
