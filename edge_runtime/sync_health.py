@@ -77,7 +77,8 @@ class SyncHealth:
                 self.client._thread = None  # what loop_stop() would leave behind
                 self.client.loop_start()
                 self._restarted("network")
-                loop_alive = bool(self._network_thread() and self._network_thread().is_alive())  # type: ignore[union-attr]
+                loop = self._network_thread()
+                loop_alive = loop is not None and loop.is_alive()
             self.metrics.sync_thread_alive.labels("network").set(int(loop_alive))
             alive = {"network": loop_alive}
             for name, (target, t) in list(self.workers.items()):
