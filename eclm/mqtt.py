@@ -56,8 +56,14 @@ def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | Non
     client.max_queued_messages_set(0)
     # A callback that raises anyway (they all catch their own errors) is logged, and the network loop lives on.
     client.suppress_exceptions = True
-    client.enable_logger(logging.getLogger("eclm.mqtt"))
+    client.on_log = _log_callback_errors
     return client
+
+
+def _log_callback_errors(_c: Any, _u: Any, _level: int, buf: str) -> None:
+    """Paho's log, of which only the exceptions it caught in callbacks matter (the rest is chatter)."""
+    if buf.startswith("Caught exception"):
+        logging.getLogger("eclm.mqtt").error("an MQTT callback raised (the network loop goes on): %s", buf)
 
 
 def install_client_id(folder: Path, prefix: str) -> str:
