@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install bench board-test clean
+.PHONY: demo test lint install bench board-test pyver-test clean
 
 $(BIN)/eclm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ BOARD_CACHE ?= $(or $(ECLM_BOARD_CACHE),/var/cache/eclm-board)
 BOARD_OUT ?= docs/benchmarks
 board-test: install
 	$(BIN)/python -m bench.board --cache $(BOARD_CACHE) --out $(BOARD_OUT)
+
+# The same install and checks natively with another Python (its wheels come from the package index).
+PY ?= python3.13
+pyver-test: install
+	$(BIN)/python -m bench.pyver --python $(PY) --out $(BOARD_OUT)
 
 clean:
 	rm -rf $(VENV) eclm-demo bank bundles

@@ -152,9 +152,9 @@ def start_edge(root: Path, venv_bin: Path, bundle: Path, cache: Path, timings: d
 SERVE_ENV = {"ECLM_EDGE_RESOURCE_INTERVAL_S": "0", "ECLM_EDGE_DRIFT": "false"}
 
 
-def serve_argv(edge_bin: Path, bundle: Path, state: Path, port: int) -> list[str]:
+def serve_argv(edge_bin: Path, bundle: Path, state: Path, port: int, device: str = "board-arm64") -> list[str]:
     return [str(edge_bin), "serve", "--bundle", str(bundle), "--state-dir", str(state), "--port", str(port),
-            "--device-id", "board-arm64", "--train-every", "0"]
+            "--device-id", device, "--train-every", "0"]
 
 
 def launch(cmd: list[str], port: int, log_path: Path, what: str, env: dict[str, str] | None = None,
@@ -213,8 +213,9 @@ def stop_edge(proc: Any) -> None:
     chroot.kill_group(proc)
 
 
-def drive(edge: Board, root: Path, data: dict[str, np.ndarray], checks: list[Check]) -> dict[str, Any]:
-    """Every HTTP check against the running board; returns the figures."""
+def drive(edge: Board, state: Path, data: dict[str, np.ndarray], checks: list[Check], what: str = "emulated"
+          ) -> dict[str, Any]:
+    """Every HTTP check against the running runtime whose state directory is ``state``; returns the figures."""
     figures: dict[str, Any] = {}
     st = edge.get("/v1/status")
     gen0 = st["bundle"]["generation"]
@@ -237,7 +238,7 @@ def drive(edge: Board, root: Path, data: dict[str, np.ndarray], checks: list[Che
                                           "labels": [int(v) for v in data["y_local"]]})
     held = edge.get("/v1/status")["samples"]["held"]
     checks.append(Check("samples stored", code == 200 and held == len(data["y_local"]), f"{code}, {held} held"))
-    last = train(edge, checks)
+    last = train(edge, checks, what)
     figures["training"] = last
     st = edge.get("/v1/status")
     gen1 = st["bundle"]["generation"]
@@ -248,7 +249,7 @@ def drive(edge: Board, root: Path, data: dict[str, np.ndarray], checks: list[Che
         else ""))))
     checks.append(Check("new generation served", gen1 > gen0 and served.get("generation") == gen1,
                         f"generation {gen0} -> {gen1}, predict answers generation {served.get('generation')}"))
-    files = sorted((root / RUN.lstrip("/") / "state" / "outbox").glob("*.delta"))
+    files = sorted((state / "outbox").glob("*.delta"))
     checks.append(Check("delta in the outbox", st["outbox"]["entries"] >= 1 and len(files) >= 1,
                         f"{st['outbox']['entries']} entries, {st['outbox']['bytes']} bytes, {len(files)} files"))
     after = edge.accuracy(data["x_test"], data["y_test"])
@@ -317,7 +318,7 @@ def run(cache: Path, out: Path) -> int:
             edge, proc = start_edge(root, venv_bin, bundle, cache, timings)
             try:
                 t0 = time.perf_counter()
-                figures = drive(edge, root, data, checks)
+                figures = drive(edge, root / RUN.lstrip("/") / "state", data, checks)
                 timings["drive_s"] = time.perf_counter() - t0
             finally:
                 stop_edge(proc)

@@ -59,7 +59,7 @@ def demo(
     typer.echo(f"logs: {workdir / 'logs'}; finished in {result.seconds:.0f} s, nothing left running")
 
 
-SUITES = ("export", "edge", "sync", "adapt", "paper")
+SUITES = ("export", "edge", "sync", "adapt", "paper", "soak")
 
 
 @app.command()
@@ -67,7 +67,8 @@ SUITES = ("export", "edge", "sync", "adapt", "paper")
 def bench(
     suite: str = typer.Option("paper", "--suite", envvar="ECLM_BENCH_SUITE",
                               help="paper: the paper's protocol and baselines; adapt: 20 steps of continuous "
-                              "adaptation with shifts; export, edge, sync: the component benchmarks."),
+                              "adaptation with shifts; export, edge, sync: the component benchmarks; soak: hostile "
+                              "messages while honest devices train (exits 1 if a criterion fails)."),
     quick: bool = typer.Option(False, "--quick", envvar="ECLM_BENCH_QUICK", show_default="off",
                                help="A small version that finishes in minutes (CI)."),
     seeds: int = typer.Option(3, "--seeds", min=1, envvar="ECLM_BENCH_SEEDS",
@@ -76,6 +77,12 @@ def bench(
                              help="Where JSON, markdown and PNG plots go."),
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
                                 help="paper and adapt suites: 'digits' or an .npz with X and y (docs/data.md)."),
+    duration: float = typer.Option(None, "--duration", min=1, envvar="ECLM_BENCH_DURATION",
+                                   show_default="120 s, 40 s with --quick",
+                                   help="soak suite: seconds of attack while honest devices train."),
+    pills: str = typer.Option("all", "--pills", envvar="ECLM_BENCH_PILLS",
+                              help="soak suite: comma-separated pill names (bench/pills.py), 'all', or 'none' "
+                              "for an honest-only run."),
 ) -> None:
     """Run a benchmark suite; results go to OUT as JSON plus a markdown table (and plots)."""
     from eclm.errors import ConfigError
@@ -88,6 +95,12 @@ def bench(
 
         adapt_suite(out, quick, say, dataset)
         typer.echo((out / "adapt.md").read_text())
+    elif suite == "soak":
+        from bench.soak_report import soak_suite
+
+        passed = soak_suite(out, quick, duration, pills, say)
+        typer.echo((out / "soak.md").read_text())
+        raise typer.Exit(0 if passed else 1)
     elif suite == "paper":
         from bench.suites import paper_suite
 

@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EDGE_VENV = Path("/tmp/eclm-edge-venv")
 EDGE_VENV = DEFAULT_EDGE_VENV  # set by --edge-venv
+ORT_TRAINING_PY: Path | None = None  # set by --ort-training-venv: the artifacts baseline of D
 EDGE_PY = EDGE_VENV / "bin" / "python"
 MiB = 2**20
 PROFILE = "pi4"
@@ -760,7 +761,14 @@ def bench_training(prep: dict[str, Any], work: Path, quick: bool, say: Any) -> l
         torch_res = run_child(sys.executable, "train-torch",
                               {**_torch_spec(bundle, bank, work, "meta"), "data": str(data), "learning_rate": lr,
                                "threads": threads, "steps": steps * (2 if quick else 3)}, work)
+        artifacts = None
+        if ORT_TRAINING_PY is not None:
+            say(f"D: training step, {key}: ONNX Runtime training artifacts (baseline venv subprocess)")
+            artifacts = _artifacts_step(bundle, data, lr, steps * rounds, work)
         rows.append({"bundle": key, "trainable_parts": man["training"]["trainable_parts"], "batch_size": bs,
+                     "ort_artifacts": artifacts,
+                     "ratio_runtime_vs_artifacts": (ort_res["runtime"]["p50_ms"] / artifacts["p50_ms"]
+                                                    if artifacts and "p50_ms" in artifacts else None),
                      "optimizer": man["training"]["optimizer"]["name"],
                      **ort_res, "torch": torch_res["torch"], "torch_detail": torch_res,
                      "ratio_runtime_vs_bare": ort_res["paired_ratio"]["bare"],
@@ -768,6 +776,18 @@ def bench_training(prep: dict[str, Any], work: Path, quick: bool, say: Any) -> l
                      "ratio_bare_vs_torch": ort_res["bare"]["p50_ms"] / torch_res["torch"]["p50_ms"],
                      "torch_threads": threads, "ort_threads": 1})
     return rows
+
+
+def _artifacts_step(bundle: Path, data: Path, lr: float, steps: int, work: Path) -> dict[str, Any]:
+    """The same bundle, batch and optimizer stepped by ONNX Runtime's training artifacts (a baseline only)."""
+    assert ORT_TRAINING_PY is not None
+    spec = work / "artifacts-spec.json"
+    spec.write_text(json.dumps({"bundle": str(bundle), "data": str(data), "learning_rate": lr, "steps": steps}))
+    done = subprocess.run([str(ORT_TRAINING_PY), str(Path(__file__).with_name("ort_artifacts.py")), str(spec)],
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        return {"error": " ".join(done.stderr.strip().splitlines()[-1:])[:300]}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 # ---------------------------------------------------------------- E
@@ -972,6 +992,17 @@ def goals(res: dict[str, Any]) -> str:
     for r in res.get("training", []):
         if "error" not in r:
             best = r["best_block_p50_ms"]
+            art = r.get("ort_artifacts")
+            if art and "p50_ms" in art:
+                lines.append(f"- D, {r['bundle']}: runtime step / ONNX Runtime training artifacts step p50 = "
+                             f"{r['ratio_runtime_vs_artifacts']:.2f} (goal <= 1.0): "
+                             f"{ok(r['ratio_runtime_vs_artifacts'] <= 1.0)} (artifacts {art['p50_ms']:.2f} ms, "
+                             f"onnxruntime-training {art['onnxruntime']}, separate process).")
+            elif art:
+                lines.append(f"- D, {r['bundle']}: the training artifacts baseline failed: {art.get('error')}")
+            else:
+                lines.append(f"- D, {r['bundle']}: runtime vs ONNX Runtime training artifacts: not measured "
+                             "(pass --ort-training-venv).")
             lines.append(f"- D, {r['bundle']}: runtime step / PyTorch step p50 = {r['ratio_runtime_vs_torch']:.2f} "
                          f"(goal <= 0.5): {ok(r['ratio_runtime_vs_torch'] <= 0.5)}; runtime / bare session on "
                          f"the same step graph {r['ratio_runtime_vs_bare']:.2f} (least disturbed blocks "
@@ -1073,6 +1104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="ABCDE", help="sections to run, e.g. AB")
     p.add_argument("--edge-venv", type=Path, default=DEFAULT_EDGE_VENV,
                    help="the edge-only virtualenv (created if missing)")
+    p.add_argument("--ort-training-venv", type=Path, help="a throwaway virtualenv with onnxruntime-training-cpu"
+                   "==1.19.2, onnx==1.16.2 and torch: D also times the training artifacts step (a baseline only)")
     p.add_argument("--child", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -1083,8 +1116,9 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    global EDGE_VENV, EDGE_PY
+    global EDGE_VENV, EDGE_PY, ORT_TRAINING_PY
     EDGE_VENV, EDGE_PY = args.edge_venv.resolve(), args.edge_venv.resolve() / "bin" / "python"
+    ORT_TRAINING_PY = args.ort_training_venv.resolve() / "bin" / "python" if args.ort_training_venv else None
     command = "python -m bench.edge_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     res: dict[str, Any] = {"command": command, "quick": args.quick, "machine": machine_info()}
