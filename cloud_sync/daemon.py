@@ -73,7 +73,7 @@ class SyncCore:
         try:
             msg = wire.decode(payload, max_bytes=self.settings.max_payload)
             if isinstance(msg, wire.ChunkMessage):
-                whole = self.reassembler.add(msg)
+                whole = self.reassembler.add(msg, device)
                 if whole is None:
                     return []
                 payload = whole
@@ -112,7 +112,17 @@ class SyncCore:
         self.ledger.reject(reason, detail, delta_id, device, size)
 
     def _ack(self, device: str, delta_id: str, status: str, reason: str = "") -> Publication:
-        return topics.ack(device), wire.encode(wire.AckMessage(delta_id, status, reason))
+        """The ack for one delta, addressed to its device and signed with the cloud's key.
+
+        Without a signing key the ack goes unsigned: only devices without ``--trust-key`` accept it
+        (they warn that acks are not verified); devices with a trust key keep resending the delta.
+        """
+        if self.signer is None and not getattr(self, "_warned_unsigned_acks", False):
+            self._warned_unsigned_acks = True
+            log.warning("no signing key: acks are sent unsigned, and devices with --trust-key ignore them (their "
+                        "deltas stay in their outboxes); start with --signing-key")
+        msg = wire.AckMessage(delta_id, status, reason[:500], device_id=device)
+        return topics.ack(device), wire.encode(msg, signer=self.signer)
 
     def _on_delta(self, device: str, msg: wire.DeltaMessage, payload: bytes) -> list[Publication]:
         if msg.device_id != device:
@@ -210,7 +220,8 @@ class SyncCore:
                      for pid in sorted(held)}
             tensors = {n: self.merger.params[pid][n] for pid, names in parts.items() for n in names}
             msg = wire.ModuleUpdateMessage(uuid.uuid4().hex, self.merger.bank_id,
-                                           {pid: versions[pid] for pid in held}, parts, tensors)
+                                           {pid: versions[pid] for pid in held}, parts, tensors,
+                                           device_id=dev["device_id"])
             data = wire.encode(msg, codec=self.settings.update_codec, signer=self.signer)
             out += [(topics.update(dev["device_id"]), p) for p in wire.chunk(data, self.settings.chunk_bytes)]
             self._count("module_updates_sent")

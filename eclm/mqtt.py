@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from eclm.errors import ConfigError
+from eclm.hashing import atomic_write_bytes
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
@@ -50,4 +54,31 @@ def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | Non
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_inflight_messages_set(64)
     client.max_queued_messages_set(0)
+    # A callback that raises anyway (they all catch their own errors) is logged, and the network loop lives on.
+    client.suppress_exceptions = True
+    client.on_log = _log_callback_errors
     return client
+
+
+def _log_callback_errors(_c: Any, _u: Any, _level: int, buf: str) -> None:
+    """Paho's log, of which only the exceptions it caught in callbacks matter (the rest is chatter)."""
+    if buf.startswith("Caught exception"):
+        logging.getLogger("eclm.mqtt").error("an MQTT callback raised (the network loop goes on): %s", buf)
+
+
+def install_client_id(folder: Path, prefix: str) -> str:
+    """``PREFIX-SUFFIX``: a random suffix made on first use and kept in ``folder/mqtt-client-id``.
+
+    Stable across restarts (the broker's persistent session survives them) but not guessable from
+    the device id, so nobody can take the session over by connecting with the same client id.
+    """
+    path = folder / "mqtt-client-id"
+    try:
+        suffix = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        suffix = ""
+    if len(suffix) != 16 or not all(c in "0123456789abcdef" for c in suffix):
+        suffix = secrets.token_hex(8)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (suffix + "\n").encode())
+    return f"{prefix}-{suffix}"

@@ -3,7 +3,9 @@
 Envelope: ``ECLMW1`` + u32 header length + JSON header + body. The header names the message type
 and schema version and holds its plain fields; tensors (and archives) travel in the body through
 :mod:`eclm.compress` (safetensors, never pickle). Update messages carry an Ed25519 signature over
-the header (without the signature) and the body. Payloads over a size limit are sent as chunks.
+the header (without the signature) and the body; acks carry one too when the cloud has a key (a
+device with a trust key accepts only signed acks). Payloads over a size limit are sent as chunks
+and reassembled with bounded memory (:mod:`eclm.reassembly`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ import numpy as np
 from eclm import compress
 from eclm.errors import DataError
 from eclm.hashing import canonical_json
+from eclm.ids import check_delta_id
+from eclm.reassembly import ChunkRefused, Reassembler
 from eclm.signing import Signer, Verifier
+
+__all__ = ["ChunkRefused", "Reassembler"]  # re-exported: chunking and reassembly belong together
 
 MAGIC = b"ECLMW1"
 SCHEMA_VERSION = 1
@@ -70,13 +76,20 @@ class DeltaMessage:
 
 @dataclass
 class AckMessage:
-    """Cloud -> device: the delta is stored (or a duplicate, or rejected with the reason)."""
+    """Cloud -> device: the delta is stored (or a duplicate, or rejected with the reason).
+
+    It names exactly one delta (the delta id grammar of :mod:`eclm.ids`, checked on decode) and the
+    device it is for, and is signed by the cloud's key when the cloud has one.
+    """
 
     TYPE: ClassVar[str] = "ack"
     delta_id: str
     status: str  # "stored", "duplicate", "rejected"
     reason: str = ""
+    device_id: str = ""
     created: float = field(default_factory=time.time)
+
+    STATUSES: ClassVar[tuple[str, ...]] = ("stored", "duplicate", "rejected")
 
 
 @dataclass
@@ -89,6 +102,7 @@ class ModuleUpdateMessage:
     versions: dict[str, int]
     parts: dict[str, list[str]]
     tensors: dict[str, np.ndarray]
+    device_id: str = ""  # the device it is addressed to; a device refuses updates for another
     created: float = field(default_factory=time.time)
 
 
@@ -144,7 +158,8 @@ Message = (ProfileMessage | DeltaMessage | AckMessage | ModuleUpdateMessage | Bu
            | StatusMessage | RequestMessage | ChunkMessage)
 TYPES: dict[str, Any] = {c.TYPE: c for c in (ProfileMessage, DeltaMessage, AckMessage, ModuleUpdateMessage,
                                               BundleUpdateMessage, StatusMessage, RequestMessage, ChunkMessage)}
-SIGNED = (ModuleUpdateMessage, BundleUpdateMessage)
+SIGNED = (ModuleUpdateMessage, BundleUpdateMessage)  # must be signed
+SIGNABLE = (*SIGNED, AckMessage)  # signed when a signer is given; verified whenever a verifier is given
 _BYTES_FIELDS = {"archive", "data"}
 
 
@@ -172,9 +187,9 @@ def encode(msg: Message, codec: str = "fp32+zlib", signer: Signer | None = None)
         body, header["tensors"] = compress.encode(tensors, compress.Codec.parse(codec))
     elif blob is not None:
         body = blob
-    if isinstance(msg, SIGNED):
-        if signer is None:
-            raise DataError(f"{msg.TYPE} messages must be signed", hint="pass the cloud's signer")
+    if isinstance(msg, SIGNED) and signer is None:
+        raise DataError(f"{msg.TYPE} messages must be signed", hint="pass the cloud's signer")
+    if isinstance(msg, SIGNABLE) and signer is not None:
         header["signature"] = signer.sign(_signed_bytes(header, body))
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(raw)) + raw + body
@@ -210,7 +225,7 @@ def decode(data: bytes, verifier: Verifier | None = None, max_bytes: int | None 
         raise DataError(
             f"{cls.TYPE} message has schema version {header.get('schema_version')!r}; this side reads "
             f"{SCHEMA_VERSION}", hint="upgrade the older side so both speak the same schema version")
-    if cls in SIGNED and verifier is not None:
+    if cls in SIGNABLE and verifier is not None:
         verifier.verify(_signed_bytes(header, body), header.get("signature"), f"{cls.TYPE} message")
     fields = header.get("fields")
     if not isinstance(fields, dict):
@@ -228,6 +243,11 @@ def decode(data: bytes, verifier: Verifier | None = None, max_bytes: int | None 
     except TypeError as exc:
         raise DataError(f"{cls.TYPE} message fields are wrong: {exc}", hint="resend the message") from exc
     _check_types(msg)
+    if isinstance(msg, AckMessage):
+        check_delta_id(msg.delta_id)
+        if msg.status not in AckMessage.STATUSES:
+            raise DataError(f"ack status {msg.status[:40]!r} is not one of {list(AckMessage.STATUSES)}",
+                            hint="resend the message")
     if unknown:
         raise DataError(f"{cls.TYPE} message has unknown fields {sorted(unknown)}", hint="check schema versions")
     return msg
@@ -266,37 +286,3 @@ def chunk(data: bytes, limit: int) -> list[bytes]:
     mid = uuid.uuid4().hex
     digest = hashlib.sha256(data).hexdigest()
     return [encode(ChunkMessage(mid, i, total, digest, data[i * piece : (i + 1) * piece])) for i in range(total)]
-
-
-class Reassembler:
-    """Collects chunks per message id; returns the whole payload once every piece arrived and matches."""
-
-    def __init__(self, max_pending: int = 64, ttl_s: float = 600.0) -> None:
-        self.max_pending = max_pending
-        self.ttl_s = ttl_s
-        self._parts: dict[str, tuple[float, ChunkMessage, dict[int, bytes]]] = {}
-
-    def add(self, c: ChunkMessage) -> bytes | None:
-        now = time.time()
-        for key, (t, _, _) in list(self._parts.items()):
-            if now - t > self.ttl_s:
-                del self._parts[key]
-        if not 0 <= c.index < c.total or c.total > 100_000:
-            raise DataError(f"chunk {c.index}/{c.total} is out of range", hint="resend the message")
-        if c.message_id not in self._parts:
-            if len(self._parts) >= self.max_pending:
-                oldest = min(self._parts, key=lambda k: self._parts[k][0])
-                del self._parts[oldest]
-            self._parts[c.message_id] = (now, c, {})
-        first = self._parts[c.message_id][1]
-        if (first.total, first.sha256) != (c.total, c.sha256):
-            raise DataError("chunks of one message disagree", hint="resend the message")
-        pieces = self._parts[c.message_id][2]
-        pieces[c.index] = c.data
-        if len(pieces) < c.total:
-            return None
-        del self._parts[c.message_id]
-        data = b"".join(pieces[i] for i in range(c.total))
-        if hashlib.sha256(data).hexdigest() != c.sha256:
-            raise DataError("reassembled payload does not match its sha256", hint="resend the message")
-        return data

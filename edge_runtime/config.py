@@ -38,6 +38,7 @@ class EdgeConfig:
     codec: str = "int8+zlib"  # tensor compression of deltas: 12.5x below FedAvg at no measured accuracy cost
     max_payload: int = 256 * 2**10  # deltas above this are sent in chunks
     resend_s: float = 30.0  # resend an unacknowledged delta after this long
+    max_reassembly_bytes: int = 16 * 2**20  # incomplete chunked messages from the broker held at most
     profile_name: str = ""  # the device profile the cloud derives bundles for (default: the bundle's)
     drift: bool = True  # watch importance and accuracy drift and act on it
     resource_interval_s: float = 1.0  # how often free memory, CPU and latency are read (0: never)

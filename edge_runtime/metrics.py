@@ -38,6 +38,16 @@ class EdgeMetrics:
         self.variant_level = Gauge("eclm_edge_variant_level", "Rung of the variant ladder serving (0: main model)",
                                    registry=r)
         self.bundle_rejections = Counter("eclm_edge_bundle_rejections", "Bundles refused", registry=r)
+        self.sync_refused = Counter("eclm_edge_sync_refused", "Broker messages refused, by reason", ["reason"],
+                                    registry=r)
+        self.sync_thread_alive = Gauge("eclm_edge_sync_thread_alive",
+                                       "1 while the sync thread runs (network loop, outbox, updates)", ["thread"],
+                                       registry=r)
+        self.sync_thread_restarts = Counter("eclm_edge_sync_thread_restarts", "Sync threads found dead and restarted",
+                                            ["thread"], registry=r)
+        self.sync_last_message = Gauge("eclm_edge_sync_last_message_timestamp",
+                                       "When the last broker message was handled (seconds since the epoch; 0: none)",
+                                       registry=r)
         self.unsigned_bundles_allowed = Gauge("eclm_edge_unsigned_bundles_allowed",
                                               "1 when bundles serve without signature checks (no trust key)",
                                               registry=r)

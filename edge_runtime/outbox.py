@@ -15,6 +15,7 @@ from safetensors.numpy import load, save
 from eclm import jsonsafe
 from eclm.errors import DataError
 from eclm.hashing import atomic_write_bytes
+from eclm.ids import check_delta_id
 
 SUFFIX = ".delta"
 ACKED = "acked.log"
@@ -44,12 +45,22 @@ class Outbox:
 
     def put(self, delta_id: str, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Path:
         """Store one delta durably; returns its file."""
+        check_delta_id(delta_id)
         header = {"eclm": jsonsafe.dumps({**meta, "delta_id": delta_id}, sort_keys=True)}  # NaN -> null
         data = save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}, metadata=header)
         with self._lock:
             path = self.folder / f"{self._next_seq():08d}-{delta_id}{SUFFIX}"
             atomic_write_bytes(path, data)
         return path
+
+    @staticmethod
+    def id_of(path: Path) -> str:
+        """The delta id in an entry's file name (``SEQ-ID.delta``)."""
+        return path.name[: -len(SUFFIX)].split("-", 1)[1]
+
+    def holds(self, delta_id: str) -> bool:
+        """True while an entry of exactly this delta id waits for its ack."""
+        return any(self.id_of(p) == delta_id for p in self.pending())
 
     def pending(self) -> list[Path]:
         """Files of unacknowledged deltas, oldest first."""
@@ -79,8 +90,11 @@ class Outbox:
         The id and the samples it covered are appended to ``acked.log`` first, so that after a crash
         the runtime still knows the delta existed.
         """
+        check_delta_id(delta_id)
         with self._lock:
-            for p in self.folder.glob(f"*-{delta_id}{SUFFIX}"):
+            for p in self.pending():
+                if self.id_of(p) != delta_id:
+                    continue
                 try:
                     upto = int(self.read(p).meta.get("trained_upto", 0))
                 except (DataError, ValueError, TypeError):
@@ -107,7 +121,7 @@ class Outbox:
 
     def known_ids(self) -> set[str]:
         """Ids of every delta kept: pending or already acknowledged."""
-        ids = {p.name[:-len(SUFFIX)].split("-", 1)[1] for p in self.pending()}
+        ids = {self.id_of(p) for p in self.pending()}
         return ids | {str(r.get("delta_id")) for r in self._acked()}
 
     def max_trained_upto(self) -> int:

@@ -11,10 +11,11 @@ from typing import Any
 
 from eclm import topics, wire
 from eclm.errors import BundleError, DataError, EclmError
-from eclm.mqtt import BrokerUrl, make_client
+from eclm.mqtt import BrokerUrl, install_client_id, make_client
 from eclm.signing import Verifier, load_verifier
 from edge_runtime.outbox import Outbox
 from edge_runtime.service import EdgeService
+from edge_runtime.sync_health import SyncHealth
 
 log = logging.getLogger("eclm.edge.sync")
 
@@ -55,16 +56,25 @@ class EdgeSync:
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.updates: queue.Queue[wire.Message] = queue.Queue(maxsize=16)
-        self.reassembler = wire.Reassembler()
+        cap = cfg.max_reassembly_bytes  # one legitimate sender (the cloud): it may use the whole cap
+        self.reassembler = wire.Reassembler(max_total_bytes=cap, max_sender_bytes=cap, max_message_bytes=cap)
         self._last_profile: list[list[float]] | None = None
         self._lock = threading.Lock()
         offline = wire.encode(wire.StatusMessage(self.device, False))
-        self.client = make_client(f"eclm-edge-{self.device}", self.broker, will=(topics.status(self.device), offline))
-        self.client.on_connect = self._on_connect
-        self.client.on_connect_fail = self._on_connect_fail
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self._threads: list[threading.Thread] = []
+        self.client_id = install_client_id(cfg.state_dir, f"eclm-edge-{self.device}")
+        self.client = make_client(self.client_id, self.broker, will=(topics.status(self.device), offline))
+        self.health = SyncHealth(self.client, service.metrics, self.stop)
+        guard = self.health.guard
+        self.client.on_connect = guard("on_connect")(self._on_connect)
+        self.client.on_connect_fail = guard("on_connect_fail")(self._on_connect_fail)
+        self.client.on_disconnect = guard("on_disconnect")(self._on_disconnect)
+        self.client.on_message = guard("on_message")(self._on_message)
+        self.client.on_subscribe = guard("on_subscribe")(lambda *_a: None)
+        self.client.on_publish = guard("on_publish")(lambda *_a: None)
+        if self.verifier is None:
+            log.warning("no --trust-key: acks and updates from the broker are NOT verified; anyone who can publish "
+                        "to %s can make this device drop deltas from its outbox (updates are refused). Configure "
+                        "--trust-key with the cloud's signing.pub", topics.ack(self.device))
         self._failures = 0
         self._last_error: str | None = None
         self._since = time.time()  # of the current state (connected or not)
@@ -75,10 +85,8 @@ class EdgeSync:
     def start(self) -> None:
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=20)
         self.client.loop_start()
-        for target, name in ((self._flush_loop, "eclm-outbox"), (self._update_loop, "eclm-updates")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self.health.start_worker("outbox", self._flush_loop)
+        self.health.start_worker("updates", self._update_loop)
 
     def close(self) -> None:
         self.stop.set()
@@ -89,21 +97,29 @@ class EdgeSync:
 
     def report(self) -> dict[str, Any]:
         """The connection as status shows it: offline is said, with the last error and since when."""
+        health = self._check_health()
         connected = self.connected.is_set()
-        return {"broker": str(self.broker), "connected": connected, "since": self._since,
-                "failed_attempts": self._failures, "last_error": None if connected else self._last_error,
-                "mode": "online" if connected else "offline: serving and keeping deltas in the outbox, retrying"}
+        return {"broker": str(self.broker), "client_id": self.client_id, "connected": connected,
+                "since": self._since, "failed_attempts": self._failures,
+                "last_error": None if connected else self._last_error,
+                "mode": "online" if connected else "offline: serving and keeping deltas in the outbox, retrying",
+                **health}
+
+    def _check_health(self) -> dict[str, Any]:
+        """Restart dead sync threads (see :class:`SyncHealth`); a dead network loop is not a connection."""
+        health = self.health.check()
+        if not health["network_loop"] and self.connected.is_set():
+            self.connected.clear()
+            self.service.metrics.broker_connected.set(0)
+        return health
 
     def _on_connect_fail(self, _c: Any, _u: Any) -> None:
         """Paho could not reach the broker (it retries with back-off up to 30 s): say so, do not stop serving."""
-        try:
-            self._failures += 1
-            if self._failures == 1 or self._failures % 20 == 0:
-                self._last_error = _probe(self.broker.host, self.broker.port)
-                log.warning("broker %s cannot be reached (%s; attempt %d): serving offline, deltas wait in the "
-                            "outbox; retrying every 1-30 s", self.broker, self._last_error, self._failures)
-        except Exception:  # never raise into paho's thread
-            log.exception("connection failure handling failed")
+        self._failures += 1
+        if self._failures == 1 or self._failures % 20 == 0:
+            self._last_error = _probe(self.broker.host, self.broker.port)
+            log.warning("broker %s cannot be reached (%s; attempt %d): serving offline, deltas wait in the "
+                        "outbox; retrying every 1-30 s", self.broker, self._last_error, self._failures)
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -196,6 +212,7 @@ class EdgeSync:
         last_trained = None
         while not self.stop.wait(1.0):
             try:
+                self._check_health()  # restarts a dead sibling worker or network loop
                 self.flush_once()
                 lt = self.service.last_training
                 if lt is not None and lt is not last_trained and self.connected.is_set():
@@ -205,36 +222,66 @@ class EdgeSync:
                 log.exception("outbox flush failed")
 
     # -- incoming
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.health.refuse(reason, detail)
+
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         payload = bytes(m.payload)
         self.service.metrics.downlink_bytes.inc(len(payload))
+        self.health.handled()
         try:
             msg = wire.decode(payload, self.verifier, max_bytes=self.service.cfg.max_payload * 2)
             if isinstance(msg, wire.ChunkMessage):
-                whole = self.reassembler.add(msg)
+                whole = self.reassembler.add(msg, topics.kind_of(str(m.topic)))
                 if whole is None:
                     return
-                msg = wire.decode(whole, self.verifier, max_bytes=512 * 2**20)
-        except EclmError as exc:
-            log.error("refused a message on %s: %s", m.topic, exc.message)
+                msg = wire.decode(whole, self.verifier, max_bytes=self.service.cfg.max_reassembly_bytes)
+        except wire.ChunkRefused as exc:
+            self._refuse(f"chunk_{exc.reason}", f"on {m.topic}: {exc.message}")
+            return
+        except BundleError as exc:
+            self._refuse("bad_signature", f"on {m.topic}: {exc.message}")
             self.service.metrics.bundle_rejections.inc()
             return
+        except EclmError as exc:
+            self._refuse("malformed", f"on {m.topic}: {exc.message}")
+            return
         if isinstance(msg, wire.AckMessage):
-            self.service.metrics.deltas_acked.labels(msg.status).inc()
-            if msg.status == "rejected":
-                log.warning("cloud rejected delta %s: %s", msg.delta_id, msg.reason)
-            self.service.outbox.ack(msg.delta_id)
-            with self._lock:
-                self.inflight.pop(msg.delta_id, None)
-            self.service.metrics.outbox_entries.set(len(self.service.outbox))
+            self._on_ack(msg)
         elif isinstance(msg, wire.RequestMessage):
             if msg.kind == "profile":
                 self.publish_profile()
         elif isinstance(msg, wire.ModuleUpdateMessage | wire.BundleUpdateMessage):
+            if isinstance(msg, wire.ModuleUpdateMessage) and msg.device_id != self.device:
+                self._refuse("wrong_device", f"module update {msg.update_id[:40]} is addressed to "
+                             f"{msg.device_id[:130]!r}, not {self.device!r}")
+                return
             try:
                 self.updates.put_nowait(msg)
             except queue.Full:
-                log.error("update queue full; dropping update (the cloud resends on the next merge)")
+                self._refuse("update_queue_full", "update queue full; dropping update (the cloud resends on the "
+                             "next merge)")
+        else:
+            self._refuse("unexpected_type", f"a {msg.TYPE} message on {m.topic}")
+
+    def _on_ack(self, msg: wire.AckMessage) -> None:
+        """Drop an outbox entry only on a valid ack: signed (checked by decode), for this device, for an entry held."""
+        if msg.device_id != self.device:
+            self._refuse("wrong_device", f"ack for delta {msg.delta_id} names device {msg.device_id[:130]!r}, "
+                         f"not {self.device!r}")
+            return
+        outbox = self.service.outbox
+        if not outbox.holds(msg.delta_id):
+            if msg.delta_id not in outbox.known_ids():
+                self._refuse("unknown_delta", f"ack for delta {msg.delta_id}, which this device never sent")
+            return  # a repeated ack for a delta already dropped: nothing to do
+        self.service.metrics.deltas_acked.labels(msg.status).inc()
+        if msg.status == "rejected":
+            log.warning("cloud rejected delta %s: %s", msg.delta_id, msg.reason[:500])
+        outbox.ack(msg.delta_id)
+        with self._lock:
+            self.inflight.pop(msg.delta_id, None)
+        self.service.metrics.outbox_entries.set(len(outbox))
 
     def _update_loop(self) -> None:
         while not self.stop.is_set():
@@ -242,6 +289,7 @@ class EdgeSync:
                 msg = self.updates.get(timeout=0.5)
             except queue.Empty:
                 continue
+            self.health.handled()
             if self.verifier is None:
                 log.error("an update arrived but no --trust-key is configured; refused (updates must be signed)")
                 self.service.metrics.bundle_rejections.inc()

@@ -547,6 +547,42 @@ def test_single_small_update_is_not_chunked(env: Env) -> None:
     assert len(pubs) == 1 and pubs[0][0] == topics.update(DEV_A)
     msg = wire.decode(pubs[0][1], verifier=env.verifier)
     assert isinstance(msg, wire.ModuleUpdateMessage) and msg.versions == {"head": 2}
+    assert msg.device_id == DEV_A  # a device refuses updates addressed to another
+
+
+def test_acks_are_signed_and_name_their_device(env: Env) -> None:
+    core = env.core()
+    msg = env.delta(DEV_A)
+    pubs, _ = deliver(core, msg)
+    assert [t for t, _ in pubs] == [topics.ack(DEV_A)]
+    ack = wire.decode(pubs[0][1], verifier=env.verifier)
+    assert isinstance(ack, wire.AckMessage)
+    assert (ack.delta_id, ack.device_id, ack.status) == (msg.delta_id, DEV_A, "stored")
+    with pytest.raises(BundleError, match="not the trusted key"):
+        wire.decode(pubs[0][1], verifier=Verifier(Ed25519PrivateKey.generate().public_key()))
+
+
+def test_without_a_signer_acks_are_unsigned(env: Env) -> None:
+    """Only devices without a trust key accept them (and they warn about it)."""
+    core = SyncCore(SyncSettings(bank_dir=env.bank), None)
+    env.cores.append(core)
+    msg = env.delta(DEV_A)
+    pubs, _ = deliver(core, msg)
+    assert one_ack(pubs, DEV_A, msg.delta_id, "stored").device_id == DEV_A
+    with pytest.raises(BundleError, match="not signed"):
+        wire.decode(pubs[0][1], verifier=env.verifier)
+
+
+def test_chunks_are_reassembled_per_device(env: Env) -> None:
+    """Another device cannot complete (or spoil) a device's chunked message."""
+    core = env.core()
+    msg = env.delta(DEV_A)
+    pieces = wire.chunk(wire.encode(msg), 4096)
+    assert len(pieces) > 2
+    for p in pieces[:-1]:
+        assert core.handle(topics.delta(DEV_A), p) == []
+    assert core.handle(topics.delta(DEV_B), pieces[-1]) == []
+    one_ack(core.handle(topics.delta(DEV_A), pieces[-1]), DEV_A, msg.delta_id, "stored")
 
 
 def test_without_a_signer_no_updates_are_sent(env: Env) -> None:

@@ -79,7 +79,8 @@ def build_delta(rng: np.random.Generator) -> wire.DeltaMessage:
 
 def build_ack(rng: np.random.Generator) -> wire.AckMessage:
     return wire.AckMessage(delta_id=_hex(rng, 32), status=str(rng.choice(["stored", "duplicate", "rejected"])),
-                           reason=f"norm_bound: {_hex(rng)}", created=float(rng.uniform(1.6e9, 1.8e9)))
+                           reason=f"norm_bound: {_hex(rng)}", device_id=f"dev-{_hex(rng, 8)}",
+                           created=float(rng.uniform(1.6e9, 1.8e9)))
 
 
 def build_module_update(rng: np.random.Generator) -> wire.ModuleUpdateMessage:
@@ -88,7 +89,7 @@ def build_module_update(rng: np.random.Generator) -> wire.ModuleUpdateMessage:
         update_id=_hex(rng, 32), bank_id=_hex(rng),
         versions={"L0M1": int(rng.integers(1, 50)), "head": int(rng.integers(1, 50))},
         parts={"L0M1": sorted(n for n in tensors if n.startswith("layers.")), "head": ["head.fc.weight"]},
-        tensors=tensors, created=float(rng.uniform(1.6e9, 1.8e9)),
+        tensors=tensors, device_id=f"dev-{_hex(rng, 8)}", created=float(rng.uniform(1.6e9, 1.8e9)),
     )
 
 
@@ -165,7 +166,7 @@ def _assert_same(original: Any, decoded: Any, codec: str) -> None:
 
 
 def _encode(msg: Any, signer: Signer, codec: str = "fp32+zlib") -> bytes:
-    return wire.encode(msg, codec=codec, signer=signer if isinstance(msg, wire.SIGNED) else None)
+    return wire.encode(msg, codec=codec, signer=signer if isinstance(msg, wire.SIGNABLE) else None)
 
 
 def _split(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -369,8 +370,19 @@ def test_deeply_nested_header_is_a_data_error() -> None:
 # Signatures
 
 
-def test_signed_types_are_the_update_messages() -> None:
+def test_signed_types_are_the_update_messages_and_acks() -> None:
     assert set(wire.SIGNED) == {wire.ModuleUpdateMessage, wire.BundleUpdateMessage}
+    assert set(wire.SIGNABLE) == {*wire.SIGNED, wire.AckMessage}
+
+
+def test_acks_may_be_unsigned_but_a_verifier_requires_the_signature(signer: Signer, verifier: Verifier) -> None:
+    ack = _build("ack")
+    plain = wire.encode(ack)  # a daemon without a signing key
+    assert "signature" not in _split(plain)[0]
+    assert wire.decode(plain) == ack
+    with pytest.raises(BundleError, match="not signed"):
+        wire.decode(plain, verifier=verifier)
+    assert wire.decode(wire.encode(ack, signer=signer), verifier=verifier) == ack
 
 
 @pytest.mark.parametrize("cls", wire.SIGNED, ids=lambda c: c.TYPE)
@@ -379,13 +391,13 @@ def test_update_messages_need_a_signer(cls: Any) -> None:
         wire.encode(_build(cls.TYPE))
 
 
-@pytest.mark.parametrize("type_name", sorted(n for n, c in wire.TYPES.items() if c not in wire.SIGNED))
+@pytest.mark.parametrize("type_name", sorted(n for n, c in wire.TYPES.items() if c not in wire.SIGNABLE))
 def test_other_messages_are_not_signed(type_name: str) -> None:
     header, _ = _split(wire.encode(_build(type_name)))
     assert "signature" not in header
 
 
-@pytest.mark.parametrize("cls", wire.SIGNED, ids=lambda c: c.TYPE)
+@pytest.mark.parametrize("cls", wire.SIGNABLE, ids=lambda c: c.TYPE)
 def test_signed_messages_verify(cls: Any, signer: Signer, verifier: Verifier) -> None:
     msg = _build(cls.TYPE)
     data = wire.encode(msg, signer=signer)
@@ -394,13 +406,14 @@ def test_signed_messages_verify(cls: Any, signer: Signer, verifier: Verifier) ->
     _assert_same(msg, wire.decode(data, verifier=verifier), "fp32")
 
 
-@pytest.mark.parametrize("cls", wire.SIGNED, ids=lambda c: c.TYPE)
+@pytest.mark.parametrize("cls", wire.SIGNABLE, ids=lambda c: c.TYPE)
 def test_flipped_header_byte_is_refused(cls: Any, signer: Signer, verifier: Verifier) -> None:
     msg = _build(cls.TYPE)
     data = bytearray(wire.encode(msg, signer=signer))
     (n,) = struct.unpack("<I", data[6:10])
     header_bytes = bytes(data[10 : 10 + n])
-    for value in (msg.bank_id, msg.update_id):  # a flip inside a string keeps the header valid JSON
+    values = (msg.reason, msg.device_id) if isinstance(msg, wire.AckMessage) else (msg.bank_id, msg.update_id)
+    for value in values:  # a flip inside a string keeps the header valid JSON
         pos = 10 + header_bytes.index(f'"{value}"'.encode()) + 1
         tampered = bytearray(data)
         tampered[pos] ^= 0x01
@@ -419,14 +432,14 @@ def test_flipped_body_byte_is_refused(cls: Any, signer: Signer, verifier: Verifi
             wire.decode(bytes(tampered), verifier=verifier)
 
 
-@pytest.mark.parametrize("cls", wire.SIGNED, ids=lambda c: c.TYPE)
+@pytest.mark.parametrize("cls", wire.SIGNABLE, ids=lambda c: c.TYPE)
 def test_every_single_byte_flip_is_refused(cls: Any, signer: Signer, verifier: Verifier) -> None:
     rng = np.random.default_rng(SEED)
     msg = _build(cls.TYPE)
     if isinstance(msg, wire.ModuleUpdateMessage):  # keep the sweep small
         msg.tensors = {"head.fc.bias": rng.normal(size=10).astype(np.float32)}
         msg.parts = {"head": ["head.fc.bias"]}
-    else:
+    elif isinstance(msg, wire.BundleUpdateMessage):
         msg.archive = rng.bytes(300)
     data = wire.encode(msg, signer=signer)
     accepted = []
@@ -444,7 +457,7 @@ def test_every_single_byte_flip_is_refused(cls: Any, signer: Signer, verifier: V
     assert len(accepted) <= 2, accepted
 
 
-@pytest.mark.parametrize("cls", wire.SIGNED, ids=lambda c: c.TYPE)
+@pytest.mark.parametrize("cls", wire.SIGNABLE, ids=lambda c: c.TYPE)
 def test_other_key_is_refused(cls: Any, signer: Signer) -> None:
     other = Verifier(Ed25519PrivateKey.generate().public_key())
     data = wire.encode(_build(cls.TYPE), signer=signer)
@@ -458,7 +471,7 @@ def test_other_key_is_refused(cls: Any, signer: Signer) -> None:
         wire.decode(_frame(header, body), verifier=Verifier(signer.private.public_key()))
 
 
-@pytest.mark.parametrize("cls", wire.SIGNED, ids=lambda c: c.TYPE)
+@pytest.mark.parametrize("cls", wire.SIGNABLE, ids=lambda c: c.TYPE)
 def test_stripped_signature_is_refused(cls: Any, signer: Signer, verifier: Verifier) -> None:
     header, body = _split(wire.encode(_build(cls.TYPE), signer=signer))
     del header["signature"]
@@ -578,3 +591,98 @@ def test_errors_are_eclm_errors(signer: Signer) -> None:
     for bad in (b"", b"x" * 100, wire.MAGIC + b"\xff\xff\xff\xff"):
         with pytest.raises(EclmError):
             wire.decode(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bounded reassembly
+
+
+def _pieces(data: bytes, limit: int, sender_tag: int = 0) -> list[wire.ChunkMessage]:
+    return [_as_chunk(p) for p in wire.chunk(data, limit)]
+
+
+def test_reassembly_holds_at_most_its_caps_under_a_flood() -> None:
+    """Many incomplete messages from many senders: the bytes held never pass the caps, honest data completes."""
+    r = wire.Reassembler(max_total_bytes=4 * 2**20, max_sender_bytes=2**20, max_message_bytes=2**20)
+    rng = np.random.default_rng(SEED)
+    piece = rng.bytes(200_000)
+    refused: dict[str, int] = {}
+    for i in range(600):  # 600 x 200 kB = 120 MB offered, never completed
+        sender = f"dev-{i % 13}"
+        c = wire.ChunkMessage(f"m{i}", 0, 5, "0" * 64, piece)
+        try:
+            assert r.add(c, sender) is None
+        except wire.ChunkRefused as exc:
+            refused[exc.reason] = refused.get(exc.reason, 0) + 1
+        assert r.held_bytes <= 4 * 2**20
+        assert max(r.held_by(f"dev-{k}") for k in range(13)) <= 2**20
+    assert r.held_bytes == sum(len(p) for k in r._parts.values() for p in k.pieces.values())
+    honest = rng.bytes(600_000)
+    out = [r.add(c, "honest") for c in _pieces(honest, 100_000)]
+    assert out[-1] == honest and r.held_by("honest") == 0
+
+
+def test_reassembly_refuses_a_declared_size_over_the_cap() -> None:
+    r = wire.Reassembler(max_total_bytes=2**20)
+    with pytest.raises(wire.ChunkRefused, match="exceeds the limit") as info:
+        r.add(wire.ChunkMessage("m", 0, 100_000, "0" * 64, b"x" * 1000), "dev")
+    assert info.value.reason == "message_cap" and r.held_bytes == 0
+    assert isinstance(info.value, DataError)
+
+
+def test_reassembly_refuses_a_message_that_grows_past_its_cap() -> None:
+    """Pieces of varying sizes cannot sneak past the declared-size check."""
+    r = wire.Reassembler(max_total_bytes=2**20, max_message_bytes=10_000)
+    for i in range(9):  # each piece passes the declared-size check (10 x 1111 <= cap + 1111) ...
+        assert r.add(wire.ChunkMessage("m", i, 10, "0" * 64, b"x" * 1111), "dev") is None
+    with pytest.raises(wire.ChunkRefused) as info:  # ... but together they grow past it
+        r.add(wire.ChunkMessage("m", 9, 10, "0" * 64, b"x" * 1111), "dev")
+    assert info.value.reason == "message_cap" and r.held_bytes == 0
+
+
+def test_reassembly_expires_incomplete_messages() -> None:
+    now = [1000.0]
+    r = wire.Reassembler(ttl_s=60, clock=lambda: now[0])
+    r.add(wire.ChunkMessage("old", 0, 2, "0" * 64, b"x" * 500), "dev")
+    assert r.held_bytes == 500
+    now[0] += 61
+    r.add(wire.ChunkMessage("new", 0, 2, "0" * 64, b"y" * 100), "dev")
+    assert r.held_bytes == 100 and len(r) == 1 and r.evicted == 1
+
+
+def test_reassembly_evicts_the_senders_oldest_message_first() -> None:
+    now = [0.0]
+    r = wire.Reassembler(max_total_bytes=10_000, max_sender_bytes=3000, clock=lambda: now[0])
+    r.add(wire.ChunkMessage("a", 0, 2, "0" * 64, b"a" * 1000), "other")
+    for name in ("x1", "x2"):
+        now[0] += 1
+        r.add(wire.ChunkMessage(name, 0, 2, "0" * 64, b"x" * 1400), "dev")
+    now[0] += 1
+    data = b"z" * 2000
+    pieces = _pieces(data, 1512)
+    assert r.add(pieces[0], "dev") is None  # evicts x1 (dev's oldest), not "other"'s older message
+    assert r.held_by("other") == 1000 and r.held_by("dev") <= 3000
+    assert r.add(pieces[1], "dev") == data
+
+
+def test_reassembly_keeps_senders_apart() -> None:
+    """A chunk with another sender's message id does not join (or disturb) that message."""
+    data = np.random.default_rng(SEED).bytes(5000)
+    pieces = _pieces(data, 1024)
+    r = wire.Reassembler()
+    for c in pieces[:-1]:
+        assert r.add(c, "dev") is None
+    assert r.add(pieces[-1], "intruder") is None
+    assert r.add(pieces[-1], "dev") == data
+
+
+@pytest.mark.parametrize("bad", ["*", "x**", "", "a/b", "../x", "x" * 65, "a b", "[a]", "a?", "d.e"])
+def test_acks_name_exactly_one_delta_id(bad: str) -> None:
+    data = wire.encode(wire.AckMessage(bad, "rejected", device_id="dev1"))
+    with pytest.raises(DataError, match="delta id"):
+        wire.decode(data)
+
+
+def test_ack_status_is_one_of_the_known_ones() -> None:
+    with pytest.raises(DataError, match="ack status"):
+        wire.decode(wire.encode(wire.AckMessage("d1", "deleted", device_id="dev1")))
