@@ -52,6 +52,11 @@ def parse_module_id(part_id: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def is_gate_id(part_id: str) -> bool:
+    """Whether ``part_id`` names the selector's gate of a module layer (``selector.gate{l}``)."""
+    return isinstance(part_id, str) and _GATE.fullmatch(part_id) is not None
+
+
 def parse_gate_id(part_id: str) -> int:
     """The layer of a gate id ``selector.gate{l}``; a :class:`DataError` for anything else."""
     m = _GATE.fullmatch(part_id) if isinstance(part_id, str) else None
@@ -64,7 +69,7 @@ def check_part_id(part_id: str) -> str:
     """``part_id`` itself if it is a bank part id; a :class:`DataError` naming the grammar otherwise."""
     if part_id in (STEM, SELECTOR_EMBED, HEAD):
         return part_id
-    if isinstance(part_id, str) and (_MODULE.fullmatch(part_id) or _GATE.fullmatch(part_id)):
+    if is_module_id(part_id) or is_gate_id(part_id):
         return part_id
     raise DataError(f"{part_id!r} is not a part id", hint=_HINT)
 
@@ -79,7 +84,7 @@ def prefixes(part_id: str) -> list[str]:
     if is_module_id(part_id):
         layer, index = parse_module_id(part_id)
         return [f"layers.{layer}.mods.m{index}."]
-    if _GATE.fullmatch(part_id) if isinstance(part_id, str) else False:
+    if is_gate_id(part_id):
         layer = parse_gate_id(part_id)
         return [f"selector.gates.{layer}.", f"selector.noise.{layer}."]
     return [check_part_id(part_id) + "."]
@@ -102,7 +107,7 @@ def part_of(name: str) -> str:
             return with_id
     if len(fields) > 3 and fields[0] == "selector" and fields[1] in ("gates", "noise"):
         with_id = f"selector.gate{fields[2]}"
-        if _GATE.fullmatch(with_id):
+        if is_gate_id(with_id):
             return with_id
     for part_id in (STEM, SELECTOR_EMBED, HEAD):
         if n.startswith(part_id + "."):

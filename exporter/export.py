@@ -238,7 +238,7 @@ def _build(
                 "trainable": pid in plan.trainable_parts,
                 "params": by_part.get(pid, []),
                 **({"rows": derivation.selection[parts_grammar.parse_gate_id(pid)]}
-                   if pid.startswith("selector.gate") else {}),
+                   if parts_grammar.is_gate_id(pid) else {}),
             }
             for pid in fixed_part_ids(len(cfg.layers))
         ],

@@ -23,7 +23,7 @@ def test_module_ids_round_trip() -> None:
 def test_gate_ids_round_trip() -> None:
     for layer in (0, 1, 11):
         assert parts.parse_gate_id(parts.gate_id(layer)) == layer
-        assert not parts.is_module_id(parts.gate_id(layer))
+        assert parts.is_gate_id(parts.gate_id(layer)) and not parts.is_module_id(parts.gate_id(layer))
 
 
 @pytest.mark.parametrize("bad", ["", "L", "LM", "L1", "M1", "L1M", "LxMy", "L1Mx", "L-1M0", "L01M0", "L0M01",
