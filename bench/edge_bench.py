@@ -150,16 +150,9 @@ def child_edge_memory(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _trainable_prefixes(parts: list[str]) -> list[str]:
     """Sub-model parameter prefixes of bundle part ids (``L{l}M{i}`` and ``head``)."""
-    out = []
-    for p in parts:
-        if p == "head":
-            out.append("net.head.")
-        elif p.startswith("L") and "M" in p:
-            layer, index = p[1:].split("M")
-            out.append(f"net.layers.{int(layer)}.mods.m{int(index)}.")
-        else:
-            raise ValueError(f"no torch mapping for trainable part {p!r}")
-    return out
+    from eclm.parts import onnx_prefixes
+
+    return [prefix for p in parts for prefix in onnx_prefixes(p)]
 
 
 def torch_submodel(spec: dict[str, Any]) -> Any:

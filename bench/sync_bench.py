@@ -77,8 +77,10 @@ def _accuracy_with(run: DeviceRun, tensors: dict[str, np.ndarray]) -> float:
     from eclm.train_step import open_session
 
     weights = read_initializers(run.bundle / "model.onnx")
+    from eclm.parts import onnx_name
+
     for name, d in tensors.items():
-        weights[f"net.{name}"] = (weights[f"net.{name}"] + d).astype(np.float32)
+        weights[onnx_name(name)] = (weights[onnx_name(name)] + d).astype(np.float32)
     sess, _kept = open_session(run.bundle / "model.onnx", weights)
     pred = sess.run(None, {"input": run.test_x})[0].argmax(1)
     return float((pred == run.test_y).mean())

@@ -17,6 +17,7 @@ from cloud_sync.validation import Limits, Verdict, check_delta
 from eclm import wire
 from eclm.errors import ConfigError
 from eclm.hashing import sha256_file
+from eclm.parts import is_module_id, parse_module_id
 from exporter.bank import BankInfo, DirectoryBank
 from exporter.config import ModelConfig
 
@@ -61,8 +62,8 @@ def module_weight(msg: wire.DeltaMessage, part_id: str, current_version: int | N
     divided by 1 + staleness (versions its base lags behind), as asynchronous federated learning does.
     """
     importance = 1.0
-    if msg.importance and part_id.startswith("L") and "M" in part_id:
-        layer, index = (int(v) for v in part_id[1:].split("M"))
+    if msg.importance and is_module_id(part_id):
+        layer, index = parse_module_id(part_id)
         if layer < len(msg.importance) and index < len(msg.importance[layer]):
             importance = float(msg.importance[layer][index])
     staleness = max(0, (current_version or 0) - msg.base_versions.get(part_id, current_version or 0))

@@ -1,46 +1,36 @@
-"""The edge runtime's core: serve a bundle, keep samples, fine-tune in the background, keep deltas."""
+"""The edge runtime's composition root: wires generations, learning, updates, the variant ladder and the drift
+watcher, and answers what the HTTP and MQTT faces ask (predict, samples, status).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eclm.errors import BundleError, DataError, TrainingUnavailableError
-from eclm.manifest import MadeFor
-from eclm.ort import load_onnxruntime
+from eclm.errors import DataError
 from eclm.signing import load_verifier
-from eclm.train_step import release_memory
 from edge_runtime.config import EdgeConfig
 from edge_runtime.drift import DriftMonitor
-from edge_runtime.judge import judge
+from edge_runtime.drift_watch import DriftWatcher
+from edge_runtime.events import EventSink, Listener
+from edge_runtime.generations import Generations
+from edge_runtime.learning import Learning
 from edge_runtime.metrics import EdgeMetrics
 from edge_runtime.model import ServingModel
 from edge_runtime.outbox import Outbox
-from edge_runtime.resources import (
-    PAUSE_KINDS,
-    Ladder,
-    LatencyWindow,
-    Pause,
-    PauseRule,
-    ProcReader,
-    Readings,
-    Thresholds,
-    training_pause,
-)
-from edge_runtime.state import Pointer, StateDir, read_params, write_params
+from edge_runtime.resources import Ladder, LatencyWindow, Pause, Readings
+from edge_runtime.state import StateDir
 from edge_runtime.store import SampleStore
-from edge_runtime.trainer import TrainOutcome, TrainSettings, new_delta_id, open_runner, run_training
+from edge_runtime.trainer import TrainSettings
+from edge_runtime.updates import Updates
+from edge_runtime.variants import VariantLadder
 
 log = logging.getLogger("eclm.edge")
 NO_SYNC = {"broker": None, "connected": False, "mode": "no broker configured: not syncing"}
@@ -59,180 +49,116 @@ class EdgeService:
                         "device a bundle decides what it runs); pass --trust-key with the cloud's signing.pub")
         self.state = StateDir(cfg.state_dir)  # locked: one runtime per state directory
         try:
-            self.serving = self._open_initial(cfg.bundle)
+            self.generations = Generations(cfg, self.state, self.verifier, self.metrics)
             self.store = SampleStore(cfg.state_dir / "samples.sqlite", self.serving.input_shape,
                                      capacity=cfg.max_samples, holdout_every=cfg.holdout_every)
             self.outbox = Outbox(cfg.state_dir / "outbox")
-            self._recover()
+            self.generations.recover(self.store, self.outbox)
         except BaseException:
             if hasattr(self, "store"):
                 self.store.close()
             self.state.close()
             raise
-        self._train_lock = threading.Lock()
-        self._train_thread: threading.Thread | None = None
-        self.last_training: dict[str, Any] | None = None
-        self.last_update: dict[str, Any] | None = None
+        current = self._serving_now
+        self.events = EventSink()
+        self.listeners: list[Listener] = self.events.listeners
+        self.rungs = VariantLadder(cfg, current, self.metrics, self.events)
+        self.watcher = DriftWatcher(current, self.events)
+        self.learning = Learning(cfg, self.generations, self.store, self.outbox, self.metrics,
+                                 importance=self.importance, pause=self.training_pause, after_run=self._refresh_gauges)
+        self.updates = Updates(self.generations, self.store, self.metrics, self.events)
         self.started = time.time()
         self._stop = threading.Event()
-        self._scheduler: threading.Thread | None = None
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self.latency = LatencyWindow()
-        self.last_readings: Readings | None = None
-        self.paused: Pause | None = None
-        self._variants: dict[str, list[ServingModel]] = {}
-        self.level = 0
-        self.last_switch: dict[str, Any] | None = None
-        self._now = (self.serving, "main")  # what answers and its name, swapped as one reference
-        self.drift = DriftMonitor(self._reference())
-        self._routing_inbox: queue.Queue[np.ndarray] = queue.Queue(maxsize=4)
-        self._last_routing = 0.0
-        self.want_bundle = False
         self.sync_report: Callable[[], dict[str, Any]] | None = None  # set by the MQTT side when a broker is used
         self._refresh_gauges()
 
-    # -- bundles and generations
-    def _recover(self) -> None:
-        """After a crash: roll a committed generation whose delta was kept forward, discard the others,
-        and never retrain samples a kept delta already used.
-        """
-        upto = max(int(self.store.get_meta("trained_upto", "0") or 0), self.outbox.max_trained_upto())
-        self.store.set_meta("trained_upto", str(upto))
-        pointer = self.state.read_pointer()
-        if pointer is None:
-            return
-        kept = self.outbox.known_ids()
-        for n in self.state.generations():
-            if n <= pointer.generation:
-                continue
-            try:
-                info = self.state.verify_generation(n)
-            except BundleError:
-                info = {}
-            if (info.get("bundle") == pointer.bundle and info.get("parent") == pointer.generation
-                    and info.get("delta_id") in kept):
-                log.warning("rolling forward to generation %d (its delta was kept before a crash)", n)
-                pointer = Pointer(pointer.bundle, n)
-                self.state.write_pointer(pointer)
-                self.serving = self._open(pointer)
-            else:
-                log.warning("discarding generation %d, left unfinished by a crash", n)
-                self.state.discard_generation(n)
+    def _serving_now(self) -> ServingModel:
+        return self.generations.serving
 
-    def _open(self, pointer: Pointer) -> ServingModel:
-        bundle_dir = self.state.bundle_dir(pointer.bundle)
-        from eclm.manifest import verify_bundle
-        from eclm.onnx_weights import read_initializers
+    # -- what the components hold, read through the service
+    @property
+    def serving(self) -> ServingModel:
+        """The main model of the serving generation (a cheaper variant may answer instead: :attr:`active`)."""
+        return self.generations.serving
 
-        manifest = verify_bundle(bundle_dir, self.verifier)
-        base = read_initializers(bundle_dir / "model.onnx")
-        gen = pointer.generation
-        while gen > 0:
-            try:
-                info = self.state.verify_generation(gen)
-                if info.get("bundle") != pointer.bundle:
-                    raise BundleError(f"generation {gen} belongs to another bundle", hint="skipped")
-                own = read_params(self.state.gen_dir(gen), base)
-                versions = info.get("module_versions")
-                return self._checked(ServingModel(
-                    manifest, bundle_dir, pointer.bundle, gen, bundle_dir / "model.onnx", {**base, **own},
-                    frozenset(own), {k: int(v) for k, v in versions.items()} if versions else None))
-            except BundleError as exc:
-                log.error("cannot serve generation %d (%s); falling back to its parent", gen, exc.message)
-                gen = int(self._parent_of(gen))
-        return self._checked(ServingModel(manifest, bundle_dir, pointer.bundle, 0, bundle_dir / "model.onnx", base))
+    @property
+    def active(self) -> ServingModel:
+        """The model that answers predictions now (the main model or a cheaper variant)."""
+        return self.rungs.now[0]
 
-    def _checked(self, serving: ServingModel) -> ServingModel:
-        """Whether this runtime can train ``serving``'s bundle: its step graph is loaded once per bundle."""
-        if not serving.manifest.training.get("available"):
-            return serving
-        problems = self.__dict__.setdefault("_training_problems", {})
-        if serving.digest not in problems:
-            if not serving.manifest.training.get("step"):
-                problems[serving.digest] = ("the bundle carries no training step graph (made by an older "
-                                            "eclm-export); re-export it to train on this device")
-            else:
-                try:
-                    open_runner(serving)
-                    problems[serving.digest] = ""
-                except TrainingUnavailableError as exc:
-                    problems[serving.digest] = exc.message
-                    log.error("this bundle serves but cannot train here: %s", exc.message)
-                release_memory()
-        serving.training_problem = problems[serving.digest]
-        return serving
+    @property
+    def drift(self) -> DriftMonitor:
+        return self.watcher.monitor
 
-    def _parent_of(self, gen: int) -> int:
-        import json
+    @property
+    def want_bundle(self) -> bool:
+        """Whether importance drift asked the cloud for a bundle derived for what this device sees now."""
+        return self.watcher.want_bundle
 
-        try:
-            return int(json.loads((self.state.gen_dir(gen) / "generation.json").read_text()).get("parent", 0))
-        except (OSError, ValueError):
-            return 0
+    @property
+    def latency(self) -> LatencyWindow:
+        return self.rungs.latency
 
-    def _open_initial(self, bundle: Path | None) -> ServingModel:
-        pointer = self.state.read_pointer()
-        if bundle is not None:
-            try:
-                digest, manifest = self.state.install_bundle(bundle, self.verifier, self._made_for(update=False))
-            except BundleError as exc:
-                self.metrics.bundle_rejections.inc()
-                if pointer is None:
-                    raise
-                log.error("refusing bundle %s: %s; serving the previous one", bundle, exc.message)
-            else:
-                replaced = self.state.replay_reason(digest, manifest) if pointer is not None else None
-                if replaced is not None and pointer is not None:
-                    try:  # the bundle argument was replaced by an update since: what replaced it serves on
-                        serving = self._open(pointer)
-                        log.warning("not serving --bundle %s: %s; serving %s", bundle, replaced, pointer.bundle)
-                        return serving
-                    except BundleError as exc:
-                        log.error("the bundle that replaced --bundle cannot serve (%s); serving --bundle", exc.message)
-                if pointer is None or pointer.bundle != digest:
-                    pointer = Pointer(digest, 0)
-                    self.state.write_pointer(pointer)
-        if pointer is None:
-            raise BundleError(
-                f"nothing to serve: no --bundle given and no bundle installed in {self.cfg.state_dir}",
-                hint="pass --bundle DIR (a folder made by eclm-export)",
-            )
-        return self._open(pointer)
+    @property
+    def last_readings(self) -> Readings | None:
+        return self.rungs.last_readings
 
-    def _made_for(self, update: bool) -> MadeFor:
-        """Who a bundle must be made for: an update from the cloud names this device and its profile; a local
-        bundle may name no device, and its profile is checked only when profile_name is configured.
-        """
-        profile = self.cfg.profile_name or (self.serving.manifest.profile_name if update else None)
-        return MadeFor(self.cfg.device_id, profile or None, require_device=update)
+    @last_readings.setter
+    def last_readings(self, readings: Readings | None) -> None:
+        self.rungs.last_readings = readings
 
+    @property
+    def paused(self) -> Pause | None:
+        return self.rungs.paused
+
+    @property
+    def level(self) -> int:
+        return self.rungs.level
+
+    @property
+    def last_switch(self) -> dict[str, Any] | None:
+        return self.rungs.last_switch
+
+    @property
+    def last_training(self) -> dict[str, Any] | None:
+        return self.learning.last_training
+
+    @property
+    def last_update(self) -> dict[str, Any] | None:
+        return self.updates.last_update
+
+    # -- bundles and updates
     def install_bundle(self, bundle: Path) -> dict[str, Any]:
         """Verify and swap in a new bundle; a bad one is refused and the current one keeps serving."""
-        try:
-            digest, _ = self.state.install_bundle(bundle, self.verifier, self._made_for(update=False))
-            new = self._open(Pointer(digest, 0))
-        except BundleError:
-            self.metrics.bundle_rejections.inc()
-            raise
-        with self._train_lock:
-            self.state.write_pointer(Pointer(digest, 0))
-            self.serving = new
+        result = self.generations.install_bundle(bundle)
         self._refresh_gauges()
-        return {"bundle": digest, "generation": 0}
+        return result
+
+    def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Load new module versions into the serving weights; kept only if the holdout does not get worse."""
+        result = self.updates.apply_module_update(versions, tensors)
+        self._refresh_gauges()
+        return result
+
+    def install_bundle_archive(self, archive: bytes, verifier: Any) -> dict[str, Any]:
+        """Unpack a bundle sent by the cloud, check its signature, hashes, device, profile and that it is newer
+        than every bundle served here, and swap it in if not worse.
+        """
+        result = self.updates.install_bundle_archive(archive, verifier)
+        self._refresh_gauges()
+        return result
 
     # -- predictions and samples
     def predict(self, x: np.ndarray) -> dict[str, Any]:
-        serving, variant = self._now  # one reference for the whole request, whatever swaps meanwhile
+        serving, variant = self.rungs.now  # one reference for the whole request, whatever swaps meanwhile
         x = serving.check_input(x)
         t = time.perf_counter()
         probs = serving.predict(x)
         elapsed = time.perf_counter() - t
         self.latency.add(elapsed, len(x))
         self.metrics.predict_latency.observe(elapsed)
-        if self.cfg.drift and t - self._last_routing > 0.2:
-            self._last_routing = t  # the routing of unlabelled inputs is judged off the request path
-            with contextlib.suppress(queue.Full):
-                self._routing_inbox.put_nowait(x)
+        if self.cfg.drift:
+            self.watcher.offer(x, t)  # the routing of unlabelled inputs is judged off the request path
         self.metrics.predicted.inc(len(x))
         labels = serving.labels
         return {
@@ -266,400 +192,71 @@ class EdgeService:
             raise DataError(f"{len(x)} inputs but {len(y)} labels", hint="send one label per input")
         drifted = False
         if self.cfg.drift:
-            correct = self.serving.logits(x).argmax(axis=1) == y
-            drifted = self.drift.observe_labels(correct)
+            drifted = self.watcher.observe_labels(self.serving, x, y)
         held = self.store.add(x, y)
         self.metrics.samples_held.set(held)
-        triggered = False
         pause = self.training_pause()
-        can_train = self.serving.trainable and pause is None
         if drifted:
-            self._notify("drift", {"kind": "accuracy", **self.drift.report()})
-            if can_train and len(self.store.training_set()) >= self.cfg.min_train_samples:
-                triggered = self.start_training("drift:accuracy")
-        if (not triggered and can_train and self.cfg.train_every_samples > 0
-                and self._new_samples() >= self.cfg.train_every_samples):
-            triggered = self.start_training("samples")
+            self.events.notify("drift", {"kind": "accuracy", **self.drift.report()})
+        triggered = self.learning.on_samples(drifted, pause)
         return {"stored": len(y), "held": held, "training_started": triggered, "training_paused": pause is not None,
-                "training_reason": None if triggered else self._why_not_training(pause, drifted), "drift": drifted}
+                "training_reason": None if triggered else self.learning.why_not(pause, drifted), "drift": drifted}
 
-    def _why_not_training(self, pause: Pause | None, drifted: bool) -> str:
-        """Why this request did not start a run, in words."""
-        if not self.serving.trainable:
-            return f"this bundle cannot train on the device: {self.serving.manifest.training.get('reason')}"
-        if pause is not None:
-            return f"automatic training paused: {pause.reason}"
-        if self.training_now:
-            return "a run is already going"
-        if drifted:
-            return (f"drift noticed, but {len(self.store.training_set())} training samples are held; "
-                    f"a run needs {self.cfg.min_train_samples}")
-        if self.cfg.train_every_samples <= 0:
-            return "automatic training by sample count is off (train_every_samples = 0)"
-        return f"{self._new_samples()} new samples; a run starts at {self.cfg.train_every_samples}"
-
+    # -- training
     def training_pause(self) -> Pause | None:
         """Whether automatic training waits now (the ``train_pause`` policy); updates status and metric."""
-        s = self.serving
-        rule = PauseRule(policy=self.cfg.train_pause, max_latency_ms=self.latency_budget_ms(),
-                         min_free_memory_mb=self.cfg.min_free_memory_mb,
-                         training_mb=float(s.manifest.training.get("estimated_bytes") or 0) / 2**20)
-        pause = training_pause(rule, self.last_readings, self.level, self.variant_name())
-        if pause != self.paused:
-            log.info("automatic training %s", f"paused: {pause.reason}" if pause else "resumed")
-        self.paused = pause
-        for kind in PAUSE_KINDS:
-            self.metrics.training_paused.labels(kind).set(1 if pause is not None and pause.kind == kind else 0)
-        return pause
+        return self.rungs.training_pause()
 
     def latency_budget_ms(self) -> float:
         """The per-sample latency the runtime holds itself to: ``max_latency_ms`` or the profile's target."""
-        return self.cfg.max_latency_ms or float(self.serving.manifest.profile.get("latency_target_ms", 100.0))
+        return self.rungs.latency_budget_ms()
 
-    def _new_samples(self) -> int:
-        return self.store.last_id() - int(self.store.get_meta("trained_upto", "0") or 0)
-
-    # -- training
     def settings(self) -> TrainSettings:
-        t = self.serving.manifest.training
-        return TrainSettings(
-            epochs=self.cfg.epochs or int(t.get("epochs", 3)),
-            batch_size=self.cfg.batch_size or int(t.get("batch_size", 16)),
-            learning_rate=self.cfg.learning_rate or float(t.get("learning_rate", 1e-3)),
-            seed=self.cfg.seed,
-        )
+        return self.learning.settings()
 
     @property
     def training_now(self) -> bool:
-        return self._train_thread is not None and self._train_thread.is_alive()
+        return self.learning.training_now
 
     def start_training(self, reason: str) -> bool:
         """Start a background run unless one is running; False if one was."""
-        if not self.serving.trainable:
-            raise TrainingUnavailableError(
-                f"this bundle cannot train on the device: {self.serving.training_reason}",
-                hint="it still serves and collects samples; export a bundle with a training step graph to train",
-            )
-        if self.training_now:
-            return False
-        self._train_thread = threading.Thread(target=self._train_job, args=(reason,), name="eclm-train",
-                                              daemon=True)
-        self._train_thread.start()
-        return True
+        return self.learning.start(reason)
 
     def wait_for_training(self, timeout: float | None = None) -> dict[str, Any] | None:
-        thread = self._train_thread
-        if thread is not None:
-            thread.join(timeout)
-        return self.last_training
+        return self.learning.wait(timeout)
 
     def train_now(self, reason: str = "api") -> dict[str, Any]:
         """Run one fine-tuning run in the calling thread (for scripts and tests)."""
-        if not self.serving.trainable:
-            raise TrainingUnavailableError(
-                f"this bundle cannot train on the device: {self.serving.training_reason}",
-                hint="it still serves and collects samples; export a bundle with a training step graph to train",
-            )
-        self._train_job(reason)
-        assert self.last_training is not None
-        return self.last_training
+        return self.learning.run_now(reason)
 
-    def _train_job(self, reason: str) -> None:
-        self._train_lock.acquire()  # waits while an update from the cloud is being applied
-        try:
-            result = self._train_once(reason)
-        except Exception as exc:  # a failed run is reported, never fatal to serving
-            log.exception("training run failed")
-            result = {"accepted": False, "reason": f"training failed: {exc}", "trigger": reason}
-            self.metrics.training_runs.labels("error").inc()
-        finally:
-            self._train_lock.release()
-            release_memory()
-        self.last_training = {**result, "trigger": reason, "finished": time.time()}
-        self._holdout_gauge(result, "accepted")
-        self._refresh_gauges()
-
-    def _train_once(self, reason: str) -> dict[str, Any]:
-        serving = self.serving
-        upto = self.store.last_id()
-        train, holdout = self.store.training_set(), self.store.holdout_set()
-        if len(train) < self.cfg.min_train_samples:
-            self.metrics.training_runs.labels("skipped").inc()
-            return {"accepted": False, "reason": f"{len(train)} training samples held; "
-                    f"at least {self.cfg.min_train_samples} needed", "samples": len(train)}
-        work = self.state.new_generation_workdir()
-        try:
-            outcome, deltas, trained = run_training(serving, train, holdout, self.settings())
-            if not deltas:
-                self.metrics.training_runs.labels("failed").inc()
-                return outcome.to_dict()
-            candidate = _with_values(serving, trained)
-            write_params(work, candidate.trained)  # the generation's files first, then the holdout gate
-            outcome.holdout_before = serving.accuracy(holdout.x, holdout.y)
-            outcome.holdout_after = candidate.accuracy(holdout.x, holdout.y)
-            if len(holdout) == 0:
-                outcome.reason = "no holdout samples to judge the run; not served"
-            else:
-                verdict = judge(serving, candidate, holdout)
-                outcome.accepted = verdict.not_worse
-                if not verdict.not_worse:
-                    outcome.reason = f"{verdict.reason} (delta kept)"
-            outcome.delta_id = new_delta_id()
-            # Order for kill -9 at any point: the generation is committed, then its delta is kept (it
-            # records the samples it used), then the pointer moves. On restart a committed generation
-            # whose delta was kept is rolled forward; one without is discarded and its samples retrained.
-            if outcome.accepted:
-                n = self.state.next_generation()
-                self.state.commit_generation(work, n, {
-                    "bundle": serving.digest, "parent": serving.generation, "delta_id": outcome.delta_id,
-                    "holdout_before": outcome.holdout_before, "holdout_after": outcome.holdout_after,
-                    "module_versions": serving.module_versions,
-                })
-                self._keep_delta(serving, outcome, deltas, upto)
-                self.state.write_pointer(Pointer(serving.digest, n))
-                candidate.generation = n
-                self.serving = candidate  # requests in flight keep the session object they already hold
-                outcome.generation = n
-            else:
-                self._keep_delta(serving, outcome, deltas, upto)
-            self.store.set_meta("trained_upto", str(upto))
-            self.metrics.training_runs.labels("accepted" if outcome.accepted else "rejected").inc()
-            if outcome.loss_last == outcome.loss_last:
-                self.metrics.training_loss.set(outcome.loss_last)
-            return outcome.to_dict()
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
-
-    def _keep_delta(self, serving: ServingModel, outcome: TrainOutcome,
-                    deltas: dict[str, dict[str, np.ndarray]], upto: int) -> None:
-        versions = serving.module_versions
-        meta = {
-            "schema_version": 1,
-            "device_id": self.cfg.device_id,
-            "bank_id": serving.manifest.bank_id,
-            "bundle": serving.digest,
-            "local_generation": serving.generation,
-            "parts": {pid: {"base_version": versions[pid], "params": sorted(t)} for pid, t in deltas.items()},
-            "sample_count": outcome.samples,
-            "importance": self.importance(),
-            "metrics": {k: v for k, v in outcome.to_dict().items()
-                        if k in ("loss_first", "loss_last", "holdout_before", "holdout_after", "steps")},
-            "accepted_locally": outcome.accepted,
-            "trained_upto": upto,
-            "created": time.time(),
-        }
-        flat = {name: arr for part in deltas.values() for name, arr in part.items()}
-        assert outcome.delta_id is not None
-        self.outbox.put(outcome.delta_id, meta, flat)
-
-    # -- importance and updates from the cloud
-    def importance(self, max_samples: int = 512) -> list[list[float]] | None:
-        """Mean routing weight of every bank module over the newest stored samples (via selector.onnx)."""
-        if self.store.count() == 0:
-            return None
-        gates = self.routing(self.store.recent(max_samples).x)
-        return None if gates is None else [[float(v) for v in g.mean(axis=0)] for g in gates]
-
-    def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Load new module versions into the serving weights; kept only if the holdout does not get worse."""
-        with self._train_lock:
-            serving = self.serving
-            if not serving.trainable:
-                raise TrainingUnavailableError(
-                    f"module updates need a bundle this device can train: {serving.training_reason}",
-                    hint="the cloud sends inference-only devices whole bundles")
-            current = serving.module_versions
-            fresh = {pid: v for pid, v in versions.items() if v > current.get(pid, 0)}
-            if not fresh:
-                return {"applied": False, "reason": "already at these versions or newer"}
-            wanted = {f"net.{name}": arr for name, arr in tensors.items()}
-            unknown = sorted(set(wanted) - set(serving.weights))
-            if unknown:
-                raise DataError(f"update names parameters this bundle lacks: {unknown[:3]}",
-                                hint="the cloud must send modules of this device's sub-model")
-            for name, arr in wanted.items():
-                if serving.weights[name].shape != arr.shape:
-                    raise DataError(f"update for {name} has shape {arr.shape}", hint="refused")
-            work = self.state.new_generation_workdir()
-            try:
-                holdout = self.store.holdout_set()
-                candidate = _with_values(serving, {n: np.array(a, dtype=np.float32) for n, a in wanted.items()})
-                write_params(work, candidate.trained)
-                before = serving.accuracy(holdout.x, holdout.y)
-                after = candidate.accuracy(holdout.x, holdout.y)
-                new_versions = {**current, **fresh}
-                verdict = judge(serving, candidate, holdout) if len(holdout) else None
-                if verdict is not None and not verdict.not_worse:
-                    self.metrics.update_rollbacks.inc()
-                    result = {"applied": False, "rolled_back": True, **verdict.to_dict(), "versions": fresh,
-                              "reason": f"module update {verdict.reason}"}
-                    self.last_update = result
-                    self._notify("rollback", result)
-                    self._holdout_gauge(result, "applied")
-                    return result
-                n = self.state.next_generation()
-                self.state.commit_generation(work, n, {
-                    "bundle": serving.digest, "parent": serving.generation, "update": fresh,
-                    "holdout_before": before, "holdout_after": after, "module_versions": new_versions,
-                })
-                self.state.write_pointer(Pointer(serving.digest, n))
-                candidate.generation, candidate.versions = n, new_versions
-                self.serving = candidate
-                result = {"applied": True, "generation": n, "versions": fresh, "holdout_before": before,
-                          "holdout_after": after, **(verdict.to_dict() if verdict else {}),
-                          "reason": f"module update {verdict.reason}" if verdict else "no holdout samples yet"}
-                self.last_update = result
-            finally:
-                if work.exists():
-                    shutil.rmtree(work, ignore_errors=True)
-        self._holdout_gauge(result, "applied")
-        self._refresh_gauges()
-        return result
-
-    def install_bundle_archive(self, archive: bytes, verifier: Any) -> dict[str, Any]:
-        """Unpack a bundle sent by the cloud, check its signature, hashes, device, profile and that it is newer
-        than every bundle served here, and swap it in if not worse.
-        """
-        import tempfile
-
-        from eclm.archive import untar_bundle
-        from eclm.manifest import bundle_digest
-
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.state.root / "bundles"))
-        try:
-            if verifier is None:
-                raise BundleError("a bundle update must be signed, and this device has no trust key",
-                                  hint="start eclm-edge serve with --trust-key (the cloud's signing.pub)")
-            untar_bundle(archive, tmp / "b")
-            if bundle_digest(tmp / "b") == self.serving.digest:
-                return {"applied": False, "bundle": self.serving.digest, "reason": "already serving this bundle"}
-            with self._train_lock:
-                serving = self.serving
-                digest, _ = self.state.install_bundle(tmp / "b", verifier, self._made_for(update=True),
-                                                      newer_only=True)
-                candidate = self._open(Pointer(digest, 0))
-                holdout = self.store.holdout_set()
-                before = serving.accuracy(holdout.x, holdout.y)
-                after = candidate.accuracy(holdout.x, holdout.y)
-                verdict = judge(serving, candidate, holdout) if len(holdout) else None
-                detail = {"holdout_before": before, "holdout_after": after, **(verdict.to_dict() if verdict else {}),
-                          "reason": f"bundle {verdict.reason}" if verdict else "no holdout samples yet"}
-                if verdict is not None and not verdict.not_worse:
-                    self.metrics.update_rollbacks.inc()
-                    result = {"applied": False, "rolled_back": True, "bundle": digest, **detail}
-                    self._notify("rollback", result)
-                else:
-                    self.state.write_pointer(Pointer(digest, 0))
-                    self.serving = candidate
-                    result = {"applied": True, "bundle": digest, **detail}
-            self.last_update = result
-        except BundleError:
-            self.metrics.bundle_rejections.inc()
-            raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._holdout_gauge(result, "applied")
-        self._refresh_gauges()
-        return result
-
-    # -- listeners (the sync client tells the cloud)
-    def _notify(self, event: str, detail: dict[str, Any]) -> None:
-        log.info("%s: %s", event, detail)
-        for listener in list(self.listeners):
-            try:
-                listener(event, detail)
-            except Exception:  # a listener never breaks the runtime
-                log.exception("listener failed on %s", event)
+    def start_scheduler(self) -> None:
+        self.learning.start_scheduler(self._stop)
 
     # -- drift
-    def _reference(self) -> list[list[float]]:
-        return [[float(v) for v in row] for row in self.serving.manifest.importance]
+    def importance(self, max_samples: int = 512) -> list[list[float]] | None:
+        """Mean routing weight of every bank module over the newest stored samples (via selector.onnx)."""
+        return self.watcher.importance(self.store, max_samples)
 
     def routing(self, x: np.ndarray) -> list[np.ndarray] | None:
         """The selector's routing weights of ``x`` over every bank module, per layer."""
-        serving = self.serving
-        path = serving.bundle_dir / serving.manifest.selector.get("file", "selector.onnx")
-        if not path.is_file():
-            return None
-        if getattr(self, "_selector_path", None) != path:
-            ort = load_onnxruntime()
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.log_severity_level = 3
-            self._selector = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self._selector_path = path
-        return [np.asarray(g) for g in self._selector.run(None, {self._selector.get_inputs()[0].name: x})]
+        return self.watcher.routing(x)
 
-    def _drift_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                x = self._routing_inbox.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            try:
-                gates = self.routing(x)
-                if gates is not None and self.drift.observe_routing(gates):
-                    self.want_bundle = True
-                    self._notify("drift", {"kind": "importance", **self.drift.report()})
-            except Exception:
-                log.exception("importance drift check failed")
-
-    # -- resources and the variant ladder
+    # -- the variant ladder
     def variants(self) -> list[ServingModel]:
-        """Cheaper models of the serving bundle, most expensive first, carrying the serving generation's
-        trained weights for the modules and head they share with it (loaded once per generation).
-        """
-        s = self.serving
-        key = f"{s.digest}/{s.generation}"
-        if key not in self._variants:
-            trained = s.trained
-            found = []
-            for v in s.manifest.variants:
-                path = s.bundle_dir / v["file"]
-                if not path.is_file():
-                    continue
-                prefixes = ["net.head."] + [f"net.layers.{la}.mods.m{i}." for la, idx in enumerate(v["selection"])
-                                            for i in idx]
-                shared = {n: a for n, a in trained.items() if n.startswith(tuple(prefixes))}
-                found.append(replace(s, model_path=path, weights=shared, changed=frozenset()))
-            self._variants = {key: found}
-        return self._variants[key]
+        """Cheaper models of the serving bundle, most expensive first, with the serving generation's weights."""
+        return self.rungs.variants()
 
     def variant_name(self) -> str:
-        return self._variant_name(self.level)
-
-    def _variant_name(self, level: int) -> str:
-        variants = self.serving.manifest.variants
-        if level == 0 or level > len(variants):
-            return "main"
-        return str(variants[level - 1]["name"])
-
-    @property
-    def active(self) -> ServingModel:
-        """The model that answers predictions now (the main model or a cheaper variant)."""
-        return self._now[0]
+        return self.rungs.variant_name()
 
     def set_level(self, level: int, reason: str) -> None:
         """Serve rung ``level`` of the ladder (0: the main model); predictions never stop."""
-        variants = self.variants()
-        level = max(0, min(level, len(variants)))
-        target = self.serving if level == 0 else variants[level - 1]
-        self._now = (target, self._variant_name(level))  # model and name in one swap: answers name their model
-        self.level = level
-        self.metrics.variant_level.set(level)
-        self.last_switch = {"level": level, "variant": self.variant_name(), "reason": reason, "at": time.time()}
-        self._notify("variant", dict(self.last_switch))
+        self.rungs.set_level(level, reason)
 
-    def _latency_p95(self) -> float | None:
-        return self.latency.p95()
+    def ladder(self) -> Ladder:
+        return self.rungs.ladder()
 
-    def _holdout_gauge(self, result: dict[str, Any], served_key: str) -> None:
-        """Holdout accuracy of what serves after a judgement: the candidate's if it was served, else the old."""
-        value = result.get("holdout_after" if result.get(served_key) else "holdout_before")
-        if isinstance(value, float | int) and value == value:
-            self.metrics.holdout_accuracy.set(float(value))
-
+    # -- monitors
     def measure_holdout(self) -> float | None:
         """Holdout accuracy of the serving model (also sets the gauge); None without holdout samples."""
         holdout = self.store.holdout_set()
@@ -679,66 +276,19 @@ class EdgeService:
 
         threading.Thread(target=first_holdout, name="eclm-holdout", daemon=True).start()
         if self.cfg.drift:
-            threading.Thread(target=self._drift_loop, name="eclm-drift", daemon=True).start()
+            threading.Thread(target=self.watcher.loop, args=(self._stop,), name="eclm-drift", daemon=True).start()
         if self.cfg.resource_interval_s > 0:
-            threading.Thread(target=self._resource_loop, name="eclm-resources", daemon=True).start()
+            threading.Thread(target=self.rungs.resource_loop, args=(self._stop,), name="eclm-resources",
+                             daemon=True).start()
         self.start_scheduler()
-
-    def ladder(self) -> Ladder:
-        cfg = self.cfg
-        latency = self.latency_budget_ms()
-        return Ladder(len(self.variants()) + 1, Thresholds(
-            min_free_memory_mb=cfg.min_free_memory_mb, recover_free_memory_mb=2 * cfg.min_free_memory_mb,
-            max_cpu_busy=cfg.max_cpu_busy, recover_cpu_busy=min(cfg.max_cpu_busy, 0.6),
-            max_latency_ms=latency, recover_latency_ms=latency / 2, patience=cfg.resource_patience))
-
-    def _resource_loop(self) -> None:
-        reader = ProcReader(self._latency_p95)
-        ladder = self.ladder()
-        digest = self.serving.digest
-        while not self._stop.wait(self.cfg.resource_interval_s):
-            try:
-                if self.serving.digest != digest:  # a new bundle: a new ladder, back to its main model
-                    digest, ladder = self.serving.digest, self.ladder()
-                    self.set_level(0, "new bundle")
-                self.last_readings = reader()
-                decision = ladder.decide(self.last_readings)
-                if decision is not None:
-                    self.set_level(*decision)
-                self.training_pause()
-            except Exception:
-                log.exception("resource check failed")
-
-    # -- schedule
-    def start_scheduler(self) -> None:
-        if self.cfg.train_interval_s <= 0 or self._scheduler is not None:
-            return
-
-        def loop() -> None:
-            while not self._stop.wait(self.cfg.train_interval_s):
-                if self.serving.trainable and self._new_samples() > 0 and self.training_pause() is None:
-                    self.start_training("schedule")
-
-        self._scheduler = threading.Thread(target=loop, name="eclm-schedule", daemon=True)
-        self._scheduler.start()
 
     # -- status
     def _refresh_gauges(self) -> None:
-        if getattr(self, "level", 0) > 0 and getattr(self, "_ladder_bundle", None) != self.serving.digest:
-            self.level = 0  # another bundle serves: its own ladder starts at its main model
-        self._ladder_bundle = self.serving.digest
-        if getattr(self, "level", 0) == 0:
-            self._now = (self.serving, "main")
-        elif hasattr(self, "_variants") and self.variants():  # a new generation: its weights, same rung
-            rung = min(self.level, len(self.variants()))
-            self._now = (self.variants()[rung - 1], self._variant_name(rung))
-        if hasattr(self, "drift") and self.drift.reference != self._reference():
-            self.drift.rebase(self._reference())
+        self.rungs.refresh()
+        self.watcher.rebase()
         self.metrics.generation.set(self.serving.generation)
-        if hasattr(self, "outbox"):
-            self.metrics.outbox_entries.set(len(self.outbox))
-        if hasattr(self, "store"):
-            self.metrics.samples_held.set(self.store.count())
+        self.metrics.outbox_entries.set(len(self.outbox))
+        self.metrics.samples_held.set(self.store.count())
 
     def status(self) -> dict[str, Any]:
         s = self.serving
@@ -750,7 +300,7 @@ class EdgeService:
             "modules": [{"part_id": m["part_id"], "version": m["version"], "trainable": m["trainable"]}
                         for m in s.manifest.modules],
             "samples": {"held": self.store.count(), "holdout_every": self.store.holdout_every,
-                        "new_since_training": self._new_samples()},
+                        "new_since_training": self.learning.new_samples()},
             "training": {"running": self.training_now, "last": self.last_training, "settings": vars(self.settings()),
                          "paused": self.paused is not None,
                          "paused_reason": self.paused.reason if self.paused else None,
@@ -781,16 +331,6 @@ class EdgeService:
         self.wait_for_training(timeout=60)
         self.store.close()
         self.state.close()
-
-
-def _with_values(serving: ServingModel, values: dict[str, np.ndarray]) -> ServingModel:
-    """A candidate of ``serving`` with ``values`` in place of some parameters; the others stay shared."""
-    return replace(serving, weights={**serving.weights, **values}, changed=serving.changed | frozenset(values))
-
-
-def not_worse(current: ServingModel, candidate: ServingModel, holdout: Any) -> bool:
-    """The candidate may serve (see :func:`edge_runtime.judge.judge`, which also says why)."""
-    return judge(current, candidate, holdout).not_worse
 
 
 def _resources() -> dict[str, Any]:

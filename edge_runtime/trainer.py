@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from eclm.parts import bank_name
 from eclm.train_step import StepRunner
 from edge_runtime.model import ServingModel
 from edge_runtime.store import Batch
@@ -57,11 +58,6 @@ def part_params(serving: ServingModel) -> dict[str, list[str]]:
     for part in [*serving.manifest.modules, *serving.manifest.fixed_parts]:
         out[part["part_id"]] = list(part["params"])
     return out
-
-
-def bank_name(onnx_name: str) -> str:
-    """The bank's name of an exported parameter (the export wraps the sub-model as ``net``)."""
-    return onnx_name.removeprefix("net.")
 
 
 def open_runner(serving: ServingModel) -> StepRunner:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eclm.parts import is_module_id, parse_module_id
 from eclm.tensors import tensors_digest
 from exporter.bank import BankInfo, DirectoryBank, PartRecord, bank_id_for
 from exporter.config import ModelConfig, get_config
@@ -103,9 +104,9 @@ def write_bank(
         layer = index = None
         width = None
         kind = "fixed"
-        if part_id.startswith("L") and "M" in part_id:
+        if is_module_id(part_id):
             kind = "module"
-            layer, index = (int(v) for v in part_id[1:].split("M"))
+            layer, index = parse_module_id(part_id)
             width = model.cfg.layers[layer].widths[index]
         cost = costs[part_id].to_dict() if part_id in costs else {}
         records[part_id] = PartRecord(part_id, kind, 1, "", cost, layer, index, width,

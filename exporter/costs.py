@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from exporter.modular import ModularNet, module_id, param_bytes
+from eclm.parts import fixed_part_ids, gate_id, module_id
+from exporter.modular import ModularNet, param_bytes
 
 # Measured on this project's reference machine: resident memory ONNX Runtime adds for a small
 # session on top of the bare weights and activations (allocator arenas, graph, kernels). Used in
@@ -61,7 +62,7 @@ def part_costs(model: ModularNet) -> dict[str, PartCost]:
     cfg = model.cfg
     parts: dict[str, nn.Module] = {"stem": model.stem, "selector.embed": model.selector.embed}
     for layer, gate in enumerate(model.selector.gates):
-        parts[f"selector.gate{layer}"] = gate
+        parts[gate_id(layer)] = gate
     for layer, ls in enumerate(cfg.layers):
         for i in range(ls.num_modules):
             parts[module_id(layer, i)] = model.module(layer, i)
@@ -98,11 +99,6 @@ def part_costs(model: ModularNet) -> dict[str, PartCost]:
         )
         for key, mod in parts.items()
     }
-
-
-def fixed_part_ids(num_layers: int) -> list[str]:
-    """Parts every sub-model carries, whatever modules it selects."""
-    return ["stem", "selector.embed", *[f"selector.gate{i}" for i in range(num_layers)], "head"]
 
 
 @dataclass(frozen=True)

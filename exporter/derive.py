@@ -9,6 +9,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from eclm.errors import InfeasibleBudgetError
+from eclm.parts import module_id
 from exporter.costs import (
     SESSION_OVERHEAD_BYTES,
     PartCost,
@@ -17,7 +18,6 @@ from exporter.costs import (
     module_dims,
     submodel_cost,
 )
-from exporter.modular import module_id
 
 DIMENSIONS = ("memory_bytes", "flops", "transfer_bytes")
 MIN_SHARE = 0.01  # modules the device's data routes less than 1% of a layer's weight to are left out

@@ -17,20 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 
+import eclm.parts as parts_grammar
 from device_profiles import DeviceProfile, load_profile
 from eclm import __version__
-from eclm.errors import ExportValidationError, InfeasibleBudgetError
+from eclm.errors import DataError, ExportValidationError, InfeasibleBudgetError
 from eclm.manifest import MANIFEST, BundleManifest, write_manifest
+from eclm.parts import fixed_part_ids, module_id
 from eclm.signing import Signer, load_signer
 from eclm.train_step import STEP_FILE
 from exporter.artifacts import TRAIN_FOLDER, TrainingPlan, plan_training
 from exporter.bank import DirectoryBank
 from exporter.config import ModelConfig
-from exporter.costs import PartCost, fixed_part_ids
+from exporter.costs import PartCost
 from exporter.data import Dataset, load_dataset, split
 from exporter.derive import Derivation, derive
 from exporter.importance import importance_from_classes, importance_from_samples, read_importance_file
-from exporter.modular import ModularNet, SelectorGraph, SubModel, module_id
+from exporter.modular import ModularNet, SelectorGraph, SubModel
 from exporter.onnx_export import INPUT_NAME, Normalised, export_onnx, initializer_names
 from exporter.step_graph import OptimizerSpec, export_step
 from exporter.torchio import model_from_bank
@@ -59,18 +61,11 @@ class ExportRequest:
 
 def part_of(name: str) -> str:
     """The bank part an exported initializer belongs to (names as in the sub-model's state dict)."""
-    n = name.removeprefix("net.")
-    if n.startswith("norm_"):
-        return "normalisation"
-    if n.startswith("layers."):
-        _, layer, _, mod = n.split(".")[:4]
-        return module_id(int(layer), int(mod.removeprefix("m")))
-    if n.startswith("selector.gates."):
-        return f"selector.gate{n.split('.')[2]}"
-    for prefix in ("stem", "selector.embed", "head"):
-        if n.startswith(prefix + "."):
-            return prefix
-    raise ExportValidationError(f"exported initializer {name!r} belongs to no bank part", hint="report this")
+    try:
+        return parts_grammar.part_of(name)
+    except DataError as exc:
+        raise ExportValidationError(f"exported initializer {name!r} belongs to no bank part",
+                                    hint="report this") from exc
 
 
 @dataclass
@@ -242,8 +237,8 @@ def _build(
                 "version": parts[pid].version if pid in parts else 1,
                 "trainable": pid in plan.trainable_parts,
                 "params": by_part.get(pid, []),
-                **({"rows": derivation.selection[int(pid.removeprefix("selector.gate"))]}
-                   if pid.startswith("selector.gate") else {}),
+                **({"rows": derivation.selection[parts_grammar.parse_gate_id(pid)]}
+                   if parts_grammar.is_gate_id(pid) else {}),
             }
             for pid in fixed_part_ids(len(cfg.layers))
         ],

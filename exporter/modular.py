@@ -9,14 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eclm.parts import HEAD, SELECTOR_EMBED, STEM, gate_id, module_id, prefixes
 from exporter.config import LayerSpec, ModelConfig
 
 NEG_LARGE = -1e9  # stands in for -inf in masked logits; keeps softmax and its gradient finite
-
-
-def module_id(layer: int, index: int) -> str:
-    """The stable id of module ``index`` in module layer ``layer``."""
-    return f"L{layer}M{index}"
 
 
 class ConvBN(nn.Module):
@@ -312,13 +308,10 @@ def _clone(mod: nn.Module) -> nn.Module:
 
 def part_prefixes(cfg: ModelConfig) -> dict[str, list[str]]:
     """Every bank part id and the state-dict prefixes that belong to it."""
-    parts: dict[str, list[str]] = {"stem": ["stem."], "selector.embed": ["selector.embed."]}
+    ids = [STEM, SELECTOR_EMBED]
     for layer, ls in enumerate(cfg.layers):
-        parts[f"selector.gate{layer}"] = [f"selector.gates.{layer}.", f"selector.noise.{layer}."]
-        for i in range(ls.num_modules):
-            parts[module_id(layer, i)] = [f"layers.{layer}.mods.m{i}."]
-    parts["head"] = ["head."]
-    return parts
+        ids += [gate_id(layer), *(module_id(layer, i) for i in range(ls.num_modules))]
+    return {pid: prefixes(pid) for pid in [*ids, HEAD]}
 
 
 def count_params(mod: nn.Module) -> int:

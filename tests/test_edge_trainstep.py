@@ -138,7 +138,7 @@ def test_a_new_generation_shares_the_unchanged_arrays_and_stores_the_changed_one
 
 def test_the_step_graph_is_loaded_once_per_bundle(pi4: Path, tmp_path: Path, monkeypatch) -> None:
     """The check that the step graph loads runs when a bundle is opened, not for each generation or variant."""
-    import edge_runtime.service as service_module
+    import edge_runtime.generations as service_module
 
     calls: list[str] = []
     real = service_module.open_runner
