@@ -20,7 +20,7 @@ CLIENT_ID_FILE = "sync-client-id"
 
 
 def client_id_for(bank_dir: Path) -> str:
-    """This install's MQTT client id: ``eclm-sync-`` plus a random suffix created once and kept in the bank dir.
+    """The MQTT client id of this install: ``eclm-sync-`` plus a random suffix created once and kept in the bank dir.
 
     A fixed, guessable id with a persistent session would let anyone take the daemon's session over.
     """

@@ -167,7 +167,8 @@ class Ledger:
                      held: list[str], held_reason: str, metrics: dict[str, Any],
                      best_released: float | None = None) -> None:
         """One transaction: new versions with lineage, deltas merged (or held back), the round's record,
-        and the best validation accuracy of any released version (the merge gate's reference)."""
+        and the best validation accuracy of any released version (the merge gate's reference).
+        """
         now = time.time()
         with self.transaction() as db:
             if best_released is not None:
