@@ -103,15 +103,19 @@ class SyncDaemon:
         client.loop_start()
         try:
             self._loop()
-        except BaseException:
-            self.dead.set()
-            raise
         finally:
             client.loop_stop()
             client.disconnect()
             self.core.close()
 
     def _loop(self) -> None:
+        try:
+            self._rounds()
+        except BaseException:
+            self.dead.set()  # from here on nothing is handled, so nothing is acknowledged
+            raise
+
+    def _rounds(self) -> None:
         while not self.stop.wait(0.5):
             if not self.core.derivations.alive():
                 raise EclmError(f"the derivation worker died: {self.core.derivations.error}",

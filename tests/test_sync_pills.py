@@ -304,3 +304,38 @@ def test_client_id_is_random_per_install_and_stable(tmp_path: Path) -> None:
     assert first.startswith("eclm-sync-") and first != "eclm-sync"
     assert client_id_for(a) == first
     assert client_id_for(b) != first
+
+
+def test_dead_worker_stops_acks_and_the_loop_exits(bank: Path, tmp_path: Path) -> None:
+    from cloud_sync.daemon import SyncDaemon
+    from eclm.errors import EclmError
+
+    class Recorder:  # stands in for the paho client: what would be published
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def publish(self, topic: str, data: bytes, qos: int = 0) -> None:
+            self.sent.append(topic)
+
+    class Incoming:
+        def __init__(self, topic: str, payload: bytes) -> None:
+            self.topic, self.payload = topic, payload
+
+    priv, _ = generate_keys(tmp_path / "keys")
+    d = SyncDaemon(SyncSettings(bank_dir=bank, signing_key=priv, client_id="eclm-sync-test"), load_signer(priv))
+    d.client = Recorder()
+    try:
+        d._on_message(None, None, Incoming(topics.profile("honest"), wire.encode(make_profile(bank, "honest"))))
+        first = make_delta(bank, "honest", seed=1)
+        d._on_message(None, None, Incoming(topics.delta("honest"), wire.encode(first)))
+        assert d.client.sent == [topics.ack("honest")]
+        d.core.derivations.start()
+        d.core.derivations.error = RuntimeError("the worker died")  # as if its loop had raised
+        with pytest.raises(EclmError, match="derivation worker died"):
+            d._loop()
+        assert d.dead.is_set()
+        d._on_message(None, None, Incoming(topics.delta("honest"), wire.encode(make_delta(bank, "honest", seed=2))))
+        assert d.client.sent == [topics.ack("honest")]  # nothing acknowledged after the worker died
+        assert d.core.ledger.pending_count() == 1
+    finally:
+        d.core.close()
