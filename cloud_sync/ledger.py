@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS devices (
     last_event TEXT NOT NULL DEFAULT '', profiled INTEGER NOT NULL DEFAULT 0
 );
 """
+MAX_QUARANTINE = 10_000  # newest records kept (deltas keep their 'quarantined' state regardless)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class Ledger:
             db.execute("INSERT INTO quarantine (kind, subject, created, reason) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT(kind, subject) DO UPDATE SET created = excluded.created, reason = excluded.reason",
                        (kind, subject[:200], time.time(), reason[:500]))
+            db.execute("DELETE FROM quarantine WHERE rowid IN (SELECT rowid FROM quarantine ORDER BY created DESC "
+                       "LIMIT -1 OFFSET ?)", (MAX_QUARANTINE,))
             db.execute("INSERT INTO rejects (reason, count) VALUES (?, 1) "
                        "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (f"quarantined_{kind}",))
 
