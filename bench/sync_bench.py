@@ -185,10 +185,15 @@ def part_b(bank: Path, work: Path, template: Any, n_devices: int, codec: str, ti
         ready.wait(10)
         time.sleep(3)  # the daemon connects and subscribes
         versions = {pid: 1 for pid in template.base_versions}
+        from exporter.bank import DirectoryBank
+
+        sizes = [len(layer["widths"]) for layer in DirectoryBank(bank).info().config["layers"]]
+        uniform = [[1.0 / n] * n for n in sizes]
         rng = np.random.default_rng(0)
         for i in range(n_devices):
             dev = f"sim-{i:04d}"
-            profile = wire.ProfileMessage(dev, template.bank_id, "sim", [[1.0]], 100, profile_name="pi4",
+            # A device is known to the daemon once it sent a valid profile for the bank (one row per module layer).
+            profile = wire.ProfileMessage(dev, template.bank_id, "sim", uniform, 100, profile_name="pi4",
                                           modules=versions, trainable=True, measured=False)
             client.publish(topics.profile(dev), wire.encode(profile), qos=1)
         time.sleep(2)

@@ -100,6 +100,8 @@ def sync(
                                       help="Versions a delta's base may lag behind (stale deltas weigh less)."),
     max_payload: int = typer.Option(4 * 2**20, "--max-payload", envvar="ECLM_SYNC_MAX_PAYLOAD",
                                     help="Reject messages larger than this (bytes)."),
+    derive_interval: float = typer.Option(60.0, "--derive-interval", min=0, envvar="ECLM_SYNC_DERIVE_INTERVAL",
+                                          help="At most one bundle derivation per device per this many seconds."),
     metrics_port: int = typer.Option(9464, "--metrics-port", envvar="ECLM_SYNC_METRICS_PORT",
                                      help="Prometheus /metrics on 127.0.0.1 at this port (0: off)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="ECLM_SYNC_VERBOSE", show_default="off",
@@ -108,8 +110,10 @@ def sync(
     """Run the merger daemon: validate and store deltas, merge them in rounds, send updated modules back.
 
     Every delta is acknowledged to its device once it is stored (or rejected, with the reason); a delta
-    id is merged at most once, and a merge that lowers validation accuracy by more than the margin is
-    held back. Stop with Ctrl-C or SIGTERM.
+    id is merged at most once, and a merge that would bring validation accuracy below the best released
+    version's minus the margin is held back. A message, delta or derivation that fails is quarantined
+    (see `eclm-cloud quarantine`); if the round loop or the derivation worker dies, the daemon stops
+    acknowledging and exits non-zero for its supervisor to restart it. Stop with Ctrl-C or SIGTERM.
     """
     import logging
     import signal
@@ -123,7 +127,7 @@ def sync(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = SyncSettings(
         bank_dir=bank, broker=broker, round_deltas=round_deltas, round_seconds=round_seconds,
-        max_payload=max_payload, signing_key=signing_key,
+        max_payload=max_payload, signing_key=signing_key, derive_interval=derive_interval,
         merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, limits=Limits(max_staleness=max_staleness)),
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None)
@@ -143,10 +147,38 @@ def sync(
 
 @app.command()
 @reports_errors
+def quarantine(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
+               as_json: bool = typer.Option(False, "--json", envvar="ECLM_JSON", show_default="off",
+                                            help="Print JSON.")) -> None:
+    """What the daemon set aside (deltas, messages, derivations, updates), newest first, with the reason."""
+    from cloud_sync.core import LEDGER
+    from cloud_sync.ledger import Ledger
+
+    ledger = Ledger(bank / LEDGER)
+    try:
+        rows = ledger.quarantined()
+    finally:
+        ledger.close()
+    if as_json:
+        from eclm.jsonsafe import dumps
+
+        typer.echo(dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("nothing quarantined")
+        return
+    from eclm.cli_support import text_table
+
+    typer.echo(text_table(["kind", "subject", "reason"], [[r["kind"], r["subject"][:40], r["reason"][:100]]
+                                                          for r in rows]))
+
+
+@app.command()
+@reports_errors
 def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Module versions, devices seen, deltas merged and rejected (by reason), as tables or JSON."""
-    from cloud_sync.daemon import LEDGER
+    from cloud_sync.core import LEDGER
     from cloud_sync.ledger import Ledger
     from exporter.bank import DirectoryBank
 
@@ -156,6 +188,9 @@ def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK",
         report = {"bank_id": info.bank_id,
                   "module_versions": {k: v.version for k, v in sorted(info.parts.items()) if v.version > 1},
                   "parts": len(info.parts), **ledger.summary(),
+                  "best_released_accuracy": ledger.best_released(),
+                  "derive_queue": int(ledger.meta("derive_queue") or 0),
+                  "quarantined": len(ledger.quarantined()),
                   "devices": [{k: d[k] for k in ("device_id", "online", "last_seen", "bundle", "profile")}
                               for d in ledger.devices()]}
     finally:
@@ -178,7 +213,10 @@ def _status_text(report: dict[str, Any]) -> str:
     deltas = report["deltas"] or {}
     out = [f"bank {report['bank_id']}: {report['parts']} parts, {len(report['module_versions'])} above version 1",
            "deltas: " + ", ".join(f"{k} {deltas.get(k, 0):,}" for k in ("merged", "held", "rejected", "pending"))
-           + f"; uplink {report['uplink_bytes']:,} bytes"]
+           + f"; uplink {report['uplink_bytes']:,} bytes",
+           f"quarantined {report['quarantined']:,}; bundle derivations waiting {report['derive_queue']}; "
+           + ("best released validation accuracy "
+              + (f"{report['best_released_accuracy']:.4f}" if report["best_released_accuracy"] is not None else "-"))]
     if report["module_versions"]:
         out += ["", text_table(["part", "version"], [[k, v] for k, v in report["module_versions"].items()])]
     if report["rejected_by_reason"]:

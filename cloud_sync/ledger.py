@@ -33,13 +33,19 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, created REAL NOT NULL, outcome TEXT NOT NULL, metrics TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rejects (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    kind TEXT NOT NULL, subject TEXT NOT NULL, created REAL NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (kind, subject)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, online INTEGER NOT NULL DEFAULT 0,
     bundle TEXT NOT NULL DEFAULT '', modules TEXT NOT NULL DEFAULT '{}', importance TEXT NOT NULL DEFAULT '[]',
     trainable INTEGER NOT NULL DEFAULT 1, profile TEXT NOT NULL DEFAULT '', last_derived TEXT NOT NULL DEFAULT '',
-    last_event TEXT NOT NULL DEFAULT ''
+    last_event TEXT NOT NULL DEFAULT '', profiled INTEGER NOT NULL DEFAULT 0
 );
 """
+MAX_QUARANTINE = 10_000  # newest records kept (deltas keep their 'quarantined' state regardless)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,10 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
+        if "profiled" not in columns:  # a ledger from before devices had to be known
+            self._db.execute("ALTER TABLE devices ADD COLUMN profiled INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE devices SET profiled = 1 WHERE profile != '' OR modules != '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -104,6 +114,30 @@ class Ledger:
             db.execute("INSERT INTO rejects (reason, count) VALUES (?, 1) "
                        "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
 
+    def quarantine(self, delta_id: str, reason: str) -> None:
+        """Take a stored delta out of the rounds for good, with the reason (its payload is kept for a look)."""
+        with self.transaction() as db:
+            db.execute("UPDATE deltas SET status = 'quarantined', reason = 'quarantined', detail = ? "
+                       "WHERE delta_id = ?", (reason, delta_id))
+        self.record_quarantine("delta", delta_id, reason)
+
+    def record_quarantine(self, kind: str, subject: str, reason: str) -> None:
+        """Record that one message, delta or derivation job was set aside (latest reason per subject)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO quarantine (kind, subject, created, reason) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT(kind, subject) DO UPDATE SET created = excluded.created, reason = excluded.reason",
+                       (kind, subject[:200], time.time(), reason[:500]))
+            db.execute("DELETE FROM quarantine WHERE rowid IN (SELECT rowid FROM quarantine ORDER BY created DESC "
+                       "LIMIT -1 OFFSET ?)", (MAX_QUARANTINE,))
+            db.execute("INSERT INTO rejects (reason, count) VALUES (?, 1) "
+                       "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (f"quarantined_{kind}",))
+
+    def quarantined(self, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT kind, subject, created, reason FROM quarantine ORDER BY created DESC "
+                                    "LIMIT ?", (limit,)).fetchall()
+        return [{"kind": r[0], "subject": r[1], "created": r[2], "reason": r[3]} for r in rows]
+
     def pending(self, limit: int = 10_000) -> list[StoredDelta]:
         with self._lock:
             rows = self._db.execute("SELECT delta_id, device_id, payload FROM deltas WHERE status = 'pending' "
@@ -133,10 +167,16 @@ class Ledger:
         return int(row[0] or 0) + 1
 
     def commit_round(self, round_no: int, new_versions: dict[str, tuple[int, list[str]]], merged: list[str],
-                     held: list[str], held_reason: str, metrics: dict[str, Any]) -> None:
-        """One transaction: new versions with lineage, deltas merged (or held back), the round's record."""
+                     held: list[str], held_reason: str, metrics: dict[str, Any],
+                     best_released: float | None = None) -> None:
+        """One transaction: new versions with lineage, deltas merged (or held back), the round's record,
+        and the best validation accuracy of any released version (the merge gate's reference).
+        """
         now = time.time()
         with self.transaction() as db:
+            if best_released is not None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('best_released', ?) "
+                           "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (repr(float(best_released)),))
             for part_id, (version, deltas) in new_versions.items():
                 db.execute("INSERT INTO versions (part_id, version, created, round, deltas) VALUES (?, ?, ?, ?, ?)",
                            (part_id, version, now, round_no, json.dumps(deltas)))
@@ -148,6 +188,22 @@ class Ledger:
                            "WHERE delta_id = ? AND status = 'pending'", (held_reason, round_no, d))
             db.execute("INSERT INTO rounds (round, created, outcome, metrics) VALUES (?, ?, ?, ?)",
                        (round_no, now, "held" if held else "merged", json.dumps(metrics)))
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def best_released(self) -> float | None:
+        """Best validation accuracy of a released version, or None before the first gated round."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'best_released'").fetchone()
+        return float(row[0]) if row else None
 
     def lineage(self, part_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -163,6 +219,13 @@ class Ledger:
             sets = ", ".join(f"{k} = ?" for k in cols)
             db.execute(f"UPDATE devices SET last_seen = ?{', ' + sets if sets else ''} WHERE device_id = ?",
                        (time.time(), *cols.values(), device_id))
+
+    def known_device(self, device_id: str) -> bool:
+        """A device of this bank: it sent a valid profile for the bank, or a bundle was derived for it."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM devices WHERE device_id = ? AND (profiled = 1 OR last_derived != '')",
+                                   (device_id,)).fetchone()
+        return row is not None
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         found = self.devices(device_id)

@@ -10,11 +10,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from cloud_sync.daemon import SyncCore
+    from cloud_sync.core import SyncCore
 
 
 class SyncCollector(Collector):
-    """Messages by outcome, rejections by reason, pending deltas, rounds, module versions, devices."""
+    """Messages by outcome, rejections by reason, pending deltas, quarantine, derivation queue, versions, devices.
+
+    Every label set is bounded: reasons and kinds are the code's own (device events outside the known
+    kinds count as ``other``).
+    """
 
     def __init__(self, core: SyncCore) -> None:
         self.core = core
@@ -37,6 +41,10 @@ class SyncCollector(Collector):
         versions = self.core.ledger.versions()
         yield GaugeMetricFamily("eclm_sync_module_versions_total", "Sum of all part versions (grows with merges)",
                                 value=sum(versions.values()))
+        yield GaugeMetricFamily("eclm_sync_derive_queue", "Bundle derivations waiting for the worker (one per device)",
+                                value=len(self.core.derivations))
+        yield GaugeMetricFamily("eclm_sync_quarantined", "Deltas, messages and jobs set aside with a reason",
+                                value=len(self.core.ledger.quarantined()))
         devices = self.core.ledger.devices()
         yield GaugeMetricFamily("eclm_sync_devices_online", "Devices whose last status is online",
                                 value=sum(1 for d in devices if d["online"]))

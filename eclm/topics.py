@@ -5,8 +5,17 @@ from __future__ import annotations
 PREFIX = "eclm/v1"
 
 
+MAX_DEVICE_ID = 128
+
+
+def is_device_id(device_id: object) -> bool:
+    """The device-id grammar: 1..128 characters, none of MQTT's separators and wildcards."""
+    return (isinstance(device_id, str) and 0 < len(device_id) <= MAX_DEVICE_ID
+            and not any(c in device_id for c in "/+#\x00"))
+
+
 def _check(device_id: str) -> str:
-    if not device_id or any(c in device_id for c in "/+#\x00") or len(device_id) > 128:
+    if not is_device_id(device_id):
         from eclm.errors import ConfigError
 
         raise ConfigError(f"device id {device_id!r} is not usable in a topic",

@@ -103,9 +103,22 @@ def env(digits_bank: Any, tmp_path: Path, keys: tuple[Path, Signer, Verifier]) -
             pass
 
 
+def register(core: SyncCore, device: str) -> None:
+    """Make ``device`` known to the bank the way devices do: a profile for this bank (deltas of others are refused)."""
+    if core.ledger.known_device(device):
+        return
+    info = DirectoryBank(core.settings.bank_dir).info()
+    sizes = [len(layer["widths"]) for layer in info.config["layers"]]
+    msg = wire.ProfileMessage(device_id=device, bank_id=info.bank_id, bundle="b0",
+                              importance=[[1.0 / n] * n for n in sizes], sample_count=40)
+    assert core.handle(topics.profile(device), wire.encode(msg)) == []
+    assert core.ledger.known_device(device)
+
+
 def deliver(core: SyncCore, msg: wire.DeltaMessage, device: str | None = None, codec: str = "fp32+zlib"
             ) -> tuple[list[tuple[str, bytes]], bytes]:
     payload = wire.encode(msg, codec=codec)
+    register(core, device or msg.device_id)
     return core.handle(topics.delta(device or msg.device_id), payload), payload
 
 
@@ -406,6 +419,7 @@ def test_unexpected_types_and_status(env: Env) -> None:
 def test_oversized_payload_is_counted_then_chunks_get_through(env: Env) -> None:
     limit = 16 * 1024
     core = env.core(max_payload=limit)
+    register(core, DEV_A)
     assert core.handle(topics.delta(DEV_A), b"\x00" * (limit + 1)) == []
     msg = env.delta(DEV_A, ("L1M0", "head"))
     payload = wire.encode(msg)
@@ -747,6 +761,7 @@ def test_duplicate_across_restart(env: Env) -> None:
     core = env.core()
     msg = env.delta(DEV_A)
     payload = wire.encode(msg)
+    register(core, DEV_A)
     one_ack(core.handle(topics.delta(DEV_A), payload), DEV_A, msg.delta_id, "stored")
     core = env.reopen(core)
     ack = one_ack(core.handle(topics.delta(DEV_A), payload), DEV_A, msg.delta_id, "duplicate")
@@ -790,6 +805,7 @@ def test_payload_digest_is_stable(env: Env) -> None:
     core = env.core()
     msg = env.delta(DEV_A)
     payload = wire.encode(msg)
+    register(core, DEV_A)
     core.handle(topics.delta(DEV_A), payload)
     (stored,) = env.rows("SELECT payload FROM deltas")
     assert hashlib.sha256(stored[0]).digest() == hashlib.sha256(payload).digest()

@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from broker import Mosquitto, mosquitto_binary
 from sync_harness import Edge, daemon, ledger_rows, ledger_versions, wait_connected, wait_until
+from sync_messages import make_profile
 
 from eclm import topics, wire
 from eclm.signing import generate_keys
@@ -181,6 +182,9 @@ def test_duplicate_malformed_and_oversized(digits_bank, tmp_path: Path) -> None:
         svc.close()
         data = wire.encode(msg, codec="int8+zlib")
         sender = _raw_client(rig.broker.url)
+        # The device makes itself known the way edges do: a profile for this bank.
+        known = wire.encode(make_profile(rig.bank, "f-dup"))
+        sender.publish(topics.profile("f-dup"), known, qos=1).wait_for_publish(10)
         for _ in range(2):
             sender.publish(topics.delta("f-dup"), data, qos=1).wait_for_publish(10)
         sender.publish(topics.delta("f-dup"), b"\x00garbage\xff" * 10, qos=1).wait_for_publish(10)

@@ -1,0 +1,311 @@
+"""The merger daemon's decisions without a broker: bytes in, publications out, rounds, derivation jobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_sync.derive import DeriveJob, DeriveQueue, Publication
+from cloud_sync.ledger import Ledger
+from cloud_sync.merger import Merger, MergeSettings, RoundResult
+from cloud_sync.validation import check_profile
+from eclm import topics, wire
+from eclm.archive import tar_bundle
+from eclm.errors import DataError, EclmError
+from eclm.manifest import bundle_digest
+from eclm.mqtt import DEFAULT_BROKER
+from eclm.reassembly import ChunkRefused
+from eclm.signing import Signer
+
+log = logging.getLogger("eclm.sync")
+LEDGER = "sync.sqlite"
+# Device events counted by kind; any other kind is counted as "other" (labels stay bounded).
+EVENT_KINDS = frozenset({"rollback", "variant", "drift", "paused", "resumed", "update", "installed"})
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """What the daemon is told."""
+
+    bank_dir: Path
+    broker: str = DEFAULT_BROKER
+    round_deltas: int = 5  # merge once this many deltas are pending ...
+    round_seconds: float = 30.0  # ... or when the oldest pending delta is this old
+    max_payload: int = 4 * 2**20  # bigger messages are rejected (chunks are limited separately)
+    chunk_bytes: int = 256 * 2**10  # outgoing messages above this are chunked
+    update_codec: str = "fp32+zlib"
+    derive_threshold: float = 0.5  # mean per-layer L1 change of importance that warrants a new bundle
+    derive_interval: float = 60.0  # at most one bundle derivation per device per this many seconds
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    signing_key: Path | None = None
+    client_id: str = ""  # empty: eclm-sync-<random suffix kept in the bank dir>
+
+
+@lru_cache(maxsize=64)
+def _registered(name: str) -> bool:
+    from device_profiles import available_profiles
+
+    return name in available_profiles()
+
+
+def profile_known(name: str) -> bool:
+    """Whether ``name`` is a profile of the registry (only well-formed names reach the cache)."""
+    return isinstance(name, str) and 0 < len(name) <= 64 and name.replace("-", "").replace("_", "").isalnum() \
+        and _registered(name)
+
+
+class SyncCore:
+    """Everything the daemon decides, without a broker: bytes in, publications out.
+
+    Bundle derivations are queued (:attr:`derivations`) and run by one worker, never in the caller;
+    what they produce goes to ``publish`` (by default kept in :attr:`published`).
+    """
+
+    def __init__(self, settings: SyncSettings, signer: Signer | None) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.ledger = Ledger(settings.bank_dir / LEDGER)
+        self.merger = Merger(settings.bank_dir, self.ledger, settings.merge)
+        self.reassembler = wire.Reassembler()
+        self.last_round = time.time()
+        self.counters: dict[str, int] = {}
+        self.published: list[Publication] = []
+        self.derivations = DeriveQueue(self._derive, self.published.extend, self._derive_failed,
+                                       settings.derive_interval)
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def handle(self, topic: str, payload: bytes) -> list[Publication]:
+        """Process one incoming message; never raises (a bad one is refused, counted and logged)."""
+        try:
+            return self._handle(topic, payload)
+        except Exception as exc:  # one bad message never stops the daemon
+            log.exception("handling a message on %s failed", topic[:200])
+            self._quarantine("message", topic[:200], f"{type(exc).__name__}: {str(exc)[:300]}")
+            return []
+
+    def _handle(self, topic: str, payload: bytes) -> list[Publication]:
+        try:
+            device = topics.device_of(topic)
+        except DataError:
+            self._reject("bad_topic", f"unexpected topic {topic[:200]}")
+            return []
+        if not topics.is_device_id(device):
+            self._reject("bad_device_id", f"device id of {len(device)} characters on {topic[:80]}...")
+            return []
+        try:
+            msg = wire.decode(payload, max_bytes=self.settings.max_payload)
+            if isinstance(msg, wire.ChunkMessage):
+                whole = self.reassembler.add(msg, device)
+                if whole is None:
+                    return []
+                payload = whole
+                msg = wire.decode(whole, max_bytes=self.settings.max_payload * 64)
+        except ChunkRefused as exc:
+            self._reject(f"chunk_{exc.reason}", f"from {device}: {exc.message}")
+            return []
+        except DataError as exc:
+            reason = "oversized" if "exceeds the limit" in exc.message else "malformed"
+            self._reject(reason, f"from {device}: {exc.message}")
+            return []
+        except Exception as exc:  # whatever a payload does to the parser, it is only a bad message
+            self._reject("malformed", f"from {device}: {type(exc).__name__}: {exc}")
+            return []
+        try:
+            if isinstance(msg, wire.DeltaMessage):
+                return self._on_delta(device, msg, payload)
+            if isinstance(msg, wire.ProfileMessage):
+                self._on_profile(device, msg)
+                return []
+            if isinstance(msg, wire.StatusMessage):
+                self._on_status(device, msg)
+                return []
+            self._reject("unexpected_type", f"{msg.TYPE} from {device} on {topic}")
+        except EclmError as exc:
+            self._reject("error", f"{device}: {exc.message}")
+        return []
+
+    def _reject(self, reason: str, detail: str, delta_id: str | None = None, device: str = "", size: int = 0) -> None:
+        log.warning("rejected (%s): %s", reason, detail)
+        self._count(f"rejected_{reason}")
+        self.ledger.reject(reason, detail, delta_id, device, size)
+
+    def _quarantine(self, kind: str, subject: str, reason: str) -> None:
+        log.error("quarantined %s %s: %s", kind, subject, reason)
+        self._count(f"quarantined_{kind}")
+        self.ledger.record_quarantine(kind, subject, reason)
+
+    def _ack(self, device: str, delta_id: str, status: str, reason: str = "") -> Publication:
+        """The ack for one delta, addressed to its device and signed with the cloud's key.
+
+        Without a signing key the ack goes unsigned: only devices without ``--trust-key`` accept it
+        (they warn that acks are not verified); devices with a trust key keep resending the delta.
+        """
+        if self.signer is None and not getattr(self, "_warned_unsigned_acks", False):
+            self._warned_unsigned_acks = True
+            log.warning("no signing key: acks are sent unsigned, and devices with --trust-key ignore them (their "
+                        "deltas stay in their outboxes); start with --signing-key")
+        msg = wire.AckMessage(delta_id, status, reason[:500], device_id=device)
+        return topics.ack(device), wire.encode(msg, signer=self.signer)
+
+    def _on_status(self, device: str, msg: wire.StatusMessage) -> None:
+        if msg.device_id != device:
+            self._reject("device_mismatch", f"status names device {str(msg.device_id)[:64]!r} on {device}'s topic")
+            return
+        fields: dict[str, Any] = {"online": int(bool(msg.online)), "bundle": str(msg.bundle)[:128]}
+        if msg.event:
+            kind = msg.event if msg.event in EVENT_KINDS else "other"
+            log.info("device %s reports %s", device, str(msg.event)[:64])
+            fields["last_event"] = json.dumps({"event": str(msg.event)[:64], **msg.detail}, default=str)[:4096]
+            self._count(f"event_{kind}")
+        self.ledger.touch_device(device, **fields)
+
+    def _on_delta(self, device: str, msg: wire.DeltaMessage, payload: bytes) -> list[Publication]:
+        if msg.device_id != device:
+            self._reject("device_mismatch", f"delta names device {str(msg.device_id)[:64]} on {device}'s topic")
+            return []
+        seen = self.ledger.known(msg.delta_id)
+        if seen is not None:
+            self._count("duplicate")
+            return [self._ack(device, msg.delta_id, "duplicate", seen)]
+        verdict = self.merger.check(msg)
+        if verdict.ok and not self.ledger.known_device(device):
+            verdict = type(verdict)(False, "unknown_device",
+                                    f"{device} sent no profile for this bank and no bundle was derived for it")
+        if not verdict.ok:
+            self._reject(verdict.reason, f"{msg.delta_id} from {device}: {verdict.detail}", msg.delta_id, device,
+                         len(payload))
+            return [self._ack(device, msg.delta_id, "rejected", f"{verdict.reason}: {verdict.detail}")]
+        stored = self.ledger.store_delta(msg.delta_id, device, payload)
+        self.ledger.touch_device(device, online=1)
+        self._count("stored" if stored else "duplicate")
+        return [self._ack(device, msg.delta_id, "stored" if stored else "duplicate")]
+
+    def _on_profile(self, device: str, msg: wire.ProfileMessage) -> None:
+        verdict = check_profile(msg, device, self.merger.bank_id, self.merger.versions(), self.merger.layer_sizes,
+                                profile_known, self.settings.merge.limits)
+        if not verdict.ok:
+            self._reject(verdict.reason, f"profile from {device}: {verdict.detail}")
+            return
+        known = self.ledger.device(device)
+        self.ledger.touch_device(device, online=1, bundle=msg.bundle[:128], modules=msg.modules,
+                                 importance=msg.importance, trainable=int(bool(msg.trainable)),
+                                 profile=msg.profile_name, profiled=1)
+        # Drift signal (METHOD.md section 4): the measured importance has moved away from the one the
+        # device's sub-model was derived for (or from what we last derived for it).
+        reference = json.loads(known["last_derived"]) if known and known.get("last_derived") else msg.derived_for
+        moved = False
+        if msg.measured and reference is not None:
+            try:
+                shift = sum(float(np.abs(np.asarray(a) - np.asarray(b)).sum())
+                            for a, b in zip(msg.importance, reference, strict=True)) / max(1, len(reference))
+                moved = shift > self.settings.derive_threshold
+            except ValueError:
+                moved = True
+        if (msg.want_bundle or moved) and msg.profile_name:
+            self.request_bundle(device, msg.profile_name, msg.importance,
+                                "requested" if msg.want_bundle else "importance profile moved")
+
+    def request_bundle(self, device: str, profile_name: str, importance: list[list[float]], reason: str) -> None:
+        """Queue a re-derivation of the device's sub-model (one waiting job per device; the newest wins)."""
+        if self.signer is None:
+            log.warning("no signing key: cannot send %s a bundle (start with --signing-key)", device)
+            return
+        self.derivations.submit(DeriveJob(device, profile_name, importance, reason))
+        self.ledger.set_meta("derive_queue", str(len(self.derivations)))
+
+    def _derive_failed(self, job: DeriveJob, reason: str) -> None:
+        self._quarantine("derivation", job.device, f"{job.profile}: {reason}")
+
+    def _derive(self, job: DeriveJob) -> list[Publication]:
+        """Re-derive the device's sub-model from the current bank as a signed bundle (runs in the worker)."""
+        from exporter.export import ExportRequest, export_bundle
+        from exporter.importance import write_importance_file
+
+        assert self.signer is not None
+        self.ledger.set_meta("derive_queue", str(len(self.derivations)))
+        update_topic = topics.update(job.device)
+        work = Path(tempfile.mkdtemp(prefix="eclm-derive-"))
+        try:
+            imp_file = work / "importance.json"
+            write_importance_file(imp_file, [np.asarray(r) for r in job.importance], samples=0)
+            out = work / "bundle"
+            export_bundle(ExportRequest(bank_dir=self.settings.bank_dir, profile=job.profile, out_dir=out,
+                                        importance_file=imp_file, measure=False,
+                                        signing_key=self.settings.signing_key, device_id=job.device))
+            archive = tar_bundle(out)
+            digest = bundle_digest(out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.ledger.touch_device(job.device, last_derived=json.dumps(job.importance))
+        msg = wire.BundleUpdateMessage(uuid.uuid4().hex, self.merger.bank_id, digest, archive, job.reason)
+        data = wire.encode(msg, signer=self.signer)
+        self._count("bundles_sent")
+        return [(update_topic, part) for part in wire.chunk(data, self.settings.chunk_bytes)]
+
+    def due(self) -> bool:
+        n = self.ledger.pending_count()
+        waited = time.time() - self.last_round
+        return n >= self.settings.round_deltas or (n > 0 and waited >= self.settings.round_seconds)
+
+    def run_round(self) -> tuple[RoundResult | None, list[Publication]]:
+        """Merge pending deltas and address module updates to the devices that hold changed modules.
+
+        Deltas that cannot be merged are quarantined by the merger; a fault of the bank raises.
+        """
+        self.last_round = time.time()
+        result = self.merger.run_round()
+        if result is None:
+            return None, []
+        for _ in result.quarantined:
+            self._count("quarantined_delta")
+        if not result.versions:
+            return result, []
+        return result, self.module_updates(result.versions)
+
+    def module_updates(self, versions: dict[str, int]) -> list[Publication]:
+        out: list[Publication] = []
+        if self.signer is None:
+            log.warning("no signing key: merged modules are not sent to devices (start with --signing-key)")
+            return out
+        for dev in self.ledger.devices():
+            try:
+                out += self._update_for(dev, versions)
+            except Exception as exc:  # one device's update never stops the others (or the daemon)
+                self._quarantine("update", str(dev["device_id"]), f"{type(exc).__name__}: {str(exc)[:300]}")
+        return out
+
+    def _update_for(self, dev: dict[str, Any], versions: dict[str, int]) -> list[Publication]:
+        held = set(dev["modules"]) & set(versions)
+        if not held:
+            return []
+        if not dev["trainable"]:
+            if dev["profile"]:
+                self.request_bundle(dev["device_id"], dev["profile"], dev["importance"], "modules merged")
+            return []
+        # Float tensors only: integer buffers (BatchNorm's num_batches_tracked) are not in the exported graphs.
+        parts = {pid: sorted(n for n, a in self.merger.params[pid].items() if a.dtype.kind == "f")
+                 for pid in sorted(held)}
+        tensors = {n: self.merger.params[pid][n] for pid, names in parts.items() for n in names}
+        msg = wire.ModuleUpdateMessage(uuid.uuid4().hex, self.merger.bank_id,
+                                       {pid: versions[pid] for pid in held}, parts, tensors,
+                                       device_id=dev["device_id"])
+        data = wire.encode(msg, codec=self.settings.update_codec, signer=self.signer)
+        topic = topics.update(dev["device_id"])
+        self._count("module_updates_sent")
+        return [(topic, p) for p in wire.chunk(data, self.settings.chunk_bytes)]
+
+    def close(self) -> None:
+        self.derivations.close()
+        self.ledger.close()
