@@ -112,8 +112,9 @@ class SyncCore:
                     return []
                 payload = whole
                 msg = wire.decode(whole, max_bytes=self.settings.max_payload * 64)
-        except ChunkRefused as exc:
-            self._reject(f"chunk_{exc.reason}", f"from {device}: {exc.message}")
+        except ChunkRefused as exc:  # over a cap: counted apart; a corrupt message is only malformed
+            capped = exc.reason in ("sender_cap", "total_cap", "message_cap")
+            self._reject(f"chunk_{exc.reason}" if capped else "malformed", f"from {device}: {exc.message}")
             return []
         except DataError as exc:
             reason = "oversized" if "exceeds the limit" in exc.message else "malformed"

@@ -590,6 +590,7 @@ def test_without_a_signer_acks_are_unsigned(env: Env) -> None:
 def test_chunks_are_reassembled_per_device(env: Env) -> None:
     """Another device cannot complete (or spoil) a device's chunked message."""
     core = env.core()
+    register(core, DEV_A)
     msg = env.delta(DEV_A)
     pieces = wire.chunk(wire.encode(msg), 4096)
     assert len(pieces) > 2
