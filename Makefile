@@ -19,8 +19,9 @@ install: $(BIN)/eclm
 demo: install
 	$(BIN)/eclm demo
 
+# Two workers (one per core here); ECLM_TEST_WORKERS=1 runs the suite in one process.
 test: install
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 -n $${ECLM_TEST_WORKERS:-2}
 
 lint: install
 	$(BIN)/ruff check .
