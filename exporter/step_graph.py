@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from eclm.train_step import INPUT, LABELS, LEARNING_RATE, LOGITS, LOSS, NEW, param_input, state_input
+from exporter import step_cache
 from exporter.conv_grad import convolution_backward
 
 STEP_OPSET = 18
@@ -160,10 +161,10 @@ class _Step(nn.Module):
         self.graph = graph
         self.count = len(frozen)
         for i, value in enumerate(frozen.values()):
-            self.register_buffer(f"frozen_{i}", value.detach().clone())
+            self.register_buffer(step_cache.frozen_name(i), value.detach().clone())
 
     def forward(self, x: Tensor, y: Tensor, lr: Tensor, flat: list[Tensor]) -> tuple[Tensor, ...]:
-        return self.graph(x, y, lr, *flat, *[getattr(self, f"frozen_{i}") for i in range(self.count)])
+        return self.graph(x, y, lr, *flat, *[getattr(self, step_cache.frozen_name(i)) for i in range(self.count)])
 
 
 @contextlib.contextmanager
@@ -206,20 +207,24 @@ def export_step(module: nn.Module, trainable: Sequence[str], opt: OptimizerSpec,
     lr = torch.tensor(1e-3, dtype=torch.float32)
     tp = [state[n].clone() for n in trainable]
     flat = [*tp, *[torch.zeros_like(p) for _ in opt.slots for p in tp], *[torch.zeros(()) for _ in opt.scalars]]
-    fn = _step_function(module, trainable, frozen, opt)
-    with _quiet():
-        traced = make_fx(fn, tracing_mode="symbolic")(x, y, lr, *flat, *[state[n] for n in frozen])
-        wrapper = _Step(traced, {n: state[n] for n in frozen})
-        dim = torch.export.Dim("batch", min=1)
-        program = torch.onnx.export(
-            wrapper, (x, y, lr, flat), dynamo=True, opset_version=STEP_OPSET, optimize=False,
-            dynamic_shapes=({0: dim}, {0: dim}, None, [None] * len(flat)),
-            custom_translation_table={torch.ops.aten.convolution_backward.default: convolution_backward},
-        )
-    assert program is not None
-    model = program.model_proto
+    digest = step_cache.key(module, state, trainable, frozen, [opt, input_shape, num_classes, batch, STEP_OPSET])
+    model = step_cache.recall(digest, [state[n] for n in frozen])
+    if model is None:
+        fn = _step_function(module, trainable, frozen, opt)
+        with _quiet():
+            traced = make_fx(fn, tracing_mode="symbolic")(x, y, lr, *flat, *[state[n] for n in frozen])
+            wrapper = _Step(traced, {n: state[n] for n in frozen})
+            dim = torch.export.Dim("batch", min=1)
+            program = torch.onnx.export(
+                wrapper, (x, y, lr, flat), dynamo=True, opset_version=STEP_OPSET, optimize=False,
+                dynamic_shapes=({0: dim}, {0: dim}, None, [None] * len(flat)),
+                custom_translation_table={torch.ops.aten.convolution_backward.default: convolution_backward},
+            )
+        assert program is not None
+        model = program.model_proto
+        step_cache.remember(digest, model, len(frozen))
     inputs, outputs = step_io_names(trainable, opt)
-    _rename(model, inputs, outputs, {f"frozen_{i}": n for i, n in enumerate(frozen)})
+    _rename(model, inputs, outputs, {step_cache.frozen_name(i): n for i, n in enumerate(frozen)})
     _strip(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
