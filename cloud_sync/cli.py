@@ -92,8 +92,16 @@ def sync(
                                      help="Merge once this many deltas are pending."),
     round_seconds: float = typer.Option(30.0, "--round-seconds", envvar="ECLM_SYNC_ROUND_SECONDS",
                                         help="... or once the oldest waited this long."),
-    strategy: str = typer.Option("weighted", "--strategy", envvar="ECLM_SYNC_STRATEGY",
-                                 help="weighted (importance x samples), trimmed, median."),
+    strategy: str = typer.Option("robust", "--strategy", envvar="ECLM_SYNC_STRATEGY",
+                                 help="robust (weighted, norm-clipped, opposing deltas dropped), weighted "
+                                      "(plain FedAvg-style), trimmed, median."),
+    min_devices: int = typer.Option(2, "--min-devices", min=1, envvar="ECLM_SYNC_MIN_DEVICES",
+                                    help="Distinct devices a module needs in a round (deltas wait until then); "
+                                         "no device weighs more than 1/this of a module."),
+    support_max_age: float = typer.Option(6 * 3600.0, "--support-max-age", min=1, envvar="ECLM_SYNC_SUPPORT_MAX_AGE",
+                                          help="Seconds a delta may wait for support before it expires."),
+    support_max_rounds: int = typer.Option(10, "--support-max-rounds", min=1, envvar="ECLM_SYNC_SUPPORT_MAX_ROUNDS",
+                                           help="Merge rounds a delta may wait for support before it expires."),
     gate_margin: float = typer.Option(0.02, "--gate-margin", envvar="ECLM_SYNC_GATE_MARGIN",
                                       help="Hold back a merge that lowers validation accuracy by more than this."),
     max_staleness: int = typer.Option(10, "--max-staleness", envvar="ECLM_SYNC_MAX_STALENESS",
@@ -128,7 +136,9 @@ def sync(
     settings = SyncSettings(
         bank_dir=bank, broker=broker, round_deltas=round_deltas, round_seconds=round_seconds,
         max_payload=max_payload, signing_key=signing_key, derive_interval=derive_interval,
-        merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, limits=Limits(max_staleness=max_staleness)),
+        merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, limits=Limits(max_staleness=max_staleness),
+                            min_devices=min_devices, support_max_age=support_max_age,
+                            support_max_rounds=support_max_rounds),
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None)
     if metrics_port:
@@ -191,6 +201,7 @@ def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK",
                   "best_released_accuracy": ledger.best_released(),
                   "derive_queue": int(ledger.meta("derive_queue") or 0),
                   "quarantined": len(ledger.quarantined()),
+                  "waiting_support": ledger.waiting(), "expired_parts": ledger.expired_parts(),
                   "devices": [{k: d[k] for k in ("device_id", "online", "last_seen", "bundle", "profile")}
                               for d in ledger.devices()]}
     finally:
@@ -212,8 +223,11 @@ def _status_text(report: dict[str, Any]) -> str:
     now = time.time()
     deltas = report["deltas"] or {}
     out = [f"bank {report['bank_id']}: {report['parts']} parts, {len(report['module_versions'])} above version 1",
-           "deltas: " + ", ".join(f"{k} {deltas.get(k, 0):,}" for k in ("merged", "held", "rejected", "pending"))
+           "deltas: " + ", ".join(f"{k} {deltas.get(k, 0):,}" for k in ("merged", "held", "rejected", "pending",
+                                                                         "expired"))
            + f"; uplink {report['uplink_bytes']:,} bytes",
+           f"waiting for support from more devices: {report.get('waiting_support', 0):,} deltas; "
+           f"parts expired waiting: {report.get('expired_parts', 0):,}",
            f"quarantined {report['quarantined']:,}; bundle derivations waiting {report['derive_queue']}; "
            + ("best released validation accuracy "
               + (f"{report['best_released_accuracy']:.4f}" if report["best_released_accuracy"] is not None else "-"))]

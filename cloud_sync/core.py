@@ -188,10 +188,23 @@ class SyncCore:
             self._reject(verdict.reason, f"{msg.delta_id} from {device}: {verdict.detail}", msg.delta_id, device,
                          len(payload))
             return [self._ack(device, msg.delta_id, "rejected", f"{verdict.reason}: {verdict.detail}")]
-        stored = self.ledger.store_delta(msg.delta_id, device, payload)
+        stored = self.ledger.store_delta(msg.delta_id, device, payload, list(msg.parts))
         self.ledger.touch_device(device, online=1)
         self._count("stored" if stored else "duplicate")
-        return [self._ack(device, msg.delta_id, "stored" if stored else "duplicate")]
+        return [self._ack(device, msg.delta_id, "stored" if stored else "duplicate",
+                          self._support_note(list(msg.parts)) if stored else "")]
+
+    def _support_note(self, parts: list[str]) -> str:
+        """What the ack of a stored delta says when some of its parts wait for more devices (empty otherwise)."""
+        needed = self.settings.merge.min_devices
+        if needed <= 1:
+            return ""
+        support = self.ledger.support()
+        short = {pid: len(support.get(pid, ())) for pid in parts if len(support.get(pid, ())) < needed}
+        if not short:
+            return ""
+        return "waits for support: " + ", ".join(f"{pid} has {n} of {needed} devices" for pid, n in
+                                                  sorted(short.items()))
 
     def _on_profile(self, device: str, msg: wire.ProfileMessage) -> None:
         verdict = check_profile(msg, device, self.merger.bank_id, self.merger.versions(), self.merger.layer_sizes,
@@ -256,9 +269,10 @@ class SyncCore:
         return [(update_topic, part) for part in wire.chunk(data, self.settings.chunk_bytes)]
 
     def due(self) -> bool:
-        n = self.ledger.pending_count()
+        """Enough new deltas, or anything pending (new or waiting for support) and the round interval passed."""
         waited = time.time() - self.last_round
-        return n >= self.settings.round_deltas or (n > 0 and waited >= self.settings.round_seconds)
+        return self.ledger.ready_count() >= self.settings.round_deltas or (
+            waited >= self.settings.round_seconds and self.ledger.pending_count() > 0)
 
     def run_round(self) -> tuple[RoundResult | None, list[Publication]]:
         """Merge pending deltas and address module updates to the devices that hold changed modules.
@@ -271,6 +285,10 @@ class SyncCore:
             return None, []
         for _ in result.quarantined:
             self._count("quarantined_delta")
+        for _ in result.expired:
+            self._count("expired_delta")
+        for _ in result.dropped:
+            self._count("dropped_delta")
         if not result.versions:
             return result, []
         return result, self.module_updates(result.versions)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS deltas (
     delta_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, received REAL NOT NULL,
     status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',
-    payload BLOB, merged_round INTEGER, bytes INTEGER NOT NULL DEFAULT 0
+    payload BLOB, merged_round INTEGER, bytes INTEGER NOT NULL DEFAULT 0,
+    parts TEXT NOT NULL DEFAULT '[]', done TEXT NOT NULL DEFAULT '{}', waiting_since INTEGER
 );
 CREATE INDEX IF NOT EXISTS deltas_status ON deltas(status);
 CREATE TABLE IF NOT EXISTS versions (
@@ -55,6 +56,9 @@ class StoredDelta:
     delta_id: str
     device_id: str
     payload: bytes
+    received: float = 0.0
+    done: dict[str, str] = field(default_factory=dict)  # part -> outcome of the rounds that took it
+    waiting_since: int | None = None  # the round from which some of its parts wait for support
 
 
 class Ledger:
@@ -71,6 +75,11 @@ class Ledger:
         if "profiled" not in columns:  # a ledger from before devices had to be known
             self._db.execute("ALTER TABLE devices ADD COLUMN profiled INTEGER NOT NULL DEFAULT 0")
             self._db.execute("UPDATE devices SET profiled = 1 WHERE profile != '' OR modules != '{}'")
+        delta_columns = {r[1] for r in self._db.execute("PRAGMA table_info(deltas)")}
+        for name, decl in (("parts", "TEXT NOT NULL DEFAULT '[]'"), ("done", "TEXT NOT NULL DEFAULT '{}'"),
+                           ("waiting_since", "INTEGER")):
+            if name not in delta_columns:  # a ledger from before deltas waited for support
+                self._db.execute(f"ALTER TABLE deltas ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -93,12 +102,13 @@ class Ledger:
             row = self._db.execute("SELECT status FROM deltas WHERE delta_id = ?", (delta_id,)).fetchone()
         return row[0] if row else None
 
-    def store_delta(self, delta_id: str, device_id: str, payload: bytes) -> bool:
-        """Record a valid delta as pending, once; False if its id was seen before."""
+    def store_delta(self, delta_id: str, device_id: str, payload: bytes, parts: list[str] | None = None) -> bool:
+        """Record a valid delta (and the parts it carries) as pending, once; False if its id was seen before."""
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO deltas (delta_id, device_id, received, status, payload, bytes) "
-                "VALUES (?, ?, ?, 'pending', ?, ?)", (delta_id, device_id, time.time(), payload, len(payload)))
+                "INSERT OR IGNORE INTO deltas (delta_id, device_id, received, status, payload, bytes, parts) "
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                (delta_id, device_id, time.time(), payload, len(payload), json.dumps(sorted(parts or []))))
             return cur.rowcount == 1
 
     def reject(self, reason: str, detail: str, delta_id: str | None = None, device_id: str = "",
@@ -140,13 +150,64 @@ class Ledger:
 
     def pending(self, limit: int = 10_000) -> list[StoredDelta]:
         with self._lock:
-            rows = self._db.execute("SELECT delta_id, device_id, payload FROM deltas WHERE status = 'pending' "
-                                    "ORDER BY received LIMIT ?", (limit,)).fetchall()
-        return [StoredDelta(r[0], r[1], bytes(r[2])) for r in rows]
+            rows = self._db.execute("SELECT delta_id, device_id, payload, received, done, waiting_since FROM deltas "
+                                    "WHERE status = 'pending' ORDER BY received LIMIT ?", (limit,)).fetchall()
+        return [StoredDelta(r[0], r[1], bytes(r[2]), float(r[3]), json.loads(r[4] or "{}"), r[5]) for r in rows]
 
     def pending_count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM deltas WHERE status = 'pending'").fetchone()[0])
+
+    def ready_count(self) -> int:
+        """Pending deltas not (yet) waiting for support: the new ones a round has not looked at."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM deltas WHERE status = 'pending' "
+                                        "AND waiting_since IS NULL").fetchone()[0])
+
+    def support(self) -> dict[str, set[str]]:
+        """Per part, the distinct devices whose pending deltas carry it and have not had it merged yet."""
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, parts, done FROM deltas WHERE status = 'pending'").fetchall()
+        out: dict[str, set[str]] = {}
+        for device, parts, done in rows:
+            taken = json.loads(done or "{}")
+            for pid in json.loads(parts or "[]"):
+                if pid not in taken:
+                    out.setdefault(pid, set()).add(device)
+        return out
+
+    def waiting(self) -> int:
+        """Pending deltas of which some parts wait for support from more devices."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM deltas WHERE status = 'pending' "
+                                        "AND reason = 'waiting_support'").fetchone()[0])
+
+    def expired_parts(self) -> int:
+        """Parts of deltas that expired waiting for support (counted, never silently dropped)."""
+        return int(self.meta("expired_parts") or 0)
+
+    def settle(self, round_no: int, done: dict[str, dict[str, str]], waiting: dict[str, str],
+               expired: dict[str, str], expired_parts: int) -> None:
+        """Record what a look at the pending deltas decided when no round was committed (see :meth:`commit_round`)."""
+        with self.transaction() as db:
+            self._settle(db, round_no, done, waiting, expired, expired_parts)
+
+    @staticmethod
+    def _settle(db: sqlite3.Connection, round_no: int, done: dict[str, dict[str, str]], waiting: dict[str, str],
+                expired: dict[str, str], expired_parts: int) -> None:
+        for d, outcomes in done.items():
+            db.execute("UPDATE deltas SET done = ? WHERE delta_id = ? AND status = 'pending'",
+                       (json.dumps(outcomes, sort_keys=True), d))
+        for d, detail in waiting.items():
+            db.execute("UPDATE deltas SET reason = 'waiting_support', detail = ?, "
+                       "waiting_since = COALESCE(waiting_since, ?) WHERE delta_id = ? AND status = 'pending'",
+                       (detail[:500], round_no, d))
+        for d, detail in expired.items():
+            db.execute("UPDATE deltas SET status = 'expired', reason = 'expired', detail = ?, payload = NULL "
+                       "WHERE delta_id = ? AND status = 'pending'", (detail[:500], d))
+        if expired_parts:
+            db.execute("INSERT INTO meta (key, value) VALUES ('expired_parts', ?) ON CONFLICT(key) DO UPDATE "
+                       "SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)", (str(expired_parts), expired_parts))
 
     # versions
     def versions(self) -> dict[str, int]:
@@ -168,12 +229,19 @@ class Ledger:
 
     def commit_round(self, round_no: int, new_versions: dict[str, tuple[int, list[str]]], merged: list[str],
                      held: list[str], held_reason: str, metrics: dict[str, Any],
-                     best_released: float | None = None) -> None:
+                     best_released: float | None = None, *, done: dict[str, dict[str, str]] | None = None,
+                     waiting: dict[str, str] | None = None, expired: dict[str, str] | None = None,
+                     expired_parts: int = 0, reasons: dict[str, str] | None = None) -> None:
         """One transaction: new versions with lineage, deltas merged (or held back), the round's record,
         and the best validation accuracy of any released version (the merge gate's reference).
+
+        ``done`` records per delta which parts rounds took (and how); ``waiting`` keeps deltas pending whose
+        other parts wait for support; ``expired`` ends deltas whose waiting parts expired; ``reasons`` names
+        why a held delta was held when it is not ``held_reason``.
         """
         now = time.time()
         with self.transaction() as db:
+            self._settle(db, round_no, done or {}, waiting or {}, expired or {}, expired_parts)
             if best_released is not None:
                 db.execute("INSERT INTO meta (key, value) VALUES ('best_released', ?) "
                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (repr(float(best_released)),))
@@ -185,7 +253,8 @@ class Ledger:
                            "WHERE delta_id = ? AND status = 'pending'", (round_no, d))
             for d in held:
                 db.execute("UPDATE deltas SET status = 'held', reason = ?, merged_round = ? "
-                           "WHERE delta_id = ? AND status = 'pending'", (held_reason, round_no, d))
+                           "WHERE delta_id = ? AND status = 'pending'", ((reasons or {}).get(d, held_reason),
+                                                                         round_no, d))
             db.execute("INSERT INTO rounds (round, created, outcome, metrics) VALUES (?, ?, ?, ?)",
                        (round_no, now, "held" if held else "merged", json.dumps(metrics)))
 
@@ -198,6 +267,13 @@ class Ledger:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else None
+
+    def reset_best_released(self, validation_key: str) -> None:
+        """Forget the best released accuracy (it was measured on another validation split) and note the new one."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = 'best_released'")
+            db.execute("INSERT INTO meta (key, value) VALUES ('validation_key', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (validation_key,))
 
     def best_released(self) -> float | None:
         """Best validation accuracy of a released version, or None before the first gated round."""

@@ -12,31 +12,51 @@ from typing import Any
 
 import numpy as np
 
-from cloud_sync.ledger import Ledger
-from cloud_sync.strategies import STRATEGIES, Contribution
-from cloud_sync.validation import MAX_SAMPLES, Limits, Verdict, check_delta
+from cloud_sync.ledger import Ledger, StoredDelta
+from cloud_sync.strategies import STRATEGIES, Contribution, cap_shares
+from cloud_sync.support import SupportRules, Waiting, book, plan
+from cloud_sync.validation import Limits, Verdict, check_delta
+from cloud_sync.weights import held_importance, module_weight
 from eclm import wire
 from eclm.errors import BankError, ConfigError, DataError
 from eclm.hashing import sha256_file
-from eclm.parts import is_module_id, parse_module_id
 from exporter.bank import BankInfo, DirectoryBank
 from exporter.config import ModelConfig
 
 log = logging.getLogger("eclm.sync.merge")
+__all__ = ["MergeSettings", "Merger", "RoundResult", "module_weight"]
 
 
 @dataclass(frozen=True)
 class MergeSettings:
     """How rounds merge."""
 
-    strategy: str = "weighted"
+    strategy: str = "robust"  # weighted mean with norm clipping and a disagreement check (docs/sync.md)
     gate_margin: float = 0.02  # a merge may lower validation accuracy by at most this much
     server_lr: float = 1.0  # step size applied to the merged delta (1.0: the method's plain average)
     limits: Limits = field(default_factory=Limits)
+    min_devices: int = 2  # distinct devices a part needs in a round; also caps a device's share at 1/min_devices
+    support_max_age: float = 6 * 3600.0  # seconds a delta may wait for support before its waiting parts expire
+    support_max_rounds: int = 10  # merge rounds a delta may wait for support before its waiting parts expire
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown merge strategy {self.strategy!r}", hint=f"use one of {sorted(STRATEGIES)}")
+        if not isinstance(self.min_devices, int) or self.min_devices < 1:
+            raise ConfigError(f"min devices must be at least 1, not {self.min_devices!r}",
+                              hint="pass --min-devices 1 to let one device merge alone, 2 or more otherwise")
+        if self.support_max_age <= 0 or self.support_max_rounds < 1:
+            raise ConfigError("support expiry must be positive", hint="pass --support-max-age > 0 and "
+                              "--support-max-rounds >= 1")
+
+    @property
+    def max_share(self) -> float:
+        """No device holds more than this share of a part's merge weight in a round."""
+        return 1.0 / self.min_devices
+
+    def support_rules(self) -> SupportRules:
+        return SupportRules(self.min_devices, self.support_max_age, self.support_max_rounds,
+                            self.limits.max_staleness)
 
 
 @dataclass
@@ -52,35 +72,18 @@ class RoundResult:
     seconds: float
     reason: str = ""
     quarantined: dict[str, str] = field(default_factory=dict)  # delta id -> why it could not be merged
+    waiting: list[str] = field(default_factory=list)  # deltas with parts still waiting for support
+    expired: list[str] = field(default_factory=list)  # deltas ended because their waiting parts expired
+    dropped: list[str] = field(default_factory=list)  # deltas the strategy left out (against the others)
 
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round, "merged": len(self.merged), "held": len(self.held), "versions": self.versions,
                 "val_before": self.val_before, "val_after": self.val_after, "seconds": self.seconds,
-                "reason": self.reason, "quarantined": len(self.quarantined)}
+                "reason": self.reason, "quarantined": len(self.quarantined), "waiting": len(self.waiting),
+                "expired": len(self.expired), "dropped": len(self.dropped)}
 
 
 NO_CHANGE_NORM = 1e-7  # a merged change of a part below this L2 norm changes nothing: no new version
-
-
-def module_weight(msg: wire.DeltaMessage, part_id: str, current_version: int | None = None) -> float:
-    """Importance of the module for the sending device x its sample count (METHOD.md section 4),
-    divided by 1 + staleness (versions its base lags behind), as asynchronous federated learning does.
-
-    Raises :class:`DataError` for a weight that is not a finite positive number (a forged header).
-    """
-    importance = 1.0
-    if msg.importance and is_module_id(part_id):
-        layer, index = parse_module_id(part_id)
-        if layer < len(msg.importance) and index < len(msg.importance[layer]):
-            importance = float(msg.importance[layer][index])
-    staleness = max(0, (current_version or 0) - msg.base_versions.get(part_id, current_version or 0))
-    if not isinstance(msg.sample_count, int) or not 0 <= msg.sample_count <= MAX_SAMPLES:
-        raise DataError(f"sample count {str(msg.sample_count)[:20]} is out of range", hint=f"at most {MAX_SAMPLES}")
-    samples = max(1, msg.sample_count)
-    weight = max(importance, 1e-6) * samples / (1 + staleness)
-    if not math.isfinite(weight) or weight <= 0:
-        raise DataError(f"merge weight of {part_id} is {weight!r}", hint="importance values must be finite")
-    return weight
 
 
 class Merger:
@@ -118,15 +121,28 @@ class Merger:
             self.bank.write_info(info)
 
     def _validation_data(self, info: BankInfo) -> tuple[Any, Any] | None:
-        from exporter.data import load_dataset, split
+        """The gate's validation split, drawn by the bank's secret (made now, and said so, if the bank has none)."""
+        import hashlib
+
+        from exporter.data import gate_split, load_dataset
         from exporter.train import to_tensors
 
+        secret, made = self.bank.validation_secret()
+        if made:
+            log.warning("bank %s had no validation secret: made one (%s, mode 0600); the gate's validation split "
+                        "is now drawn by it and cannot be rebuilt from public data and the seed", self.bank.root,
+                        self.bank.root / "validation.secret")
+        key = hashlib.sha256(secret).hexdigest()[:16]
+        if self.ledger.meta("validation_key") != key:
+            if self.ledger.best_released() is not None:
+                log.warning("the gate's validation split changed: the best released accuracy is measured anew")
+            self.ledger.reset_best_released(key)
         try:
-            splits = split(load_dataset(info.dataset), info.seed)
+            val = gate_split(load_dataset(info.dataset), info.seed, secret)
         except Exception as exc:  # a bank whose data is not here cannot be gated
             log.warning("no validation data for the gate (%s); merges are not gated", exc)
             return None
-        return to_tensors(splits.val, info.normalisation["mean"], info.normalisation["std"])
+        return to_tensors(val, info.normalisation["mean"], info.normalisation["std"])
 
     def versions(self) -> dict[str, int]:
         return self.ledger.versions()
@@ -145,64 +161,115 @@ class Merger:
         return accuracy(model, *self._val)
 
     def run_round(self) -> RoundResult | None:
-        """Merge every pending delta; None when there is nothing to merge.
+        """Merge every pending contribution whose part has enough support; None when nothing is pending.
 
-        A delta that cannot be merged (undecodable, a weight that is not a number, or one that makes its
-        round fail while the bank itself is sound) is quarantined with the reason; it never blocks later
-        rounds. A fault of the bank (its files cannot be read or written) raises :class:`BankError`.
+        A part is merged only with deltas of at least ``min_devices`` distinct devices; the other parts
+        wait in the ledger (their deltas stay pending) until support comes or they expire. A delta that
+        cannot be merged (undecodable, a weight that is not a number, or one that makes its round fail
+        while the bank itself is sound) is quarantined with the reason; it never blocks later rounds. A
+        fault of the bank (its files cannot be read or written) raises :class:`BankError`.
         """
         stored = self.ledger.pending()
         if not stored:
             return None
         t0 = time.perf_counter()
         current = self.versions()
-        contribs: dict[str, dict[str, list[Contribution]]] = {}
+        round_no = self.ledger.next_round()
+        pending: list[Waiting] = []
         bad: dict[str, str] = {}
         for s in stored:
             try:
-                contribs[s.delta_id] = self._contributions(s.payload, current)
+                pending.append(self._waiting(s, current))
             except Exception as exc:  # whatever a stored payload does, it is that delta's fault
                 bad[s.delta_id] = f"cannot be merged: {type(exc).__name__}: {str(exc)[:200]}"
         self._quarantine(bad)
-        if not contribs:
-            return RoundResult(self.ledger.next_round(), [], [], {}, float("nan"), float("nan"),
-                               time.perf_counter() - t0, "nothing mergeable", bad)
+        self._stored = {s.delta_id: s for s in stored if s.delta_id not in bad}
+        self._plan = plan(pending, self.settings.support_rules(), time.time(), round_no)
+        if not self._plan.ready:
+            result = self._settle_only(round_no, t0, "nothing mergeable" if not pending else "")
+            result.quarantined.update(bad)
+            return result
         try:
-            result = self._merge(contribs, t0)
+            result = self._merge(self._plan.ready, t0)
         except Exception as exc:
-            fault = self.bank_fault(sorted({p for c in contribs.values() for p in c}))
+            fault = self.bank_fault(sorted({p for c in self._plan.ready.values() for p in c}))
             if fault:
                 raise BankError(f"a merge round failed and the bank is at fault: {fault}",
                                 hint="repair the bank directory and restart the daemon; the deltas stay pending"
                                 ) from exc
-            log.warning("a round of %d deltas failed (%s: %s); merging them one by one", len(contribs),
+            log.warning("a round of %d deltas failed (%s: %s); trying them one by one", len(self._plan.ready),
                         type(exc).__name__, exc)
-            result = self._one_by_one(contribs, t0)
+            result = self._one_by_one(pending, round_no, t0)
         result.quarantined.update(bad)
         return result
 
-    def _one_by_one(self, contribs: dict[str, dict[str, list[Contribution]]], t0: float) -> RoundResult:
-        """After a failed round: each delta alone; the ones that fail alone are quarantined."""
-        merged: list[str] = []
-        held: list[str] = []
-        versions: dict[str, int] = {}
-        bad: dict[str, str] = {}
-        last: RoundResult | None = None
-        for delta_id, c in contribs.items():
-            try:
-                last = self._merge({delta_id: c}, t0)
-            except Exception as exc:
-                bad[delta_id] = f"makes its round fail: {type(exc).__name__}: {str(exc)[:200]}"
+    def _waiting(self, s: StoredDelta, current: dict[str, int]) -> Waiting:
+        """A stored delta's contributions to the parts no round has taken yet, weighted by what the cloud holds."""
+        msg = wire.decode(s.payload)
+        if not isinstance(msg, wire.DeltaMessage):
+            raise DataError(f"a stored {msg.TYPE} message is not a delta")
+        importance = held_importance(self.ledger.device(s.device_id))
+        parts: dict[str, list[Contribution]] = {}
+        staleness: dict[str, int] = {}
+        for part_id, names in msg.parts.items():
+            if part_id not in self.params:
+                raise DataError(f"part {part_id!r} is not in the bank")
+            weight = module_weight(msg, part_id, current.get(part_id), importance)
+            if part_id in s.done:
                 continue
-            merged += last.merged
-            held += last.held
-            versions.update(last.versions)
+            parts[part_id] = [Contribution(msg.delta_id, {n: msg.tensors[n] for n in names}, weight, s.device_id)]
+            staleness[part_id] = max(0, current.get(part_id, 0) - msg.base_versions.get(part_id, 0))
+        return Waiting(s.delta_id, s.device_id, s.received, s.waiting_since, parts, staleness)
+
+    def _book(self, round_no: int, outcomes: dict[str, dict[str, str]]
+              ) -> tuple[list[str], list[str], dict[str, Any]]:
+        return book(self._stored, self._plan, outcomes)
+
+    def _settle_only(self, round_no: int, t0: float, reason: str) -> RoundResult:
+        """No part has support: record what waits and what expired; no round, no version."""
+        _, _, books = self._book(round_no, {})
+        self.ledger.settle(round_no, books["done"], books["waiting"], books["expired"], books["expired_parts"])
+        if books["waiting"]:
+            reason = reason or (f"{len(books['waiting'])} deltas wait for support from "
+                                f"{self.settings.min_devices} devices")
+        return RoundResult(round_no, [], [], {}, float("nan"), float("nan"), time.perf_counter() - t0, reason,
+                           waiting=sorted(books["waiting"]), expired=sorted(books["expired"]))
+
+    def _one_by_one(self, pending: list[Waiting], round_no: int, t0: float) -> RoundResult:
+        """After a failed round: each delta is tried alone without committing.
+
+        The ones that fail alone are quarantined; the others are planned and merged again (their support
+        counted anew).
+        """
+        bad: dict[str, str] = {}
+        for w in pending:
+            if w.delta_id not in self._plan.ready:
+                continue
+            try:
+                self._merge({w.delta_id: self._plan.ready[w.delta_id]}, t0, dry_run=True)
+            except Exception as exc:
+                bad[w.delta_id] = f"makes its round fail: {type(exc).__name__}: {str(exc)[:200]}"
         self._quarantine(bad)
-        if last is None:
-            return RoundResult(self.ledger.next_round(), [], [], {}, float("nan"), float("nan"),
-                               time.perf_counter() - t0, "every delta failed", bad)
-        return RoundResult(last.round, merged, held, versions, last.val_before, last.val_after,
-                           time.perf_counter() - t0, last.reason, bad)
+        rest = [w for w in pending if w.delta_id not in bad]
+        self._stored = {k: v for k, v in self._stored.items() if k not in bad}
+        self._plan = plan(rest, self.settings.support_rules(), time.time(), round_no)
+        if not self._plan.ready:
+            result = self._settle_only(round_no, t0, "every delta failed" if not rest else "")
+        else:
+            try:
+                result = self._merge(self._plan.ready, t0)
+            except Exception as exc:  # they fail only together: set them aside rather than retry forever
+                together = {d: f"makes its round fail with others: {type(exc).__name__}: {str(exc)[:200]}"
+                            for d in self._plan.ready}
+                self._quarantine(together)
+                bad.update(together)
+                self._stored = {k: v for k, v in self._stored.items() if k not in together}
+                self._plan = plan([w for w in rest if w.delta_id not in together], self.settings.support_rules(),
+                                  time.time(), round_no)
+                self._plan.ready = {}
+                result = self._settle_only(round_no, t0, "every delta failed")
+        result.quarantined.update(bad)
+        return result
 
     def _quarantine(self, bad: dict[str, str]) -> None:
         for delta_id, why in bad.items():
@@ -224,21 +291,18 @@ class Merger:
             return f"{type(exc).__name__}: {exc}"
         return ""
 
-    def _contributions(self, payload: bytes, current: dict[str, int]) -> dict[str, list[Contribution]]:
-        msg = wire.decode(payload)
-        if not isinstance(msg, wire.DeltaMessage):
-            raise DataError(f"a stored {msg.TYPE} message is not a delta")
-        out: dict[str, list[Contribution]] = {}
-        for part_id, names in msg.parts.items():
-            if part_id not in self.params:
-                raise DataError(f"part {part_id!r} is not in the bank")
-            out[part_id] = [Contribution(msg.delta_id, {n: msg.tensors[n] for n in names},
-                                         module_weight(msg, part_id, current.get(part_id)))]
-        return out
+    def _capped(self, contribs: list[Contribution]) -> list[Contribution]:
+        """The contributions with no device above ``max_share`` of their total weight (docs/sync.md)."""
+        totals: dict[str, float] = defaultdict(float)
+        for c in contribs:
+            totals[c.device or c.delta_id] += c.weight
+        capped = cap_shares(dict(totals), self.settings.max_share)
+        return [Contribution(c.delta_id, c.tensors, c.weight * capped[c.device or c.delta_id]
+                             / totals[c.device or c.delta_id], c.device) for c in contribs]
 
-    def _merge(self, contribs: dict[str, dict[str, list[Contribution]]], t0: float) -> RoundResult:
+    def _merge(self, contribs: dict[str, dict[str, list[Contribution]]], t0: float,
+               dry_run: bool = False) -> RoundResult:
         round_no = self.ledger.next_round()
-        ids = list(contribs)
         by_part: dict[str, list[Contribution]] = defaultdict(list)
         for per_part in contribs.values():
             for part_id, cs in per_part.items():
@@ -246,46 +310,63 @@ class Merger:
         strategy = STRATEGIES[self.settings.strategy]
         new_params = dict(self.params)
         lineage: dict[str, list[str]] = {}
+        dropped: dict[str, set[str]] = defaultdict(set)
         unchanged: list[str] = []
         lr = self.settings.server_lr
         for part_id, part_contribs in sorted(by_part.items()):
-            # Per parameter: each one merges the deltas that carry it, so devices that trained
-            # different subsets of a module are each counted once.
+            # Parameters carried by the same deltas are merged together (one strategy call: the robust
+            # checks see the whole module), so devices that trained different subsets are each counted once.
             updated = dict(self.params[part_id])
             change = 0.0
+            groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
             for name in sorted({n for c in part_contribs for n in c.tensors}):
-                carrying = [Contribution(c.delta_id, {name: c.tensors[name]}, c.weight)
-                            for c in part_contribs if name in c.tensors]
-                d = strategy(carrying).tensors[name]
-                old = updated[name]
-                updated[name] = (old.astype(np.float32) + lr * d).astype(old.dtype)
-                change += float(np.square(updated[name].astype(np.float64) - old.astype(np.float64)).sum())
-            lineage[part_id] = [c.delta_id for c in part_contribs]
+                groups[tuple(c.delta_id for c in part_contribs if name in c.tensors)].append(name)
+            for carriers, names in groups.items():
+                carrying = self._capped([Contribution(c.delta_id, {n: c.tensors[n] for n in names}, c.weight,
+                                                      c.device) for c in part_contribs if c.delta_id in carriers])
+                out = strategy(carrying)
+                dropped[part_id].update(out.dropped)
+                for name in names:
+                    old = updated[name]
+                    updated[name] = (old.astype(np.float32) + lr * out.tensors[name]).astype(old.dtype)
+                    change += float(np.square(updated[name].astype(np.float64) - old.astype(np.float64)).sum())
+            lineage[part_id] = [c.delta_id for c in part_contribs if c.delta_id not in dropped[part_id]]
             if math.sqrt(change) < NO_CHANGE_NORM:  # nothing changed: no version, no staleness for others
                 unchanged.append(part_id)
                 continue
             new_params[part_id] = updated
         candidates = sorted(set(lineage) - set(unchanged))
         kept, before, after, harms, best = self._gate(new_params, candidates)
+        if dry_run:
+            return RoundResult(round_no, [], [], {}, before, after, time.perf_counter() - t0, "dry run")
         held_parts = sorted(set(candidates) - set(kept))
-        merged_ids = sorted({d for pid in [*kept, *unchanged] for d in lineage[pid]})
-        held_ids = sorted(set(ids) - set(merged_ids))
+        outcomes: dict[str, dict[str, str]] = defaultdict(dict)
+        for pid, cs in by_part.items():
+            for c in cs:
+                outcomes[c.delta_id][pid] = ("dropped" if c.delta_id in dropped[pid] else
+                                             "merged" if pid in kept or pid in unchanged else "held")
+        merged_ids, held_ids, books = self._book(round_no, outcomes)
         reason = ""
         if held_parts:
             drops = ", ".join(f"{p}: {harms[p]:.3f}" for p in held_parts)
             reason = (f"held back {held_parts}: merging them would bring validation accuracy below the best "
                       f"released {best:.4f} minus {self.settings.gate_margin:g} (below it, alone: {drops})")
             log.warning("round %d: %s", round_no, reason)
+        all_dropped = sorted({d for ds in dropped.values() for d in ds})
+        if all_dropped:
+            log.warning("round %d: left out deltas pointing against the others: %s", round_no, all_dropped)
         current = self.versions()
         new_versions = {pid: current[pid] + 1 for pid in kept}
         shas = {pid: self.bank.write_part_version(pid, v, new_params[pid]) for pid, v in new_versions.items()}
         released = max(best, after) if kept and after == after else best
         self.ledger.commit_round(round_no, {pid: (v, lineage[pid]) for pid, v in new_versions.items()}, merged_ids,
                                  held_ids, "validation_gate",
-                                 {"val_before": before, "val_after": after, "deltas": len(ids),
+                                 {"val_before": before, "val_after": after, "deltas": len(contribs),
                                   "held_parts": held_parts, "unchanged_parts": unchanged,
-                                  "best_released": released, "seconds": time.perf_counter() - t0},
-                                 best_released=released if released == released else None)
+                                  "best_released": released, "seconds": time.perf_counter() - t0,
+                                  "waiting": len(books["waiting"]), "expired": len(books["expired"]),
+                                  "dropped": all_dropped},
+                                 best_released=released if released == released else None, **books)
         info = self.bank.info()
         for pid, v in new_versions.items():
             rec = info.parts[pid]
@@ -294,7 +375,8 @@ class Merger:
         self.bank.write_info(info)
         self.params = {pid: (new_params[pid] if pid in new_versions else v) for pid, v in self.params.items()}
         return RoundResult(round_no, merged_ids, held_ids, new_versions, before, after, time.perf_counter() - t0,
-                           reason)
+                           reason, waiting=sorted(books["waiting"]), expired=sorted(books["expired"]),
+                           dropped=all_dropped)
 
     def _gate(self, new_params: dict[str, dict[str, np.ndarray]], parts: list[str]
               ) -> tuple[list[str], float, float, dict[str, float], float]:

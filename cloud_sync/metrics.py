@@ -45,6 +45,10 @@ class SyncCollector(Collector):
                                 value=len(self.core.derivations))
         yield GaugeMetricFamily("eclm_sync_quarantined", "Deltas, messages and jobs set aside with a reason",
                                 value=len(self.core.ledger.quarantined()))
+        yield GaugeMetricFamily("eclm_sync_waiting_support", "Pending deltas of which parts wait for more devices",
+                                value=self.core.ledger.waiting())
+        yield CounterMetricFamily("eclm_sync_expired_parts", "Parts of deltas that expired waiting for support",
+                                  value=self.core.ledger.expired_parts())
         devices = self.core.ledger.devices()
         yield GaugeMetricFamily("eclm_sync_devices_online", "Devices whose last status is online",
                                 value=sum(1 for d in devices if d["online"]))

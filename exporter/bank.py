@@ -16,6 +16,11 @@ from eclm.tensors import encode_tensors, read_tensors
 
 BANK_SCHEMA_VERSION = 1
 BANK_FILE = "bank.json"
+# Random bytes made with the bank that decide the merge gate's validation split (exporter.data.gate_split).
+# Mode 0600, never in bank.json and never in a bundle: without it the split cannot be rebuilt from public
+# data and the seed, so nobody can tune a delta against the exact samples the gate checks.
+VALIDATION_SECRET_FILE = "validation.secret"
+SECRET_BYTES = 32
 
 
 @dataclass
@@ -168,6 +173,27 @@ class DirectoryBank:
     def part_file(self, part_id: str, version: int) -> Path:
         return self._part_path(part_id, version)
 
+    def validation_secret(self) -> tuple[bytes, bool]:
+        """The bank's validation secret, made (mode 0600) if the bank has none; and whether it was made now."""
+        path = self.root / VALIDATION_SECRET_FILE
+        try:
+            found = path.read_bytes()
+        except FileNotFoundError:
+            found = b""
+        except OSError as exc:
+            raise BankError(f"cannot read {path}: {exc}", hint="make the bank directory readable") from exc
+        if len(found) == SECRET_BYTES:
+            return found, False
+        import secrets
+
+        made = secrets.token_bytes(SECRET_BYTES)
+        try:
+            atomic_write_bytes(path, made)  # a private temporary file renamed into place: mode 0600
+            path.chmod(0o600)
+        except OSError as exc:
+            raise BankError(f"cannot write {path}: {exc}", hint="make the bank directory writable") from exc
+        return made, True
+
     def write_info(self, info: BankInfo) -> None:
         """Replace ``bank.json`` atomically."""
         atomic_write_json(self.root / BANK_FILE, info.to_dict())
@@ -179,4 +205,5 @@ class DirectoryBank:
             path = self._part_path(part_id, rec.version)
             atomic_write_bytes(path, encode_tensors(named))
             rec.sha256 = sha256_file(path)
+        self.validation_secret()
         atomic_write_json(self.root / BANK_FILE, info.to_dict())

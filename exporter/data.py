@@ -115,6 +115,23 @@ def split(ds: Dataset, seed: int) -> Splits:
     return Splits(_subset(ds, np.sort(train)), _subset(ds, np.sort(val)), _subset(ds, np.sort(pool)))
 
 
+def gate_split(ds: Dataset, seed: int, secret: bytes) -> Dataset:
+    """The merge gate's validation samples: a stratified ``VALIDATION_SHARE`` of the cloud's proxy split,
+    drawn by the bank's secret (not by the public seed), so it cannot be rebuilt from public data.
+    """
+    import hashlib
+
+    from sklearn.model_selection import train_test_split
+
+    if len(secret) < 16:
+        raise DataError("the validation secret is too short", hint="delete it; the daemon makes a new one")
+    idx = np.arange(len(ds.y))
+    proxy, _ = train_test_split(idx, train_size=PROXY_SHARE, stratify=ds.y, random_state=seed)
+    keyed = int.from_bytes(hashlib.sha256(b"eclm-gate-split" + secret).digest()[:4], "big")
+    _, val = train_test_split(proxy, test_size=VALIDATION_SHARE, stratify=ds.y[proxy], random_state=keyed)
+    return _subset(ds, np.sort(val))
+
+
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation, the normalisation baked into exported graphs."""
     mean = x.mean(axis=(0, 2, 3))
