@@ -206,7 +206,9 @@ def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed:
                                                  0.0, _variant_cell(status), training))
             for e in edges.values():
                 e.wait_outbox_empty(timeout=60)
-            wait_until(lambda: all(s != "pending" for _, _, s, _ in ledger_rows(workdir / "bank")), 60,
+            # Merged, held, or waiting for support: a module only one device trained waits (min devices 2).
+            wait_until(lambda: all(s != "pending" or why == "waiting_support"
+                                   for _, _, s, why in ledger_rows(workdir / "bank")), 60,
                        "the cloud to merge the round")
             time.sleep(1.5)  # module updates reach the devices
             for dev in DEVICES:
@@ -216,7 +218,8 @@ def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed:
                 rec.uplink_bytes = e.metric("eclm_edge_uplink_bytes_total")
                 rec.variant = _variant_cell(e.get("/v1/status"))
         rows = ledger_rows(workdir / "bank")
-        result.cloud = {s: sum(1 for r in rows if r[2] == s) for s in ("merged", "held", "rejected", "pending")}
+        result.cloud = {s: sum(1 for r in rows if r[2] == s) for s in ("merged", "held", "rejected", "pending",
+                                                                       "expired")}
     finally:
         for stream in streams:
             stream.stop.set()

@@ -360,7 +360,9 @@ class EclmArm(LocalArm):
         super().__init__(self.cloud_bank, work, devices, signing_key=self.priv)
         self.broker = start_broker(None, work / "broker")
         self.daemon = daemon(self.cloud_bank, self.broker.url, self.priv, work / "sync.log",
-                             "--round-deltas", "1000", "--round-seconds", "1")
+                             "--round-deltas", "1000", "--round-seconds", "1",
+                             # The paper's merge: every device's module in, plain weighted mean.
+                             "--min-devices", "1", "--strategy", "weighted")
         self.daemon.start()
         wait_connected(self.daemon)
         self.syncs: dict[int, Any] = {}

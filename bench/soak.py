@@ -32,7 +32,10 @@ from bench.procs import Edge, Proc, _cmd, daemon, wait_connected, wait_until
 
 Say = Callable[[str], None]
 MODULE = "head"  # every bundle holds it, so every pill aimed at a module aims here
-DAEMON_ARGS = ("--round-deltas", "3", "--round-seconds", "3", "--gate-margin", "1.0", "--max-staleness", "50")
+# --min-devices 1: the soak checks that every honest delta is merged exactly once, and the last one a device
+# sends may have no other device's delta beside it (support from several devices is tested in tests/).
+DAEMON_ARGS = ("--round-deltas", "3", "--round-seconds", "3", "--gate-margin", "1.0", "--max-staleness", "50",
+               "--min-devices", "1")
 
 
 @dataclass

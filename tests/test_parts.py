@@ -92,7 +92,7 @@ def test_exporter_trainer_and_merger_agree_on_a_real_bundle(pi4: Path, digits_ba
     manifest = read_manifest(pi4)
     bank = DirectoryBank(digits_bank[0])
     layers = len(manifest.selection)
-    importance = [[0.5] * 64 for _ in range(layers)]
+    importance = [[0.0] * 64 for _ in range(layers)]
     checked = 0
     for part in [*manifest.modules, *manifest.fixed_parts]:
         pid = parts.check_part_id(part["part_id"])
@@ -105,9 +105,8 @@ def test_exporter_trainer_and_merger_agree_on_a_real_bundle(pi4: Path, digits_ba
             layer, index = parts.parse_module_id(pid)
             assert (layer, index) == (part["layer"], part["index"])
             mine = [row[:] for row in importance]
-            mine[layer][index] = 0.25
+            mine[layer][index] = 1.0  # all of the layer's importance on this module: 64 times the mean
             msg = DeltaMessage(delta_id="d", device_id="dev", bank_id=manifest.bank_id, bundle="b",
-                               base_versions={pid: 1}, parts={pid: []}, tensors={}, sample_count=4,
-                               importance=mine)
-            assert module_weight(msg, pid, 1) == pytest.approx(0.25 * 4)
+                               base_versions={pid: 1}, parts={pid: []}, tensors={}, sample_count=4)
+            assert module_weight(msg, pid, 1, mine) == pytest.approx(64 * 4)  # the importance the cloud holds
     assert checked > 0

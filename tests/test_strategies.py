@@ -7,7 +7,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cloud_sync.strategies import STRATEGIES, Contribution, coordinate_median, trimmed_mean, weighted_mean
+from cloud_sync.strategies import (
+    STRATEGIES,
+    Contribution,
+    coordinate_median,
+    robust_mean,
+    trimmed_mean,
+    weighted_mean,
+)
 
 
 def _c(delta_id: str, weight: float, **tensors: Any) -> Contribution:
@@ -15,7 +22,8 @@ def _c(delta_id: str, weight: float, **tensors: Any) -> Contribution:
 
 
 def test_registry() -> None:
-    assert STRATEGIES == {"weighted": weighted_mean, "trimmed": trimmed_mean, "median": coordinate_median}
+    assert STRATEGIES == {"robust": robust_mean, "weighted": weighted_mean, "trimmed": trimmed_mean,
+                          "median": coordinate_median}
 
 
 def test_weighted_mean_is_the_hand_computed_average() -> None:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloud_sync.daemon import LEDGER, SyncCore, SyncSettings
 from cloud_sync.merger import MergeSettings, module_weight
 from cloud_sync.validation import Limits
+from cloud_sync.weights import held_importance, relative_importance
 from eclm import topics, wire
 from eclm.errors import BundleError
 from eclm.hashing import sha256_file
@@ -47,6 +48,9 @@ class Env:
         self._ids = random.Random(1234)
 
     def core(self, **settings: Any) -> SyncCore:
+        # One device's delta merges alone here unless a test says otherwise: these tests are about the core's
+        # handling of deltas; support from several devices is tested in tests/test_robust_merge.py.
+        settings.setdefault("merge", MergeSettings(min_devices=1))
         core = SyncCore(SyncSettings(bank_dir=self.bank, signing_key=self.key_path, **settings), self.signer)
         self.cores.append(core)
         return core
@@ -328,7 +332,7 @@ def test_norm_just_inside_the_bound_is_accepted(env: Env) -> None:
 
 
 def test_norm_bound_follows_the_limits(env: Env) -> None:
-    core = env.core(merge=MergeSettings(limits=Limits(max_relative_norm=0.5)))
+    core = env.core(merge=MergeSettings(limits=Limits(max_relative_norm=0.5), min_devices=1))
     msg = env.delta(DEV_A, ("head",))
     msg.tensors["head.fc.weight"] = _huge_like(env, "head.fc.weight", "head", 0.6)
     pubs, _ = deliver(core, msg)
@@ -336,7 +340,7 @@ def test_norm_bound_follows_the_limits(env: Env) -> None:
 
 
 def test_stale_base_version(env: Env) -> None:
-    core = env.core(merge=MergeSettings(limits=Limits(max_staleness=0)))
+    core = env.core(merge=MergeSettings(limits=Limits(max_staleness=0), min_devices=1))
     first = env.delta(DEV_A, ("head",), seed=1)
     one_ack(deliver(core, first)[0], DEV_A, first.delta_id, "stored")
     result, _ = core.run_round()
@@ -460,7 +464,8 @@ def test_chunks_with_a_bad_checksum_are_malformed(env: Env) -> None:
 
 
 def test_round_merges_bumps_versions_and_sends_signed_updates(env: Env) -> None:
-    core = env.core(round_deltas=2, chunk_bytes=4096)
+    # The method's plain weighted mean (the default 'robust' strategy would clip the longer delta).
+    core = env.core(round_deltas=2, chunk_bytes=4096, merge=MergeSettings(min_devices=1, strategy="weighted"))
     before = {pid: env.params(pid) for pid in ("L0M0", "head", "L1M1")}
     bank_json_before = env.info()
     assert profile(core, env, DEV_A, ["L0M0", "head", "L1M1"]) == []
@@ -480,14 +485,17 @@ def test_round_merges_bumps_versions_and_sends_signed_updates(env: Env) -> None:
     assert result.versions == {"L0M0": 2, "head": 2}
     assert result.val_after >= result.val_before - core.settings.merge.gate_margin
 
-    # The merged parameters: weighted by importance x samples for modules, by samples for fixed parts.
+    # The merged parameters: weighted by importance x samples for modules, by samples for fixed parts; the
+    # importance is what the cloud holds for the device (its profile), never the delta's header.
+    held_a, held_b = (held_importance(core.ledger.device(d)) for d in (DEV_A, DEV_B))
     for pid in ("L0M0", "head"):
-        wa, wb = module_weight(a, pid), module_weight(b, pid)
+        wa, wb = module_weight(a, pid, None, held_a), module_weight(b, pid, None, held_b)
         if pid == "head":
             assert (wa, wb) == (30.0, 90.0)
         else:
-            assert a.importance is not None and b.importance is not None
-            assert wa == pytest.approx(a.importance[0][0] * 30) and wb == pytest.approx(b.importance[0][0] * 90)
+            assert held_a is not None and held_b is not None
+            assert wa == pytest.approx(relative_importance(held_a, pid) * 30)
+            assert wb == pytest.approx(relative_importance(held_b, pid) * 90)
         after = env.params(pid)
         for name, p in before[pid].items():
             if name not in a.parts[pid]:
@@ -601,7 +609,7 @@ def test_chunks_are_reassembled_per_device(env: Env) -> None:
 
 
 def test_without_a_signer_no_updates_are_sent(env: Env) -> None:
-    core = SyncCore(SyncSettings(bank_dir=env.bank), None)
+    core = SyncCore(SyncSettings(bank_dir=env.bank, merge=MergeSettings(min_devices=1)), None)
     env.cores.append(core)
     profile(core, env, DEV_A, ["head"])
     deliver(core, env.delta(DEV_B, ("head",)))

@@ -33,7 +33,10 @@ def bank(digits_bank: Any, tmp_path: Path) -> Path:
 @pytest.fixture
 def core(bank: Path, tmp_path: Path) -> Iterator[SyncCore]:
     priv, _ = generate_keys(tmp_path / "keys")
-    c = SyncCore(SyncSettings(bank_dir=bank, signing_key=priv, round_deltas=1), load_signer(priv))
+    # One device's delta merges alone here (min devices 1): these tests are about pills, not support
+    # (tests/test_robust_merge.py tests that).
+    c = SyncCore(SyncSettings(bank_dir=bank, signing_key=priv, round_deltas=1, merge=MergeSettings(min_devices=1)),
+                 load_signer(priv))
     yield c
     c.close()
 
@@ -141,15 +144,15 @@ def test_overflow_delta_left_pending_is_quarantined_and_the_honest_one_merged(co
 
 
 def test_delta_that_makes_its_round_fail_is_quarantined(core: SyncCore, bank: Path) -> None:
-    """A failure after the per-delta checks: each delta is retried alone; the one that fails alone is set aside."""
+    """A failure after the per-delta checks: each delta is tried alone; the one that fails alone is set aside."""
     good = honest(core, bank, "good", seed=1)
     bad = honest(core, bank, "bad", seed=2)
     merge = core.merger._merge
 
-    def failing(contribs: dict[str, Any], t0: float) -> Any:
+    def failing(contribs: dict[str, Any], t0: float, **kw: Any) -> Any:
         if bad.delta_id in contribs:
             raise FloatingPointError("this delta breaks the strategy")
-        return merge(contribs, t0)
+        return merge(contribs, t0, **kw)
 
     core.merger._merge = failing  # type: ignore[method-assign]
     result, _ = core.run_round()
@@ -266,7 +269,7 @@ def test_gate_stops_slow_decay_against_the_best_released(bank: Path, tmp_path: P
     """Each delta lowers accuracy by 0.009 (by construction): within 0.02 of the previous round every time,
     but the third falls below the best released (0.954) minus 0.02 and is held back."""
     priv, _ = generate_keys(tmp_path / "keys")
-    c = SyncCore(SyncSettings(bank_dir=bank, signing_key=priv, merge=MergeSettings(gate_margin=0.02)),
+    c = SyncCore(SyncSettings(bank_dir=bank, signing_key=priv, merge=MergeSettings(gate_margin=0.02, min_devices=1)),
                  load_signer(priv))
     try:
         start = float(c.merger.params["head"]["head.fc.bias"].astype(np.float64).sum())

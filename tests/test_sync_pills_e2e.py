@@ -69,7 +69,9 @@ def rig(digits_bank: Any, tmp_path: Path) -> Any:
     procs: list[Any] = []
 
     def start(log: str = "sync.log") -> Any:
-        p = daemon(bank, broker.url, priv, tmp_path / log, "--round-deltas", "1", "--round-seconds", "1")
+        # One device's delta merges alone (min devices 1): these tests are about pills, not support.
+        p = daemon(bank, broker.url, priv, tmp_path / log, "--round-deltas", "1", "--round-seconds", "1",
+                   "--min-devices", "1")
         p.start()
         wait_connected(p)
         procs.append(p)
