@@ -12,6 +12,7 @@ plain FedAvg-style weighted mean. :func:`cap_shares` bounds any device's share o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -90,7 +91,12 @@ def coordinate_median(contribs: Sequence[Contribution]) -> Merged:
     return _finish({name: np.median(_stack(contribs, name), axis=0) for name in _names(contribs)}, contribs)
 
 
-DISAGREE_COSINE = 0.5  # a delta whose cosine with the others' mean is below minus this is dropped
+# A delta whose cosine with the others' mean is below minus this is dropped. Real honest deltas of five
+# devices with different class mixes and corruptions (bench/sync_bench.py's devices, pi4 bundles) had
+# pairwise cosines from -0.24 to 0.56 per module (docs/sync.md); a sign flip of a delta like the others'
+# sits near -1.
+DISAGREE_COSINE = 0.5
+ZERO_NORM = 1e-12
 
 
 def _flat(c: Contribution, names: list[str]) -> np.ndarray:
@@ -122,7 +128,9 @@ def robust_mean(contribs: Sequence[Contribution]) -> Merged:
     scaled: list[Contribution] = []
     clipped: list[str] = []
     for c in contribs:
-        bound = float(np.median([norms[o.delta_id] for o in contribs if _device(o) != _device(c)]))
+        # A delta of (near) zero length says nothing about scale: it never clips the others.
+        lengths = [norms[o.delta_id] for o in contribs if _device(o) != _device(c) and norms[o.delta_id] > ZERO_NORM]
+        bound = float(np.median(lengths)) if lengths else math.inf
         if norms[c.delta_id] > bound * (1 + 1e-9):
             f = bound / norms[c.delta_id]
             vecs[c.delta_id] = vecs[c.delta_id] * f

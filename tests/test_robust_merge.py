@@ -60,6 +60,13 @@ def test_robust_clips_a_long_delta_to_the_others_median_norm() -> None:
     np.testing.assert_allclose(out.tensors["w"], [3.0, 4.0], rtol=1e-6)
 
 
+def test_a_zero_delta_does_not_clip_the_others_to_nothing() -> None:
+    # A device whose module did not move (measured: real pi4 deltas can be all zero for a module).
+    out = robust_mean([c("a", [3.0, 4.0]), c("zero", [0.0, 0.0])])
+    assert out.clipped == () and out.dropped == ()
+    np.testing.assert_allclose(out.tensors["w"], [1.5, 2.0], rtol=1e-6)
+
+
 def test_robust_keeps_orthogonal_heterogeneous_deltas() -> None:
     # Devices of different classes move different coordinates: neither is against the other.
     out = robust_mean([c("a", [1.0, 0.0, 0.1]), c("b", [0.0, 1.0, 0.1])])
