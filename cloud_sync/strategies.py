@@ -13,6 +13,7 @@ plain FedAvg-style weighted mean. :func:`cap_shares` bounds any device's share o
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -141,11 +142,17 @@ def robust_mean(contribs: Sequence[Contribution]) -> Merged:
     kept = list(scaled)
     dropped: list[str] = []
     while len({_device(c) for c in kept}) >= 2:
+        # The others' weighted mean for every delta at once: all devices' sum minus its own device's.
+        sums: dict[str, np.ndarray] = {}
+        weights: dict[str, float] = defaultdict(float)
+        for c in kept:
+            w = max(c.weight, 0.0) + 1e-12
+            sums[_device(c)] = sums.get(_device(c), 0.0) + w * vecs[c.delta_id]
+            weights[_device(c)] += w
+        total, total_w = sum(sums.values()), sum(weights.values())
         worst, worst_cos = None, 0.0
         for c in kept:
-            others = [o for o in kept if _device(o) != _device(c)]
-            w = np.array([max(o.weight, 0.0) for o in others]) + 1e-12
-            mean = np.tensordot(w / w.sum(), np.stack([vecs[o.delta_id] for o in others]), axes=1)
+            mean = (total - sums[_device(c)]) / (total_w - weights[_device(c)])
             denom = float(np.linalg.norm(vecs[c.delta_id]) * np.linalg.norm(mean))
             cos = float(vecs[c.delta_id] @ mean) / denom if denom > 0 else 0.0
             if worst is None or cos < worst_cos:
