@@ -71,7 +71,7 @@ def test_cloud_status_is_a_table_and_strict_json(digits_bank: tuple[Path, BankIn
     assert result.exit_code == 0, result.output
     text = result.output
     assert "{" not in text and "}" not in text  # no Python dicts
-    assert "deltas: merged 1, held 0, rejected 1, pending 1; uplink 1,343 bytes" in text
+    assert "deltas: merged 1, held 0, rejected 1, pending 1, expired 0; uplink 1,343 bytes" in text
     lines = text.splitlines()
     assert any(line.split() == ["1", "merged", "0.954", "0.944"] for line in lines), text
     assert any(line.split() == ["stale", "1"] for line in lines), text

@@ -380,3 +380,21 @@ def test_profile_and_drift_requests_share_the_per_device_interval(cores: Cores, 
     # Another device is not held up by this one's interval.
     assert send(core, make_profile(bank, "other", measured=True, importance=moved, derived_for=flat)) is None
     assert core.derivations.run_once() and ran[-1] == "importance profile moved"
+
+
+def test_status_says_what_waits_and_what_expired(cores: Cores, bank: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cloud_sync.cli import app
+
+    core = cores(support_max_rounds=1)
+    join(core, bank, "a", part_ids=("L0M0",), seed=1)
+    core.run_round()
+    report = json.loads(CliRunner().invoke(app, ["status", "--bank", str(bank), "--json"]).stdout)
+    assert (report["waiting_support"], report["expired_parts"]) == (1, 0)
+    join(core, bank, "h1", seed=2)
+    join(core, bank, "h2", seed=3)
+    assert core.run_round()[0].versions == {"head": 2}  # type: ignore[union-attr]
+    assert core.run_round()[0].expired  # type: ignore[union-attr]
+    text = CliRunner().invoke(app, ["status", "--bank", str(bank)]).stdout
+    assert "expired 1" in text and "waiting for support from more devices: 0 deltas; parts expired waiting: 1" in text
