@@ -398,3 +398,13 @@ def test_status_says_what_waits_and_what_expired(cores: Cores, bank: Path) -> No
     assert core.run_round()[0].expired  # type: ignore[union-attr]
     text = CliRunner().invoke(app, ["status", "--bank", str(bank)]).stdout
     assert "expired 1" in text and "waiting for support from more devices: 0 deltas; parts expired waiting: 1" in text
+
+
+def test_no_bundle_carries_the_validation_secret(digits_bank: Any, digits_bundles: dict[str, Any]) -> None:
+    secret = (digits_bank[0] / VALIDATION_SECRET_FILE).read_bytes()
+    for out_dir, _ in digits_bundles.values():
+        for f in Path(out_dir).rglob("*"):
+            assert f.name != VALIDATION_SECRET_FILE
+            if f.is_file():
+                data = f.read_bytes()
+                assert secret not in data and secret.hex().encode() not in data, f
