@@ -112,6 +112,10 @@ class Generations:
                 gen = int(self._parent_of(gen))
         return self._checked(ServingModel(manifest, bundle_dir, pointer.bundle, 0, bundle_dir / "model.onnx", base))
 
+    def current(self) -> ServingModel:
+        """The serving model now (for components that hold this getter and read it later)."""
+        return self.serving
+
     def _checked(self, serving: ServingModel) -> ServingModel:
         """Whether this runtime can train ``serving``'s bundle: its step graph is loaded once per bundle."""
         if not serving.manifest.training.get("available"):
