@@ -60,14 +60,18 @@ def _private_file(path: Path, what: str, forbidden: int, chmod: str) -> bytes:
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}",
                           hint="check the path and that this user may read it") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{what} {path} is not a regular file", hint="point at the file itself")
         if st.st_mode & forbidden:
             raise ConfigError(f"{what} {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})",
                               hint=f"run `chmod {chmod} {path}`")
-        return f.read(64 * 1024)
+        return os.read(fd, 64 * 1024)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}", hint="check the file") from None
+    finally:
+        os.close(fd)
 
 
 def read_token(path: Path) -> str:

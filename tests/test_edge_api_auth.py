@@ -15,6 +15,7 @@ import ssl
 import stat
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -314,7 +315,9 @@ def test_https_refuses_plain_http_and_old_tls_and_keeps_serving(https: tuple[_Pr
     old.verify_mode = ssl.CERT_NONE
     old.set_ciphers("DEFAULT:@SECLEVEL=0")
     old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is deprecated: that is the point
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
     with pytest.raises((ssl.SSLError, ConnectionResetError)):
         _https(srv.port, old, "GET", "/healthz", token=None)
     status, _, body, _ = _https(srv.port, ctx, "GET", "/metrics")
