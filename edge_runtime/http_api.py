@@ -180,6 +180,32 @@ def make_handler(idle_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("%s " + format, self.address_string(), *args)
 
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            if self.request_version == "HTTP/0.9":  # its answer would be a bare body without a status line
+                self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not supported")
+                return False
+            return True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """The base class's errors (a malformed request line or header, an unknown method, a request
+            line or header too long) as JSON like every other answer, never HTML; the connection closes.
+            """
+            status = HTTPStatus(code)
+            headers = {}
+            if status == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: not a server failure
+                status, headers = HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": "GET, POST"}
+            self.close_connection = True
+            if getattr(self, "request_version", "") == "HTTP/0.9":  # answer with a status line and headers
+                self.request_version = "HTTP/1.0"
+            if not isinstance(getattr(self, "path", None), str):
+                self.path = ""
+            self.log_error("code %d, message %s", int(status), message)
+            self._send(status, {"error": message or status.phrase,
+                                "hint": "send HTTP/1.1: METHOD /v1/... HTTP/1.1, headers, then a JSON body"},
+                       headers=headers)
+
         def _send(self, status: HTTPStatus, payload: Any, content_type: str = "application/json",
                   headers: dict[str, str] | None = None) -> None:
             data = payload if isinstance(payload, bytes) else (jsonsafe.dumps(payload) + "\n").encode()
