@@ -194,8 +194,10 @@ def make_handler(idle_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
             """
             status = HTTPStatus(code)
             headers = {}
-            if status == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: not a server failure
+            if status == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: the client's mistake, not a failure here
                 status, headers = HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": "GET, POST"}
+            elif status == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # 5xx would read as this server failing
+                status = HTTPStatus.BAD_REQUEST
             self.close_connection = True
             if getattr(self, "request_version", "") == "HTTP/0.9":  # answer with a status line and headers
                 self.request_version = "HTTP/1.0"
