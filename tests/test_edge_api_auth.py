@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from test_edge_serve import assert_one_line_error, serve
-from test_edge_support import PINNED_ENV, EdgeServer, child_env, edge_command, free_port
+from test_edge_support import PINNED_ENV, EdgeServer, Response, child_env, edge_command, free_port
 
 from eclm.errors import ConfigError
 from edge_runtime.api_security import ApiGuard, check_exposure, is_loopback, read_token, tls_context, write_token
-from edge_runtime.config import load_config
+from edge_runtime.config import EdgeConfig, load_config
 
 # --- the rules, as functions ------------------------------------------------------------------------
 
@@ -42,7 +42,7 @@ def test_loopback_is_127_8_and_ipv6_one_only(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
-def _cfg(**values: object):  # type: ignore[no-untyped-def]
+def _cfg(**values: object) -> EdgeConfig:
     return load_config(overrides=values, environ={})
 
 
@@ -170,7 +170,7 @@ def guarded(pi4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edg
     srv.stop()
 
 
-def _assert_401(r, why: str) -> None:  # type: ignore[no-untyped-def]
+def _assert_401(r: Response, why: str) -> None:
     assert r.status == 401, (r.status, r.body)
     assert r.headers["www-authenticate"].startswith("Bearer")
     assert r.headers["content-type"] == "application/json"
@@ -213,7 +213,7 @@ def test_refusals_are_counted(guarded: EdgeServer) -> None:
 def _self_signed(folder: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eclm-edge test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -284,7 +284,7 @@ def _https(port: int, ctx: ssl.SSLContext, method: str, path: str, body: object 
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
         conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
         r = conn.getresponse()
-        version = conn.sock.version() if conn.sock is not None else None  # type: ignore[union-attr]
+        version = conn.sock.version() if conn.sock is not None else None
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read(), version
     finally:
         conn.close()

@@ -21,7 +21,7 @@ from test_edge_support import PINNED_ENV, EdgeServer
 from eclm.manifest import BundleManifest
 
 Bundles = dict[str, tuple[Path, BundleManifest]]
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=250, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 TOKEN = "fuzz-token-" + "z" * 32
@@ -121,8 +121,8 @@ JSONS = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow
                      max_leaves=20)
 INPUTS = (st.just([ONE]) | st.just([ONE, ONE]) | st.just([[[[0.1] * 8] * 8]])
           | st.lists(st.lists(st.floats(-1e6, 1e6), min_size=0, max_size=70), max_size=3) | JSONS)
-LABELS = st.lists(st.sampled_from(["1", "4", "7", 0, 1, 2, 3, -1, 10**20, 1.5, True, None, "x", [1], {}]),
-                  max_size=3) | JSONS
+LABEL_VALUES: list[Any] = ["1", "4", "7", 0, 1, 2, 3, -1, 10**20, 1.5, True, None, "x", [1], {}]
+LABELS = st.lists(st.sampled_from(LABEL_VALUES), max_size=3) | JSONS
 BODIES = (st.fixed_dictionaries({"inputs": INPUTS}, optional={"labels": LABELS}).map(lambda d: json.dumps(d).encode())
           | JSONS.map(lambda v: json.dumps(v).encode())
           | st.binary(max_size=200)

@@ -60,7 +60,7 @@ def refuses_or_decodes(fn: Callable[..., Any], *args: Any, family: tuple[type[Ba
 # --- valid encodings to mutate ----------------------------------------------------------------------
 
 _RNG = np.random.default_rng(0)
-_TENSORS = {"net.head.weight": _RNG.normal(size=(3, 4)).astype(np.float32),
+_TENSORS: dict[str, np.ndarray] = {"net.head.weight": _RNG.normal(size=(3, 4)).astype(np.float32),
             "net.head.bias": _RNG.normal(size=(3,)).astype(np.float32),
             "counter": np.arange(4, dtype=np.int64)}
 MESSAGES: list[wire.Message] = [
@@ -178,7 +178,8 @@ CHUNKS = st.builds(wire.ChunkMessage, st.sampled_from(["a", "b", "c"]), st.integ
 
 @FUZZ
 @given(st.lists(st.tuples(st.sampled_from(["s1", "s2"]), CHUNKS), max_size=30))
-def test_reassembly_of_arbitrary_chunk_sequences_stays_within_its_caps(seq: list[tuple[str, wire.ChunkMessage]]) -> None:
+def test_reassembly_of_arbitrary_chunk_sequences_stays_within_its_caps(
+        seq: list[tuple[str, wire.ChunkMessage]]) -> None:
     r = Reassembler(max_pending=3, max_total_bytes=256, max_sender_bytes=160, max_message_bytes=128)
     for sender, c in seq:
         refuses_or_decodes(r.add, c, sender)
@@ -328,7 +329,8 @@ def _tar(entries: list[tuple[str, bytes, bytes]]) -> bytes:
 
 ARCHIVES = [_tar([("manifest.json", tarfile.REGTYPE, b"{}"), ("model.onnx", tarfile.REGTYPE, b"x" * 100)])]
 TAR_ENTRIES = st.lists(st.tuples(
-    st.sampled_from(["manifest.json", "model.onnx", "../up", "/abs", "a/b", "a", "", "a/../../b"]) | st.text(max_size=8),
+    st.sampled_from(["manifest.json", "model.onnx", "../up", "/abs", "a/b", "a", "", "a/../../b"])
+    | st.text(max_size=8),
     st.sampled_from([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
                      tarfile.FIFOTYPE, tarfile.CHRTYPE]),
     st.binary(max_size=32)), max_size=5)
