@@ -337,3 +337,19 @@ def test_plain_http_beyond_loopback_when_asked_for_explicitly(pi4: Path, tmp_pat
         conn.close()
     finally:
         assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x16\x03\x01\x00\x05hello", b"\x16\x03\x03" + bytes(range(256)) * 4,
+                                     b"\x00" * 10_000, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"])
+def test_garbage_on_the_tls_port_costs_one_connection(https: tuple[_Proc, ssl.SSLContext], garbage: bytes) -> None:
+    srv, ctx = https
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+        s.sendall(garbage)
+        s.shutdown(socket.SHUT_WR)
+        try:
+            while s.recv(65536):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            pass
+    status, _, _, _ = _https(srv.port, ctx, "GET", "/v1/status")
+    assert status == 200 and srv.proc.poll() is None

@@ -182,6 +182,13 @@ def test_any_body_to_a_json_endpoint(server: EdgeServer, path: str, body: bytes)
     still_serving(server)
 
 
+@settings(FUZZ, max_examples=80)
+@given(st.lists(requests(), min_size=2, max_size=3))
+def test_pipelined_requests_on_one_connection(server: EdgeServer, batch: list[bytes]) -> None:
+    check_answers(server, b"".join(batch))  # each answer as strict as a single request's
+    still_serving(server)
+
+
 # --- what the fuzzing found, kept as explicit examples ----------------------------------------------
 
 
