@@ -56,7 +56,7 @@ def exchange(srv: EdgeServer, request: bytes, timeout: float = 20.0) -> list[tup
         try:
             s.sendall(request)
             s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):  # the server answered and closed before reading it all
+        except OSError:  # the server answered and closed before reading it all (EPIPE, ECONNRESET, ENOTCONN)
             pass
         try:
             while chunk := s.recv(65536):
