@@ -65,7 +65,7 @@ def run(cfg: EdgeConfig, announce: Callable[[str], None]) -> None:
         s = service.serving
         announce(f"eclm-edge {cfg.device_id}: serving bundle {s.digest} (profile {s.manifest.profile['name']}, "
                  f"generation {s.generation}, training {'on' if s.trainable else 'off'}) "
-                 f"on {guard.scheme}://{cfg.host}:{server.server_address[1]}"
+                 f"on {guard.scheme}://{f'[{cfg.host}]' if ':' in cfg.host else cfg.host}:{server.server_address[1]}"
                  + (" (API token required)" if guard.token is not None else "")
                  + (f"; syncing through {sync.broker}" if sync is not None else "; no broker: not syncing"))
         server.serve_forever()
