@@ -47,7 +47,8 @@ def _cfg(**values: object) -> EdgeConfig:
 
 
 def test_beyond_loopback_needs_a_token_then_tls_or_explicit_plain_http(tmp_path: Path) -> None:
-    check_exposure(_cfg())  # 127.0.0.1 by default: nothing needed
+    assert EdgeConfig().host == "127.0.0.1" and _cfg().host == "127.0.0.1"  # loopback unless told otherwise
+    check_exposure(_cfg())  # so nothing is needed by default
     with pytest.raises(ConfigError, match="needs an API token") as e:
         check_exposure(_cfg(host="0.0.0.0"))
     assert "eclm-edge token --out" in str(e.value.hint)
