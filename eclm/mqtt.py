@@ -26,7 +26,11 @@ class BrokerUrl:
 
     @staticmethod
     def parse(url: str) -> BrokerUrl:
-        u = urlparse(url)
+        try:
+            u = urlparse(url)
+        except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 address
+            raise ConfigError(f"broker URL {url!r} is malformed: {exc}",
+                              hint=f"e.g. {DEFAULT_BROKER} (IPv6: mqtt://[::1]:1883)") from None
         if u.scheme != "mqtt" or not u.hostname:
             raise ConfigError(f"broker URL {url!r} is not mqtt://HOST[:PORT]",
                               hint=f"e.g. {DEFAULT_BROKER} (TLS brokers are not supported yet)")

@@ -58,6 +58,12 @@ class EdgeConfig:
     http_workers: int = 8  # requests handled at once; further connections wait in the listen backlog
     http_backlog: int = 1024  # connections the kernel queues while every worker is busy
     http_idle_timeout_s: float = 10.0  # an idle or stalled connection is closed after this long
+    # Who may use the API (edge_runtime/api_security.py): beyond loopback a token and TLS (or an explicit
+    # api_insecure_http behind a TLS-terminating proxy) are required.
+    api_token_file: Path | None = None  # with a token every endpoint but /healthz wants "Authorization: Bearer"
+    api_tls_cert: Path | None = None  # PEM certificate (chain): the API speaks HTTPS (TLS 1.2 or newer)
+    api_tls_key: Path | None = None  # its PEM private key
+    api_insecure_http: bool = False  # allow plain HTTP beyond loopback (a TLS-terminating reverse proxy in front)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EdgeConfig)}
