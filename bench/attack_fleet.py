@@ -2,9 +2,10 @@
 
 Everything here is made once per run and shared by every cell of the matrix (:mod:`bench.attack`):
 the digits bank, one pi4 bundle (exported once, as in the soak: every export costs tens of seconds
-here), each device's honest delta from one fine-tuning run of the real edge runtime (ONNX Runtime training step graph) on its own samples,
-and, for the devices that may be malicious, a backdoor delta from the same runtime trained on their
-samples plus copies stamped with a trigger and labelled with the target class.
+here), each device's honest delta from one fine-tuning run of the real edge runtime (ONNX Runtime
+training step graph) on its own samples, and, for the devices that may be malicious, a backdoor delta
+from the same runtime trained on their samples plus copies stamped with a trigger and labelled with
+the target class.
 """
 
 from __future__ import annotations

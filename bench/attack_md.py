@@ -132,8 +132,9 @@ decision code (`cloud_sync.core.SyncCore`: validation with the norm bound, the k
 ledger, one merge round with the strategy and the validation gate) on a fresh copy of the bank; the first
 k devices are the attackers. "validation" is the gate's own split (108 samples: one sample is 0.9
 points); "test" is the device pool's held-out half ({results['matrix']['test_samples']} samples, no device
-trained on it). The shift is against the honest-only control of the same strategy. "backdoor" is the share of triggered test samples of other classes the merged cloud model calls
-{fleet['spec']['target']} (before any merge: {100 * results['matrix']['start']['backdoor_success']:.1f}%).
+trained on it). The shift is against the honest-only control of the same strategy. "backdoor" is the
+share of triggered test samples of other classes the merged cloud model calls {fleet['spec']['target']}
+(before any merge: {100 * results['matrix']['start']['backdoor_success']:.1f}%).
 Cloud test accuracy before any merge: {results['matrix']['start']['test_accuracy']:.3f}; mean device accuracy
 before: {np.mean(list(dev_acc.values())):.3f}.
 {plot}

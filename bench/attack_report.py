@@ -133,7 +133,7 @@ def plot(matrix: dict[str, Any], path: Path) -> Path | None:
 
 def attack_suite(out: Path, quick: bool, options: Sequence[str], attack_names: str, messages: int | None,
                  say: Say, config: SuiteConfig | None = None, fuzz: bool = True) -> bool:
-    """Run the matrix and the fuzz; write ``attack.json``, ``attack.md`` and ``attack.png``; True if all goals are met."""
+    """Run the matrix and the fuzz; write attack.json, attack.md and attack.png; True if every goal is met."""
     import logging
     import shutil
 
