@@ -99,6 +99,7 @@ ATTACKS: dict[str, Callable[[FleetDevice, int, int, Cap], Any]] = {
     "backdoor": backdoor, "backdoor_boost": backdoor_boost,
 }
 BACKDOORS = ("backdoor", "backdoor_boost")
+SILENT = "silent"  # not an attack: the first k devices send no delta (the second control)
 
 
 def select_attacks(names: str) -> list[str]:
@@ -262,6 +263,8 @@ def run_cell(fleet: Fleet, ev: Evaluator, settings: Any, attack: str | None, k: 
         for i, d in enumerate(fleet.devices):
             core.handle(topics.profile(d.name), _profile(d, core.merger.bank_id, fleet.importance))
             bad = attack is not None and i < k
+            if bad and attack == SILENT:
+                continue
             msg = ATTACKS[attack](d, n, k, cap) if bad and attack is not None else d.honest
             sent[d.name] = msg.delta_id
             for _topic, data in core.handle(topics.delta(d.name), wire.encode(msg, codec=ATTACK_CODEC if bad
@@ -286,7 +289,8 @@ def run_cell(fleet: Fleet, ev: Evaluator, settings: Any, attack: str | None, k: 
             "acks": acks, "ledger": statuses, "delta_status": fate,
             "attacker_acks": sorted({acks.get(d.name, "no ack") for d in fleet.devices[:k]}) if attack else [],
             "held_parts": list(last.get("held_parts", [])),
-            "attackers_merged": sum(1 for d in fleet.devices[:k] if fate.get(d.name) == "merged") if attack else 0,
+            "attackers_merged": sum(1 for d in fleet.devices[:k] if fate.get(d.name) == "merged")
+            if attack and attack != SILENT else 0,
             "round": result.to_dict() if result is not None else None,
             "held_reason": result.reason if result is not None else "",
             "seconds": time.perf_counter() - t0,
@@ -317,7 +321,7 @@ def run_matrix(fleet: Fleet, strategies: Sequence[str], shares: Sequence[float],
             mine = {pid: {n: (a + d.backdoor.tensors[n] if n in d.backdoor.tensors else a) for n, a in part.items()}
                     for pid, part in bank_params.items()}
             own[d.name] = dict(zip(("accuracy", "backdoor_success"), ev.device(d, mine), strict=True))
-    out: dict[str, Any] = {"settings": {}, "controls": {}, "cells": [], "test_samples": len(fleet.test_y),
+    out: dict[str, Any] = {"settings": {}, "controls": {}, "silent": {}, "cells": [], "test_samples": len(fleet.test_y),
                            "start": {"test_accuracy": start_test, "backdoor_success": start_bd,
                                      "device_accuracy": {n: a for n, (a, _b) in before.items()},
                                      "device_backdoor": {n: b for n, (_a, b) in before.items()},
@@ -331,11 +335,14 @@ def run_matrix(fleet: Fleet, strategies: Sequence[str], shares: Sequence[float],
             f"{control['test_accuracy']:.4f} ({control['seconds']:.1f} s)")
         for share in shares:
             k = attackers_for(len(fleet.devices), share)
+            silent = run_cell(fleet, ev, settings, SILENT, k, work)
+            out["silent"].setdefault(strategy, {})[str(share)] = silent
             for attack in attacks:
                 cell = run_cell(fleet, ev, settings, attack, k, work)
                 cell.update({"strategy": strategy, "share": share,
                              "val_shift": cell["val_accuracy"] - control["val_accuracy"],
-                             "test_shift": cell["test_accuracy"] - control["test_accuracy"]})
+                             "test_shift": cell["test_accuracy"] - control["test_accuracy"],
+                             "val_shift_vs_silent": cell["val_accuracy"] - silent["val_accuracy"]})
                 out["cells"].append(cell)
                 say(f"{strategy} {share:.0%} {attack}: validation {cell['val_accuracy']:.4f} "
                     f"({100 * cell['val_shift']:+.1f} points), backdoor {cell['backdoor_success']:.3f}, "

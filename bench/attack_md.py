@@ -18,14 +18,20 @@ def _matrix_rows(matrix: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for strategy, control in matrix["controls"].items():
         rows.append([strategy, "0%", "none (honest-only control)", "-", "-", f"{control['val_accuracy']:.3f}", "-",
-                     f"{control['test_accuracy']:.3f}", "-", f"{100 * control['backdoor_success']:.1f}",
+                     f"{control['test_accuracy']:.3f}", "-", f"{100 * control['backdoor_success']:.1f}", "-",
                      len(control["held_parts"]), ", ".join(control["held_parts"]) or "-", f"{control['seconds']:.1f}"])
+        for share, s in matrix.get("silent", {}).get(strategy, {}).items():
+            rows.append([strategy, f"{float(share):.0%} ({s['attackers']})", "none (the attackers send nothing)", "-",
+                         "-", f"{s['val_accuracy']:.3f}", _pts(s["val_accuracy"] - control["val_accuracy"]),
+                         f"{s['test_accuracy']:.3f}", _pts(s["test_accuracy"] - control["test_accuracy"]),
+                         f"{100 * s['backdoor_success']:.1f}", "-", len(s["held_parts"]),
+                         ", ".join(s["held_parts"]) or "-", f"{s['seconds']:.1f}"])
         for c in (c for c in matrix["cells"] if c["strategy"] == strategy):
             rows.append([strategy, f"{c['share']:.0%} ({c['attackers']})", c["attack"], "; ".join(c["attacker_acks"]),
                          f"{c['attackers_merged']}/{c['attackers']}", f"{c['val_accuracy']:.3f}",
                          _pts(c["val_shift"]), f"{c['test_accuracy']:.3f}", _pts(c["test_shift"]),
-                         f"{100 * c['backdoor_success']:.1f}", len(c["held_parts"]), ", ".join(c["held_parts"]) or "-",
-                         f"{c['seconds']:.1f}"])
+                         f"{100 * c['backdoor_success']:.1f}", _pts(c["val_shift_vs_silent"]), len(c["held_parts"]),
+                         ", ".join(c["held_parts"]) or "-", f"{c['seconds']:.1f}"])
     return rows
 
 
@@ -132,14 +138,18 @@ decision code (`cloud_sync.core.SyncCore`: validation with the norm bound, the k
 ledger, one merge round with the strategy and the validation gate) on a fresh copy of the bank; the first
 k devices are the attackers. "validation" is the gate's own split (108 samples: one sample is 0.9
 points); "test" is the device pool's held-out half ({results['matrix']['test_samples']} samples, no device
-trained on it). The shift is against the honest-only control of the same strategy. "backdoor" is the
+trained on it). The shift is against the honest-only control of the same strategy (the goal's measure);
+"shift vs silent" is against a second control in which the attackers send nothing, so it shows what the
+attack does beyond the loss of the attackers' honest deltas (with 108 validation samples and non-IID
+devices, dropping two honest deltas alone can move validation accuracy by a point or two). "backdoor" is the
 share of triggered test samples of other classes the merged cloud model calls {fleet['spec']['target']}
 (before any merge: {100 * results['matrix']['start']['backdoor_success']:.1f}%).
 Cloud test accuracy before any merge: {results['matrix']['start']['test_accuracy']:.3f}; mean device accuracy
 before: {np.mean(list(dev_acc.values())):.3f}.
 {plot}
 {md_table(["strategy", "malicious", "attack", "attackers' acks", "attackers merged", "validation", "shift (points)",
-           "test", "test shift", "backdoor %", "parts held", "held", "s"], _matrix_rows(results['matrix']))}
+           "test", "test shift", "backdoor %", "shift vs silent", "parts held", "held", "s"],
+          _matrix_rows(results['matrix']))}
 
 ## Each device before and after (its sub-model with the merged modules, as a module update installs them)
 {_device_tables(results)}
