@@ -88,6 +88,19 @@ messages whose handling raised (caught, logged): {f['handler_errors']}.
 """
 
 
+def _gate_alone(matrix: dict[str, Any]) -> str:
+    """Cells in which the validation gate stopped an attack only by holding every delta of the round."""
+    n = len(matrix["start"]["device_accuracy"])
+    cells = [c for c in matrix["cells"] if c["ledger"].get("held", 0) >= n - c["attackers"]
+             and c["attackers_merged"] == 0 and not any(a.startswith("rejected") for a in c["attacker_acks"])]
+    if not cells:
+        return "In no cell did the validation gate have to hold back every delta of the round."
+    names = ", ".join(f"{c['strategy']} {c['share']:.0%} {c['attack']}" for c in cells)
+    return (f"In {len(cells)} cell(s) the attack passed every check at the edge and only the validation gate stopped "
+            f"it, by holding back every delta of the round, the honest ones too (nothing was merged that round): "
+            f"{names}. The attack cost no accuracy there, but it stopped learning for the round.")
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     goals = md_table(["goal", "result", "figure"], [[g["goal"], "met" if g["met"] else "**missed**", g["figure"]]
@@ -147,6 +160,9 @@ share of triggered test samples of other classes the merged cloud model calls {f
 Cloud test accuracy before any merge: {results['matrix']['start']['test_accuracy']:.3f}; mean device accuracy
 before: {np.mean(list(dev_acc.values())):.3f}.
 {plot}
+{_gate_alone(results['matrix'])} Each cell is one merge round from the bank as trained; the devices' own
+holdout check on module updates is not modelled (the device table shows what an update would serve).
+
 {md_table(["strategy", "malicious", "attack", "attackers' acks", "attackers merged", "validation", "shift (points)",
            "test", "test shift", "backdoor %", "shift vs silent", "parts held", "held", "s"],
           _matrix_rows(results['matrix']))}
