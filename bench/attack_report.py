@@ -38,7 +38,7 @@ class SuiteConfig:
     @classmethod
     def for_run(cls, quick: bool) -> SuiteConfig:
         if quick:
-            return cls(devices=5, shares=(0.2,), attacks=("scale100", "signflip", "nan", "backdoor", "backdoor_boost"),
+            return cls(shares=(0.2,), attacks=("scale100", "signflip", "nan", "backdoor", "backdoor_boost"),
                        messages=10_000, bank_epochs=5, bank_enhance_epochs=2)
         return cls()
 
