@@ -59,7 +59,7 @@ def demo(
     typer.echo(f"logs: {workdir / 'logs'}; finished in {result.seconds:.0f} s, nothing left running")
 
 
-SUITES = ("export", "edge", "sync", "adapt", "paper", "soak")
+SUITES = ("export", "edge", "sync", "adapt", "paper", "soak", "attack")
 
 
 @app.command()
@@ -68,7 +68,9 @@ def bench(
     suite: str = typer.Option("paper", "--suite", envvar="ECLM_BENCH_SUITE",
                               help="paper: the paper's protocol and baselines; adapt: 20 steps of continuous "
                               "adaptation with shifts; export, edge, sync: the component benchmarks; soak: hostile "
-                              "messages while honest devices train (exits 1 if a criterion fails)."),
+                              "messages while honest devices train (exits 1 if a criterion fails); attack: poisoned "
+                              "deltas against every merge strategy and fuzzed messages against a running daemon "
+                              "(exits 1 if a goal is missed)."),
     quick: bool = typer.Option(False, "--quick", envvar="ECLM_BENCH_QUICK", show_default="off",
                                help="A small version that finishes in minutes (CI)."),
     seeds: int = typer.Option(3, "--seeds", min=1, envvar="ECLM_BENCH_SEEDS",
@@ -83,6 +85,18 @@ def bench(
     pills: str = typer.Option("all", "--pills", envvar="ECLM_BENCH_PILLS",
                               help="soak suite: comma-separated pill names (bench/pills.py), 'all', or 'none' "
                               "for an honest-only run."),
+    merge_options: list[str] = typer.Option([], "--merge-option", envvar="ECLM_BENCH_MERGE_OPTIONS",
+                                            show_default="none: the merger's defaults",
+                                            help="attack suite: a merger setting as key=value (a field of "
+                                            "cloud_sync.merger.MergeSettings, e.g. gate_margin=0.05 or "
+                                            "limits.max_relative_norm=2); repeat for several. The fuzz's daemon "
+                                            "gets those its command line has a flag for."),
+    attacks: str = typer.Option("default", "--attacks", envvar="ECLM_BENCH_ATTACKS",
+                                help="attack suite: comma-separated attacks (bench/attack.py), 'all', or "
+                                "'default' (all; five with --quick)."),
+    fuzz_messages: int = typer.Option(None, "--fuzz-messages", min=0, envvar="ECLM_BENCH_FUZZ_MESSAGES",
+                                      show_default="100000, 10000 with --quick",
+                                      help="attack suite: fuzzed messages to send (0: skip the fuzz)."),
 ) -> None:
     """Run a benchmark suite; results go to OUT as JSON plus a markdown table (and plots)."""
     from eclm.errors import ConfigError
@@ -100,6 +114,12 @@ def bench(
 
         passed = soak_suite(out, quick, duration, pills, say)
         typer.echo((out / "soak.md").read_text())
+        raise typer.Exit(0 if passed else 1)
+    elif suite == "attack":
+        from bench.attack_report import attack_suite
+
+        passed = attack_suite(out, quick, merge_options, attacks, fuzz_messages, say)
+        typer.echo((out / "attack.md").read_text())
         raise typer.Exit(0 if passed else 1)
     elif suite == "paper":
         from bench.suites import paper_suite
