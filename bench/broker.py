@@ -23,28 +23,34 @@ def mosquitto_binary() -> str | None:
 
 
 class Mosquitto:
-    """Starts ``mosquitto -c conf`` on a free loopback port with persistence, so restarts keep sessions."""
+    """Starts ``mosquitto -c conf`` on a free loopback port with persistence, so restarts keep sessions.
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    With ``config`` (e.g. from `eclm-cloud broker-config`, whose listener must be on ``port``) that file
+    supplies the listeners and authentication; this class adds only the user and persistence settings.
+    """
+
+    def __init__(self, folder: Path, port: int | None = None, config: Path | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
         self.binary = binary
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        if config is not None and port is None:
+            raise ValueError("a given config names its own listener: pass its port")
         self.port = port or free_port()
         self.conf = folder / "mosquitto.conf"
         # As root mosquitto would switch to its own user, which cannot write our persistence folder.
-        user = f"user {getpass.getuser()}\n"
-        self.conf.write_text(
-            f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {folder}/\nautosave_interval 1\nmax_queued_messages 100000\n"
-        )
+        base = (f"user {getpass.getuser()}\npersistence true\npersistence_location {folder}/\nautosave_interval 1\n"
+                "max_queued_messages 100000\n")
+        listeners = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n" if config is None else config.read_text()
+        self.tls = config is not None and "\ncertfile " in listeners
+        self.conf.write_text(base + listeners)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         log = open(self.folder / "mosquitto.log", "ab")  # noqa: SIM115

@@ -11,7 +11,7 @@ from typing import Any
 from cloud_sync.core import LEDGER, Publication, SyncCore, SyncSettings
 from eclm import topics
 from eclm.errors import BrokerError, EclmError
-from eclm.mqtt import BrokerUrl
+from eclm.mqtt import BrokerUrl, check_tls
 from eclm.signing import Signer
 
 __all__ = ["LEDGER", "CLIENT_ID_FILE", "SyncCore", "SyncDaemon", "SyncSettings", "client_id_for"]
@@ -50,6 +50,7 @@ class SyncDaemon:
         self.settings = settings
         self.client_id = settings.client_id or client_id_for(settings.bank_dir)
         self.broker = BrokerUrl.parse(settings.broker)
+        check_tls(self.broker, settings.tls_dir)  # a missing certificate fails now, with a hint
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.dead = threading.Event()  # set when a worker loop died: no more acks
@@ -71,7 +72,7 @@ class SyncDaemon:
     def run(self) -> None:
         from eclm.mqtt import make_client
 
-        client = make_client(self.client_id, self.broker)
+        client = make_client(self.client_id, self.broker, tls_dir=self.settings.tls_dir)
         self.client = client
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:

@@ -33,7 +33,8 @@ class EdgeConfig:
     holdout_every: int = 5  # every n-th sample is held out (20%)
     max_body_bytes: int = 8 * 2**20
     seed: int = 0
-    broker: str | None = None  # mqtt://HOST:PORT; unset: no sync
+    broker: str | None = None  # mqtt://HOST:PORT or mqtts://HOST:PORT; unset: no sync
+    tls_dir: Path | None = None  # for mqtts://: cert.pem, key.pem, ca.pem from `eclm-cloud pki enroll`
     trust_key: Path | None = None  # the cloud's Ed25519 public key; updates must be signed by it
     codec: str = "int8+zlib"  # tensor compression of deltas: 12.5x below FedAvg at no measured accuracy cost
     max_payload: int = 256 * 2**10  # deltas above this are sent in chunks

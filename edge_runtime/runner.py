@@ -30,10 +30,10 @@ def run(cfg: EdgeConfig, announce: Callable[[str], None]) -> None:
     from edge_runtime.service import EdgeService
 
     if cfg.broker:  # a malformed URL or an unreadable key fails before anything is bound or written
-        from eclm.mqtt import BrokerUrl
+        from eclm.mqtt import BrokerUrl, check_tls
         from eclm.signing import load_verifier
 
-        BrokerUrl.parse(cfg.broker)
+        check_tls(BrokerUrl.parse(cfg.broker), cfg.tls_dir)
         if cfg.trust_key is not None:
             load_verifier(cfg.trust_key)
     server = http_api.bind(cfg)  # a port in use fails here, before the state directory is touched

@@ -62,7 +62,8 @@ class EdgeSync:
         self._lock = threading.Lock()
         offline = wire.encode(wire.StatusMessage(self.device, False))
         self.client_id = install_client_id(cfg.state_dir, f"eclm-edge-{self.device}")
-        self.client = make_client(self.client_id, self.broker, will=(topics.status(self.device), offline))
+        self.client = make_client(self.client_id, self.broker, will=(topics.status(self.device), offline),
+                                  tls_dir=cfg.tls_dir)
         self.health = SyncHealth(self.client, service.metrics, self.stop)
         guard = self.health.guard
         self.client.on_connect = guard("on_connect")(self._on_connect)
