@@ -15,16 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from broker import Mosquitto, free_port, mosquitto_binary
+from sync_harness import Edge, daemon, ledger_rows, wait_connected, wait_until
+from sync_messages import make_delta
 from typer.testing import CliRunner
 
 from cloud_sync import pki
 from cloud_sync.broker_config import write_broker_config
 from cloud_sync.cli import app as cloud_app
-from eclm import topics
+from eclm import topics, wire
 from eclm.errors import ConfigError
 from eclm.mqtt import BrokerUrl, make_client
+from eclm.signing import generate_keys
+from exporter.data import load_dataset
+from exporter.export import ExportRequest, export_bundle
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (apt-get install -y "
                                 "mosquitto): these tests need the real broker")
@@ -279,3 +285,69 @@ def test_cli_commands_write_a_pki_and_broker_config(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "pki" / "server")
     bad = run(cloud_app, ["broker-config", "--pki", d, "--out", str(tmp_path / "c.conf")], prog_name="eclm-cloud")
     assert bad.exit_code == 17 and "pki server" in bad.output
+
+
+def _acks(c: Client) -> dict[str, str]:
+    """delta id -> status of the acks a client received."""
+    out = {}
+    for _t, payload in c.received:
+        msg = wire.decode(payload)
+        if isinstance(msg, wire.AckMessage):
+            out[msg.delta_id] = msg.status
+    return out
+
+
+def test_sync_and_an_edge_exchange_a_delta_over_mqtts_and_forged_deltas_are_never_stored(
+        rig: Rig, digits_bank: Any, tmp_path: Path) -> None:
+    bank = tmp_path / "bank"
+    shutil.copytree(digits_bank[0], bank)
+    (tmp_path / "keys").mkdir()
+    priv, pub = generate_keys(tmp_path / "keys")
+    sync = daemon(bank, rig.url, priv, tmp_path / "sync.log", "--round-deltas", "1000", "--round-seconds", "3600",
+                  "--tls-dir", str(rig.tls("cloud")))
+    bundle = tmp_path / "bundle"
+    export_bundle(ExportRequest(bank, profile="pi4", out_dir=bundle, classes=[1, 4, 7], measure=False,
+                                signing_key=priv))
+    edge = Edge("dev1", bundle, tmp_path / "state", rig.url, pub, tmp_path / "dev1.log", "--tls-dir",
+                str(rig.tls("dev1")), env={"ECLM_EDGE_RESOURCE_INTERVAL_S": "0"})
+    watch1 = connect(rig.url, rig.tls("dev1"), "t-watch-dev1")  # sees dev1's acks
+    forger = connect(rig.url, rig.tls("dev2"), "t-forger")  # holds dev2's certificate, sends deltas naming dev1
+    try:
+        sync.start()
+        wait_connected(sync)
+        edge.start()
+        assert watch1.wait() and forger.wait()
+        watch1.sub(topics.ack("dev1"))
+        forger.sub(topics.ack("dev2"), topics.ack("dev1"))
+        wait_until(lambda: edge.get("/v1/status")["sync"]["connected"], 60, "the edge to connect over mqtts")
+        # The edge's own delta travels over mqtts and is acknowledged: the outbox empties.
+        data = load_dataset("digits")
+        mask = np.isin(data.y, [1, 4, 7])
+        code, out = edge.post("/v1/samples", {"inputs": data.x[mask][:60].tolist(), "labels": data.y[mask][:60].tolist()})
+        assert code == 200, out
+        produced = edge.train_and_wait().get("delta_id")
+        assert produced, "training made no delta"
+        edge.wait_outbox_empty()
+        assert any(r[0] == produced and r[1] == "dev1" for r in ledger_rows(bank)), "the edge's delta is not stored"
+        # Forgeries: dev2's certificate sends valid deltas that name dev1, on dev1's topic and on its own.
+        forged = []
+        for i in range(5):
+            for topic in (topics.delta("dev1"), topics.delta("dev2")):
+                msg = make_delta(bank, "dev1", seed=100 + i)
+                forged.append(msg.delta_id)
+                forger.pub(topic, wire.encode(msg, codec="int8+zlib"))
+        control = make_delta(bank, "dev1", seed=7)  # the same kind of delta from dev1's own certificate is stored
+        watch1.pub(topics.delta("dev1"), wire.encode(control, codec="int8+zlib"))
+        wait_until(lambda: _acks(watch1).get(control.delta_id) == "stored", 30, "the control delta to be stored")
+        time.sleep(1.0)
+        stored = {r[0] for r in ledger_rows(bank)}
+        accepted = [d for d in forged if d in stored or _acks(watch1).get(d) == "stored"
+                    or _acks(forger).get(d) == "stored"]
+        print(f"forged deltas accepted: {len(accepted)} of {len(forged)}")
+        assert accepted == []
+        assert sync.alive(), sync.tail()
+    finally:
+        watch1.close()
+        forger.close()
+        edge.proc.kill()
+        sync.kill()
