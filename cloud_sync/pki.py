@@ -36,7 +36,7 @@ BROKER_PREFIX = "eclm-broker/"
 MAX_CN = 64  # X.509's upper bound for a common name
 CA_DAYS = 3650
 LEAF_DAYS = 1825
-_CLOUD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % (MAX_CN - len(CLOUD_PREFIX)))
+_CLOUD_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_CN - len(CLOUD_PREFIX)}}}")
 _SKEW = dt.timedelta(hours=1)  # certificates and CRLs are valid from an hour ago: boards' clocks drift
 
 
@@ -238,11 +238,13 @@ def revoke(pki: Path, device_id: str | None = None, cloud: str | None = None) ->
     """Put a device's (or a cloud identity's) certificate on the CRL; returns its serial number."""
     ca = Authority.load(pki)
     if (device_id is None) == (cloud is None):
-        raise ConfigError("name a device id or --cloud NAME to revoke", hint="e.g. eclm-cloud pki revoke dev1 --pki DIR")
+        raise ConfigError("name a device id or --cloud NAME to revoke",
+                          hint="e.g. eclm-cloud pki revoke dev1 --pki DIR")
     folder = pki / "devices" / check_device_id(device_id) if device_id is not None \
         else pki / "cloud" / check_cloud_name(str(cloud))
     if not (folder / "cert.pem").exists():
-        raise ConfigError(f"{folder} holds no certificate", hint="list the enrolled ones under DIR/devices and DIR/cloud")
+        raise ConfigError(f"{folder} holds no certificate",
+                          hint="the enrolled ones are the folders under DIR/devices and DIR/cloud")
     return _revoke_file(ca, folder / "cert.pem")
 
 

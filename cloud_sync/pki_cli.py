@@ -1,4 +1,4 @@
-"""`eclm-cloud pki ...` and `eclm-cloud broker-config`: device identity by certificate, and the broker that checks it."""
+"""`eclm-cloud pki ...` and `eclm-cloud broker-config`: device identity by certificate, and a broker that checks it."""
 
 from __future__ import annotations
 
@@ -35,12 +35,12 @@ def init(out: Path = typer.Option(Path("pki"), "--out", envvar="ECLM_PKI_DIR", f
 
 @pki_app.command()
 @reports_errors
-def enroll(device_id: str = typer.Argument(None, show_default="none", help="The device's id (its certificate's CN)."),
+def enroll(device_id: str = typer.Argument(None, show_default="none", help="The device's id (its certificate CN)."),
            cloud: str = typer.Option(None, "--cloud", envvar="ECLM_PKI_CLOUD", show_default="none",
                                      help="Enroll the cloud merger NAME instead (CN eclm-cloud/NAME)."),
            pki: Path = PKI_DIR, days: int = DAYS,
            force: bool = typer.Option(False, "--force", envvar="ECLM_PKI_FORCE", show_default="off",
-                                      help="Issue a new certificate for an enrolled identity (the old one is revoked)."),
+                                      help="Issue a new certificate for an enrolled identity (revoking the old)."),
            ) -> None:
     """A key and certificate for a device (DIR/devices/ID/) or a cloud merger (DIR/cloud/NAME/): cert.pem,
     key.pem (mode 0600) and ca.pem, the folder to give to `--tls-dir`.

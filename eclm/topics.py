@@ -60,7 +60,8 @@ CLOUD_KINDS = ("ack", "update", "request")  # cloud -> device
 
 def device_filter(kind: str, who: str = "+") -> str:
     """A topic filter over the ``kind`` topics of devices: ``who`` is ``+`` (every device) or a broker's
-    placeholder for the connected client's name (mosquitto's ``%u``, EMQX's ``${username}``)."""
+    placeholder for the connected client's name (mosquitto's ``%u``, EMQX's ``${username}``).
+    """
     if kind not in DEVICE_KINDS + CLOUD_KINDS:
         raise ValueError(f"unknown device topic kind {kind!r}")
     return f"{PREFIX}/devices/{who}/{kind}"

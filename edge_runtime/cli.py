@@ -92,7 +92,8 @@ def serve(
                            "cannot be reached the runtime serves offline and retries."),
     tls_dir: Path = _setting("tls_dir", "--tls-dir", also=("ECLM_TLS_DIR",), file_okay=False,
                              help="For an mqtts:// broker: this device's cert.pem, key.pem and ca.pem (the folder "
-                             "`eclm-cloud pki enroll DEVICE_ID` wrote); the certificate's CN is the device's identity."),
+                             "`eclm-cloud pki enroll DEVICE_ID` wrote); the certificate's CN is the device's "
+                             "identity."),
     trust_key: Path = _setting("trust_key", "--trust-key", also=("ECLM_TRUST_KEY",), exists=True, dir_okay=False,
                                help="The cloud's public key (signing.pub); updates must be signed by it."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="ECLM_EDGE_VERBOSE", show_default="off",

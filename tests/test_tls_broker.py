@@ -8,6 +8,7 @@ exchange a delta and its ack over mqtts, and deltas sent with another device's c
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import ssl
 import threading
 import time
@@ -297,6 +298,14 @@ def _acks(c: Client) -> dict[str, str]:
     return out
 
 
+def _rejects(bank: Path) -> dict[str, int]:
+    db = sqlite3.connect(f"file:{bank / 'sync.sqlite'}?mode=ro", uri=True, timeout=30)
+    try:
+        return {r[0]: int(r[1]) for r in db.execute("SELECT reason, count FROM rejects")}
+    finally:
+        db.close()
+
+
 def test_sync_and_an_edge_exchange_a_delta_over_mqtts_and_forged_deltas_are_never_stored(
         rig: Rig, digits_bank: Any, tmp_path: Path) -> None:
     bank = tmp_path / "bank"
@@ -323,7 +332,8 @@ def test_sync_and_an_edge_exchange_a_delta_over_mqtts_and_forged_deltas_are_neve
         # The edge's own delta travels over mqtts and is acknowledged: the outbox empties.
         data = load_dataset("digits")
         mask = np.isin(data.y, [1, 4, 7])
-        code, out = edge.post("/v1/samples", {"inputs": data.x[mask][:60].tolist(), "labels": data.y[mask][:60].tolist()})
+        x, y = data.x[mask][:60], data.y[mask][:60]
+        code, out = edge.post("/v1/samples", {"inputs": x.tolist(), "labels": y.tolist()})
         assert code == 200, out
         produced = edge.train_and_wait().get("delta_id")
         assert produced, "training made no delta"
@@ -345,6 +355,9 @@ def test_sync_and_an_edge_exchange_a_delta_over_mqtts_and_forged_deltas_are_neve
                     or _acks(forger).get(d) == "stored"]
         print(f"forged deltas accepted: {len(accepted)} of {len(forged)}")
         assert accepted == []
+        # The five on dev2's own topic reached the daemon and were refused for naming dev1; the five on dev1's
+        # topic never reached it (the broker's ACL dropped them).
+        assert _rejects(bank).get("device_mismatch") == 5
         assert sync.alive(), sync.tail()
     finally:
         watch1.close()
