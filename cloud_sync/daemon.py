@@ -46,11 +46,11 @@ class SyncDaemon:
     """
 
     def __init__(self, settings: SyncSettings, signer: Signer | None) -> None:
+        self.broker = BrokerUrl.parse(settings.broker)
+        check_tls(self.broker, settings.tls_dir)  # a missing certificate fails now, with a hint
         self.core = SyncCore(settings, signer)
         self.settings = settings
         self.client_id = settings.client_id or client_id_for(settings.bank_dir)
-        self.broker = BrokerUrl.parse(settings.broker)
-        check_tls(self.broker, settings.tls_dir)  # a missing certificate fails now, with a hint
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.dead = threading.Event()  # set when a worker loop died: no more acks

@@ -154,6 +154,16 @@ def test_clients_without_a_valid_certificate_are_refused(rig: Rig, case: str) ->
         c.close()
 
 
+def test_the_edge_says_why_tls_fails(rig: Rig, tmp_path: Path) -> None:
+    from edge_runtime.sync import _probe
+
+    assert "revoked" in _probe("127.0.0.1", rig.broker.port, rig.tls("dev3"))
+    assert "TLS connection succeeds" in _probe("127.0.0.1", rig.broker.port, rig.tls("dev1"))
+    shutil.copytree(rig.other_ca, tmp_path / "other")  # another CA: the broker's certificate is not trusted
+    assert "broker's certificate is not accepted" in _probe("127.0.0.1", rig.broker.port, tmp_path / "other")
+    assert "TLS connection succeeds" in _probe("localhost", rig.broker.port, rig.tls("dev1"))
+
+
 def test_a_revoked_certificate_is_refused_after_a_restart(tmp_path: Path) -> None:
     d = pki.init_ca(tmp_path / "pki")
     for who in ("a", "b"):
@@ -169,6 +179,13 @@ def test_a_revoked_certificate_is_refused_after_a_restart(tmp_path: Path) -> Non
         before = connect(url, d / "devices" / "a", "t-a")
         assert before.wait()
         before.close()
+        # The broker's certificate names 127.0.0.1 only: a client that dials "localhost" refuses it.
+        wrong_host = connect(f"mqtts://localhost:{port}", d / "devices" / "a", "t-host")
+        assert not wrong_host.wait(3)
+        wrong_host.close()
+        from edge_runtime.sync import _probe
+
+        assert "mismatch" in _probe("localhost", port, d / "devices" / "a")
         pki.revoke(d, "a")
         broker.restart()  # mosquitto reads its crlfile at start-up
         after, other = connect(url, d / "devices" / "a", "t-a2"), connect(url, d / "devices" / "b", "t-b")
@@ -364,3 +381,26 @@ def test_sync_and_an_edge_exchange_a_delta_over_mqtts_and_forged_deltas_are_neve
         forger.close()
         edge.proc.kill()
         sync.kill()
+
+
+def test_mqtts_without_a_usable_tls_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    from edge_runtime.cli import app as edge_app
+
+    run = CliRunner().invoke
+    state = str(tmp_path / "state")
+    url = "mqtts://127.0.0.1:1"
+    no_dir = run(edge_app, ["serve", "--broker", url, "--state-dir", state], prog_name="eclm-edge", env={})
+    assert no_dir.exit_code == 17 and "needs a TLS folder" in no_dir.output and "pki enroll" in no_dir.output
+    (tmp_path / "tls").mkdir()
+    by_env = run(edge_app, ["serve", "--broker", url, "--state-dir", state], prog_name="eclm-edge",
+                 env={"ECLM_TLS_DIR": str(tmp_path / "tls")})
+    assert by_env.exit_code == 17 and "lacks cert.pem, key.pem, ca.pem" in by_env.output
+    conf = tmp_path / "edge.toml"
+    conf.write_text(f'[edge]\nbroker = "{url}"\ntls_dir = "{tmp_path / "tls"}"\n')
+    by_file = run(edge_app, ["serve", "--config", str(conf), "--state-dir", state], prog_name="eclm-edge", env={})
+    assert by_file.exit_code == 17 and "lacks cert.pem" in by_file.output
+    assert not (tmp_path / "state").exists()  # nothing was started or written
+    cloud = run(cloud_app, ["sync", "--bank", str(tmp_path / "bank"), "--broker", url, "--metrics-port", "0"],
+                prog_name="eclm-cloud", env={})
+    assert cloud.exit_code == 17 and "needs a TLS folder" in cloud.output
+    assert not (tmp_path / "bank").exists()
