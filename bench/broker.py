@@ -144,3 +144,30 @@ def start_broker(url: str | None, folder: Path) -> Mosquitto | EmbeddedBroker | 
         broker = EmbeddedBroker()
     broker.start()
     return broker
+
+
+CLOUD_NAME = "merger"
+
+
+def start_tls_broker(workdir: Path, devices: list[str], hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+                     ) -> tuple[Mosquitto, Path]:
+    """A private mosquitto that only lets in certificates of a fresh PKI in ``workdir/pki``.
+
+    The PKI holds the broker's certificate for ``hosts``, the cloud identity ``merger`` (its TLS folder:
+    ``pki/cloud/merger``) and one certificate per device (``pki/devices/NAME``); the broker runs the
+    configuration and ACL that `eclm-cloud broker-config` writes. Returns the started broker and the PKI.
+    """
+    from cloud_sync import pki
+    from cloud_sync.broker_config import write_broker_config
+
+    d = workdir / "pki"
+    pki.init_ca(d)
+    pki.server_cert(d, list(hosts))
+    pki.enroll_cloud(d, CLOUD_NAME)
+    for name in devices:
+        pki.enroll_device(d, name)
+    port = free_port()
+    conf, _ = write_broker_config(d, port, workdir / "broker-config" / "mosquitto.conf", bind="127.0.0.1")
+    broker = Mosquitto(workdir / "broker", port, config=conf)
+    broker.start()
+    return broker, d

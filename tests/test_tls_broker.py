@@ -404,3 +404,37 @@ def test_mqtts_without_a_usable_tls_folder_is_a_one_line_error(tmp_path: Path) -
                 prog_name="eclm-cloud", env={})
     assert cloud.exit_code == 17 and "needs a TLS folder" in cloud.output
     assert not (tmp_path / "bank").exists()
+
+
+def test_the_demo_runs_its_broker_daemon_and_edges_over_mqtts(tmp_path: Path) -> None:
+    """`eclm demo --tls` wiring without the two-minute run: its broker, the daemon's and each edge's TLS folder."""
+    from bench.broker import CLOUD_NAME, start_tls_broker
+    from bench.cli import app as bench_app
+    from bench.demo import DEVICES, run_demo
+
+    names = [d.name for d in DEVICES]
+    broker, d = start_tls_broker(tmp_path / "demo", names)
+    clients = []
+    try:
+        assert broker.url.startswith("mqtts://127.0.0.1:")
+        cloud = connect(broker.url, d / "cloud" / CLOUD_NAME, "t-demo-cloud")
+        clients.append(cloud)
+        assert cloud.wait()
+        cloud.sub(*topics.CLOUD_SUBSCRIPTIONS)
+        for name in names:
+            c = connect(broker.url, d / "devices" / name, f"t-demo-{name}")
+            clients.append(c)
+            assert c.wait(), name
+            c.pub(topics.delta(name), name.encode())
+        wait_until(lambda: len(cloud.received) == len(names), 10, "the demo's cloud to hear every device")
+        assert sorted(cloud.received) == sorted((topics.delta(n), n.encode()) for n in names)
+    finally:
+        for c in clients:
+            c.close()
+        broker.stop()
+    with pytest.raises(ConfigError, match="--tls starts the demo's own broker"):
+        run_demo(tmp_path / "never", "mqtt://127.0.0.1:1883", tls=True)
+    assert not (tmp_path / "never").exists()  # refused before anything was trained or started
+    result = CliRunner().invoke(bench_app, ["demo", "--tls", "--broker", "mqtt://127.0.0.1:1883", "--workdir",
+                                            str(tmp_path / "never")], prog_name="eclm")
+    assert result.exit_code == 17, result.output
