@@ -76,11 +76,14 @@ def revoke(device_id: str = typer.Argument(None, show_default="none", help="The 
            cloud: str = typer.Option(None, "--cloud", envvar="ECLM_PKI_CLOUD", show_default="none",
                                      help="Revoke the cloud merger NAME's certificate instead."),
            pki: Path = PKI_DIR) -> None:
-    """Add the certificate to the CRL (DIR/crl.pem), which the broker reads at start-up (restart it)."""
+    """Add the certificate to the CRL (DIR/crl.pem) that the broker checks (on SIGHUP for new connections;
+    restart it to cut off a client that is connected).
+    """
     from cloud_sync.pki import revoke as revoke_cert
 
     serial = revoke_cert(pki, device_id, cloud)
-    typer.echo(f"revoked serial {serial:x}; restart the broker so that it reads {pki}/crl.pem")
+    typer.echo(f"revoked serial {serial:x} in {pki}/crl.pem: send mosquitto SIGHUP (refuses new connections) or "
+               "restart it (also drops a connected client)")
 
 
 def broker_config(
