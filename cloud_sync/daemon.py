@@ -70,7 +70,7 @@ class SyncDaemon:
             log.exception("message on %s failed", str(m.topic)[:200])
 
     def run(self) -> None:
-        from eclm.mqtt import make_client
+        from eclm.mqtt import make_client, probe
 
         client = make_client(self.client_id, self.broker, tls_dir=self.settings.tls_dir)
         self.client = client
@@ -91,7 +91,16 @@ class SyncDaemon:
             else:
                 log.warning("disconnected from %s (%s); reconnecting", self.broker, reason)
 
+        failures = [0]
+
+        def on_connect_fail(_c: Any, _u: Any) -> None:
+            failures[0] += 1
+            if failures[0] == 1 or failures[0] % 20 == 0:
+                log.warning("cannot connect to %s (%s; attempt %d); retrying every 1-30 s", self.broker,
+                            probe(self.broker, self.settings.tls_dir), failures[0])
+
         client.on_connect = on_connect
+        client.on_connect_fail = on_connect_fail
         client.on_disconnect = on_disconnect
         client.on_message = self._on_message
         self.core.derivations.publish = self._publish

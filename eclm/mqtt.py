@@ -97,6 +97,33 @@ def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | Non
     return client
 
 
+def probe(broker: BrokerUrl, tls_dir: Path | None = None) -> str:
+    """Why a connection to the broker fails, in the system's words (over TLS: the TLS layer's, e.g. a revoked
+    certificate or a host name the broker's certificate does not name).
+    """
+    import socket
+    import ssl
+
+    try:
+        with socket.create_connection((broker.host, broker.port), timeout=3) as sock:
+            if not broker.tls or tls_dir is None:
+                return "the TCP connection succeeds, the MQTT handshake does not"
+            ctx = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+            ctx.load_cert_chain(str(tls_dir / "cert.pem"), str(tls_dir / "key.pem"))
+            with ctx.wrap_socket(sock, server_hostname=broker.host) as tls:
+                try:
+                    tls.recv(1)  # TLS 1.3: the broker's verdict on our certificate comes after the handshake
+                except TimeoutError:
+                    pass
+            return "the TLS connection succeeds, the MQTT handshake does not"
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the broker's certificate is not accepted ({exc.verify_message})"
+    except ssl.SSLError as exc:  # e.g. the broker's alert: our certificate is revoked or of another CA
+        return f"TLS: {str(exc.reason or exc).lower().replace('_', ' ')}"
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+
+
 def _log_callback_errors(_c: Any, _u: Any, _level: int, buf: str) -> None:
     """Paho's log, of which only the exceptions it caught in callbacks matter (the rest is chatter)."""
     if buf.startswith("Caught exception"):

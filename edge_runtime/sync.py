@@ -11,7 +11,7 @@ from typing import Any
 
 from eclm import topics, wire
 from eclm.errors import BundleError, DataError, EclmError
-from eclm.mqtt import BrokerUrl, install_client_id, make_client
+from eclm.mqtt import BrokerUrl, install_client_id, make_client, probe
 from eclm.signing import Verifier, load_verifier
 from edge_runtime.outbox import Outbox
 from edge_runtime.service import EdgeService
@@ -118,8 +118,7 @@ class EdgeSync:
         """Paho could not reach the broker (it retries with back-off up to 30 s): say so, do not stop serving."""
         self._failures += 1
         if self._failures == 1 or self._failures % 20 == 0:
-            self._last_error = _probe(self.broker.host, self.broker.port,
-                                      self.service.cfg.tls_dir if self.broker.tls else None)
+            self._last_error = probe(self.broker, self.service.cfg.tls_dir)
             log.warning("broker %s cannot be reached (%s; attempt %d): serving offline, deltas wait in the "
                         "outbox; retrying every 1-30 s", self.broker, self._last_error, self._failures)
 
@@ -308,30 +307,3 @@ class EdgeSync:
                 log.error("update refused: %s", exc.message)
             except Exception:
                 log.exception("applying an update failed; the serving model is unchanged")
-
-
-def _probe(host: str, port: int, tls_dir: Path | None = None) -> str:
-    """Why a connection to the broker fails, in the system's words (over TLS: the TLS layer's, e.g. a revoked
-    certificate or a host name the broker's certificate does not name).
-    """
-    import socket
-    import ssl
-
-    try:
-        with socket.create_connection((host, port), timeout=3) as sock:
-            if tls_dir is None:
-                return "the TCP connection succeeds, the MQTT handshake does not"
-            ctx = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
-            ctx.load_cert_chain(str(tls_dir / "cert.pem"), str(tls_dir / "key.pem"))
-            with ctx.wrap_socket(sock, server_hostname=host) as tls:
-                try:
-                    tls.recv(1)  # TLS 1.3: the broker's verdict on our certificate comes after the handshake
-                except TimeoutError:
-                    pass
-            return "the TLS connection succeeds, the MQTT handshake does not"
-    except ssl.SSLCertVerificationError as exc:
-        return f"TLS: the broker's certificate is not accepted ({exc.verify_message})"
-    except ssl.SSLError as exc:  # e.g. the broker's alert: our certificate is revoked or of another CA
-        return f"TLS: {str(exc.reason or exc).lower().replace('_', ' ')}"
-    except OSError as exc:
-        return exc.strerror or str(exc) or type(exc).__name__
