@@ -228,7 +228,11 @@ def test_a_device_cannot_publish_as_another_or_read_anothers_topics(rig: Rig) ->
             dev1.pub(send("dev2"), b"forged by dev1")
             cloud.pub(send("dev2"), b"for dev2")
             cloud.pub(send("dev1"), b"for dev1")
-        time.sleep(1.5)
+        # Each honest message was published after the forged ones on the same connection, and the broker keeps
+        # a connection's order: once the honest ones are in, a forged one let through would be in too.
+        wait_until(lambda: len(cloud.received) >= 2 and len(dev1.received) >= 3 and len(dev2.received) >= 3, 20,
+                   "the honest messages")
+        time.sleep(0.3)
         got = {t: p for t, p in cloud.received}
         assert got == {topics.delta("dev1"): b"own delta", topics.delta("dev2"): b"dev2 delta"}, cloud.received
         # dev2 hears only the cloud; dev1 hears only what is addressed to it, never dev2's traffic
@@ -251,10 +255,14 @@ def test_a_device_cannot_act_as_the_cloud_by_choosing_its_username(rig: Rig) -> 
         assert dev1.wait() and cloud.wait() and dev2.wait()
         dev1.sub(topics.device_filter("delta"))
         dev2.sub(topics.update("dev2"))
-        dev2.pub(topics.delta("dev2"), b"dev2 delta")
+        cloud.sub(topics.delta("dev2"))
         dev1.pub(topics.update("dev2"), b"forged update")
-        time.sleep(1.0)
-        assert dev1.received == [] and dev2.received == []
+        cloud.pub(topics.update("dev2"), b"real update")  # controls: the real cloud's update and dev2's delta
+        dev2.pub(topics.delta("dev2"), b"dev2 delta")
+        wait_until(lambda: dev2.received and cloud.received, 20, "the control messages")
+        time.sleep(0.3)
+        assert dev2.received == [(topics.update("dev2"), b"real update")]
+        assert cloud.received == [(topics.delta("dev2"), b"dev2 delta")] and dev1.received == []
     finally:
         for c in (dev1, cloud, dev2):
             c.close()
