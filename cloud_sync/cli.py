@@ -11,7 +11,6 @@ from cloud_sync.pki_cli import register_pki
 from eclm.cli_support import make_app, reports_errors
 
 app = make_app("The cloud side of ECLM: train the module bank, run the merger daemon, inspect it.")
-register_pki(app)
 
 
 @app.callback()
@@ -243,3 +242,6 @@ def _status_text(report: dict[str, Any]) -> str:
     else:
         out += ["", "no devices seen yet"]
     return "\n".join(out)
+
+
+register_pki(app)  # `pki ...` and `broker-config`, listed after the commands above
