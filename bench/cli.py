@@ -29,6 +29,9 @@ def demo(
                                help="Use this MQTT broker."),
     steps: int = typer.Option(6, "--steps", min=1, envvar="ECLM_DEMO_STEPS", help="Adaptation steps."),
     seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED", help="Seed for data split, training and sampling."),
+    tls: bool = typer.Option(False, "--tls", envvar="ECLM_DEMO_TLS", show_default="off",
+                             help="Make a PKI in the work dir and run the private mosquitto, the daemon and the "
+                             "edges over mqtts with a certificate each (docs/security.md)."),
 ) -> None:
     """Run the whole loop on this machine: cloud training, a broker, the merger daemon and three edge
     runtimes as separate processes in drifting environments; ends with a table and a PNG plot.
@@ -49,7 +52,8 @@ def demo(
         if epoch == total:
             bar.close()
 
-    result = run_demo(workdir, broker, steps, seed, lambda m: typer.echo(f"- {m}", err=True), train_progress)
+    result = run_demo(workdir, broker, steps, seed, lambda m: typer.echo(f"- {m}", err=True), train_progress,
+                      tls=tls)
     typer.echo(render_demo(result))
     deltas = ", ".join(f"{k} {v}" for k, v in result.cloud.items())
     typer.echo(f"\ncloud model test accuracy {result.bank_test_accuracy:.4f}; deltas: {deltas}; "

@@ -87,8 +87,13 @@ def serve(
     learning_rate: float = _setting("learning_rate", "--learning-rate",
                                     help="Override the bundle's learning rate (none: the bundle's)."),
     broker: str = _setting("broker", "--broker", also=("ECLM_BROKER",),
-                           help="Sync with the cloud through this MQTT broker, e.g. mqtt://127.0.0.1:1883; while it "
+                           help="Sync with the cloud through this MQTT broker, e.g. mqtt://127.0.0.1:1883 or "
+                           "mqtts://HOST:8883 (with --tls-dir); while it "
                            "cannot be reached the runtime serves offline and retries."),
+    tls_dir: Path = _setting("tls_dir", "--tls-dir", also=("ECLM_TLS_DIR",), file_okay=False,
+                             help="For an mqtts:// broker: this device's cert.pem, key.pem and ca.pem (the folder "
+                             "`eclm-cloud pki enroll DEVICE_ID` wrote); the certificate's CN is the device's "
+                             "identity."),
     trust_key: Path = _setting("trust_key", "--trust-key", also=("ECLM_TRUST_KEY",), exists=True, dir_okay=False,
                                help="The cloud's public key (signing.pub); updates must be signed by it."),
     api_token_file: Path = _setting("api_token_file", "--api-token-file", dir_okay=False,
@@ -128,7 +133,7 @@ def serve(
         "bundle": bundle, "state_dir": state_dir, "port": port, "host": host, "device_id": device_id,
         "train_every_samples": train_every, "train_interval_s": train_interval, "train_pause": train_pause,
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "broker": broker,
-        "trust_key": trust_key, "api_token_file": api_token_file, "api_tls_cert": api_tls_cert,
+        "tls_dir": tls_dir, "trust_key": trust_key, "api_token_file": api_token_file, "api_tls_cert": api_tls_cert,
         "api_tls_key": api_tls_key, "api_insecure_http": api_insecure_http,
     })
     run(cfg, lambda line: typer.echo(line, err=True))

@@ -36,7 +36,8 @@ class EdgeConfig:
     # Models whose weights total at most this: the serving session keeps its own optimized copy (about 2.5x
     # faster on digits); larger ones are shared in place with training (held once). 0: always shared.
     serving_copy_max_mb: float = 16.0
-    broker: str | None = None  # mqtt://HOST:PORT; unset: no sync
+    broker: str | None = None  # mqtt://HOST:PORT or mqtts://HOST:PORT; unset: no sync
+    tls_dir: Path | None = None  # for mqtts://: cert.pem, key.pem, ca.pem from `eclm-cloud pki enroll`
     trust_key: Path | None = None  # the cloud's Ed25519 public key; updates must be signed by it
     codec: str = "int8+zlib"  # tensor compression of deltas: 12.5x below FedAvg at no measured accuracy cost
     max_payload: int = 256 * 2**10  # deltas above this are sent in chunks

@@ -32,10 +32,10 @@ def run(cfg: EdgeConfig, announce: Callable[[str], None]) -> None:
 
     guard = load_guard(cfg)  # beyond loopback without a token or TLS, or an unusable token file: refused first
     if cfg.broker:  # a malformed URL or an unreadable key fails before anything is bound or written
-        from eclm.mqtt import BrokerUrl
+        from eclm.mqtt import BrokerUrl, check_tls
         from eclm.signing import load_verifier
 
-        BrokerUrl.parse(cfg.broker)
+        check_tls(BrokerUrl.parse(cfg.broker), cfg.tls_dir)
         if cfg.trust_key is not None:
             load_verifier(cfg.trust_key)
     server = http_api.bind(cfg, guard)  # a port in use fails here, before the state directory is touched
