@@ -40,6 +40,7 @@ from bench.board_host import (
     fetched_wheels,
     fill_wheelhouse,
     host_bundle,
+    run_main,
     say,
     wheelhouse_ready,
 )
@@ -354,15 +355,8 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    try:
-        sys.exit(run(args.cache.resolve(), args.out))
-    except EclmError as exc:
-        print(f"board-test: error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("board-test: interrupted; nothing left mounted or running", file=sys.stderr)
-        sys.exit(130)
-
+    run_main("board-test", lambda: run(args.cache.resolve(), args.out),
+             "interrupted; nothing left mounted or running")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,18 @@ BANK_INPUTS = ("pyproject.toml", "eclm", "exporter", "device_profiles")  # what 
 
 def say(msg: str) -> None:
     print(f"board: {msg}", file=sys.stderr, flush=True)
+
+
+def run_main(prog: str, job: Callable[[], int], interrupted: str = "interrupted") -> None:
+    """Exit with ``job()``'s code; a project error is one line with its hint and exit code, Ctrl-C is 130."""
+    try:
+        sys.exit(job())
+    except EclmError as exc:
+        print(f"{prog}: error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        sys.exit(130)
 
 
 def board_install_command(readme: str) -> str:

@@ -23,28 +23,34 @@ def mosquitto_binary() -> str | None:
 
 
 class Mosquitto:
-    """Starts ``mosquitto -c conf`` on a free loopback port with persistence, so restarts keep sessions."""
+    """Starts ``mosquitto -c conf`` on a free loopback port with persistence, so restarts keep sessions.
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    With ``config`` (e.g. from `eclm-cloud broker-config`, whose listener must be on ``port``) that file
+    supplies the listeners and authentication; this class adds only the user and persistence settings.
+    """
+
+    def __init__(self, folder: Path, port: int | None = None, config: Path | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
         self.binary = binary
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        if config is not None and port is None:
+            raise ValueError("a given config names its own listener: pass its port")
         self.port = port or free_port()
         self.conf = folder / "mosquitto.conf"
         # As root mosquitto would switch to its own user, which cannot write our persistence folder.
-        user = f"user {getpass.getuser()}\n"
-        self.conf.write_text(
-            f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {folder}/\nautosave_interval 1\nmax_queued_messages 100000\n"
-        )
+        base = (f"user {getpass.getuser()}\npersistence true\npersistence_location {folder}/\nautosave_interval 1\n"
+                "max_queued_messages 100000\n")
+        listeners = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n" if config is None else config.read_text()
+        self.tls = config is not None and "\ncertfile " in listeners
+        self.conf.write_text(base + listeners)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         log = open(self.folder / "mosquitto.log", "ab")  # noqa: SIM115
@@ -138,3 +144,30 @@ def start_broker(url: str | None, folder: Path) -> Mosquitto | EmbeddedBroker | 
         broker = EmbeddedBroker()
     broker.start()
     return broker
+
+
+CLOUD_NAME = "merger"
+
+
+def start_tls_broker(workdir: Path, devices: list[str], hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+                     ) -> tuple[Mosquitto, Path]:
+    """A private mosquitto that only lets in certificates of a fresh PKI in ``workdir/pki``.
+
+    The PKI holds the broker's certificate for ``hosts``, the cloud identity ``merger`` (its TLS folder:
+    ``pki/cloud/merger``) and one certificate per device (``pki/devices/NAME``); the broker runs the
+    configuration and ACL that `eclm-cloud broker-config` writes. Returns the started broker and the PKI.
+    """
+    from cloud_sync import pki
+    from cloud_sync.broker_config import write_broker_config
+
+    d = workdir / "pki"
+    pki.init_ca(d)
+    pki.server_cert(d, list(hosts))
+    pki.enroll_cloud(d, CLOUD_NAME)
+    for name in devices:
+        pki.enroll_device(d, name)
+    port = free_port()
+    conf, _ = write_broker_config(d, port, workdir / "broker-config" / "mosquitto.conf", bind="127.0.0.1")
+    broker = Mosquitto(workdir / "broker", port, config=conf)
+    broker.start()
+    return broker, d

@@ -29,6 +29,9 @@ def demo(
                                help="Use this MQTT broker."),
     steps: int = typer.Option(6, "--steps", min=1, envvar="ECLM_DEMO_STEPS", help="Adaptation steps."),
     seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED", help="Seed for data split, training and sampling."),
+    tls: bool = typer.Option(False, "--tls", envvar="ECLM_DEMO_TLS", show_default="off",
+                             help="Make a PKI in the work dir and run the private mosquitto, the daemon and the "
+                             "edges over mqtts with a certificate each (docs/security.md)."),
 ) -> None:
     """Run the whole loop on this machine: cloud training, a broker, the merger daemon and three edge
     runtimes as separate processes in drifting environments; ends with a table and a PNG plot.
@@ -49,7 +52,8 @@ def demo(
         if epoch == total:
             bar.close()
 
-    result = run_demo(workdir, broker, steps, seed, lambda m: typer.echo(f"- {m}", err=True), train_progress)
+    result = run_demo(workdir, broker, steps, seed, lambda m: typer.echo(f"- {m}", err=True), train_progress,
+                      tls=tls)
     typer.echo(render_demo(result))
     deltas = ", ".join(f"{k} {v}" for k, v in result.cloud.items())
     typer.echo(f"\ncloud model test accuracy {result.bank_test_accuracy:.4f}; deltas: {deltas}; "
@@ -59,7 +63,7 @@ def demo(
     typer.echo(f"logs: {workdir / 'logs'}; finished in {result.seconds:.0f} s, nothing left running")
 
 
-SUITES = ("export", "edge", "sync", "adapt", "paper", "soak")
+SUITES = ("export", "edge", "sync", "adapt", "paper", "soak", "attack")
 
 
 @app.command()
@@ -68,7 +72,9 @@ def bench(
     suite: str = typer.Option("paper", "--suite", envvar="ECLM_BENCH_SUITE",
                               help="paper: the paper's protocol and baselines; adapt: 20 steps of continuous "
                               "adaptation with shifts; export, edge, sync: the component benchmarks; soak: hostile "
-                              "messages while honest devices train (exits 1 if a criterion fails)."),
+                              "messages while honest devices train (exits 1 if a criterion fails); attack: poisoned "
+                              "deltas against every merge strategy and fuzzed messages against a running daemon "
+                              "(exits 1 if a goal is missed)."),
     quick: bool = typer.Option(False, "--quick", envvar="ECLM_BENCH_QUICK", show_default="off",
                                help="A small version that finishes in minutes (CI)."),
     seeds: int = typer.Option(3, "--seeds", min=1, envvar="ECLM_BENCH_SEEDS",
@@ -83,6 +89,18 @@ def bench(
     pills: str = typer.Option("all", "--pills", envvar="ECLM_BENCH_PILLS",
                               help="soak suite: comma-separated pill names (bench/pills.py), 'all', or 'none' "
                               "for an honest-only run."),
+    merge_options: list[str] = typer.Option([], "--merge-option", envvar="ECLM_BENCH_MERGE_OPTIONS",
+                                            show_default="none: the merger's defaults",
+                                            help="attack suite: a merger setting as key=value (a field of "
+                                            "cloud_sync.merger.MergeSettings, e.g. gate_margin=0.05 or "
+                                            "limits.max_relative_norm=2); repeat for several. The fuzz's daemon "
+                                            "gets those its command line has a flag for."),
+    attacks: str = typer.Option("default", "--attacks", envvar="ECLM_BENCH_ATTACKS",
+                                help="attack suite: comma-separated attacks (bench/attack.py), 'all', or "
+                                "'default' (all; five with --quick)."),
+    fuzz_messages: int = typer.Option(None, "--fuzz-messages", min=0, envvar="ECLM_BENCH_FUZZ_MESSAGES",
+                                      show_default="100000, 10000 with --quick",
+                                      help="attack suite: fuzzed messages to send (0: skip the fuzz)."),
 ) -> None:
     """Run a benchmark suite; results go to OUT as JSON plus a markdown table (and plots)."""
     from eclm.errors import ConfigError
@@ -100,6 +118,12 @@ def bench(
 
         passed = soak_suite(out, quick, duration, pills, say)
         typer.echo((out / "soak.md").read_text())
+        raise typer.Exit(0 if passed else 1)
+    elif suite == "attack":
+        from bench.attack_report import attack_suite
+
+        passed = attack_suite(out, quick, merge_options, attacks, fuzz_messages, say)
+        typer.echo((out / "attack.md").read_text())
         raise typer.Exit(0 if passed else 1)
     elif suite == "paper":
         from bench.suites import paper_suite

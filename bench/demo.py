@@ -137,15 +137,23 @@ def _samples(pool_x: np.ndarray, pool_y: np.ndarray, phase: Phase, n: int, rng: 
 
 def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed: int = 0,
              progress: Callable[[str], None] | None = None,
-             train_progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> DemoResult:
-    """Run the loop; every process it starts is stopped before it returns."""
-    from bench.broker import start_broker
+             train_progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+             tls: bool = False) -> DemoResult:
+    """Run the loop; every process it starts is stopped before it returns.
+
+    With ``tls`` the demo makes a PKI in its work dir (``pki/``), starts its private mosquitto with the
+    configuration `eclm-cloud broker-config` generates, and runs the daemon and edges over mqtts, each
+    with its own certificate.
+    """
+    from bench.broker import CLOUD_NAME, EmbeddedBroker, ExternalBroker, Mosquitto, start_broker, start_tls_broker
     from eclm.signing import generate_keys
     from exporter.cloud import TrainOptions, train_bank
     from exporter.data import load_dataset, split
     from exporter.export import ExportRequest, export_bundle
 
     say = progress or (lambda _m: None)
+    if tls:
+        check_tls_demo(broker_url)
     t0 = time.time()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -156,10 +164,21 @@ def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed:
     info = train_bank(TrainOptions(dataset="digits", bank_dir=workdir / "bank", seed=seed), train_progress)
     (workdir / "keys").mkdir()
     priv, pub = generate_keys(workdir / "keys")
-    broker = start_broker(broker_url, workdir / "broker")
-    say(f"broker at {broker.url} ({type(broker).__name__})")
+    pki_dir: Path | None = None
+    broker: Mosquitto | EmbeddedBroker | ExternalBroker
+    if tls:
+        broker, pki_dir = start_tls_broker(workdir, [d.name for d in DEVICES])
+        say(f"broker at {broker.url} (mosquitto over TLS; certificates in {pki_dir}, config in "
+            f"{workdir / 'broker-config'})")
+    else:
+        broker = start_broker(broker_url, workdir / "broker")
+        say(f"broker at {broker.url} ({type(broker).__name__})")
+
+    def tls_args(folder: str) -> list[str]:
+        return [] if pki_dir is None else ["--tls-dir", str(pki_dir / folder)]
+
     sync = daemon(workdir / "bank", broker.url, priv, logs / "sync.log", "--round-deltas", str(len(DEVICES)),
-                  "--round-seconds", "2")
+                  "--round-seconds", "2", *tls_args(f"cloud/{CLOUD_NAME}"))
     edges: dict[str, Edge] = {}
     streams: list[FrameStream] = []
     load = CpuLoad()
@@ -177,7 +196,7 @@ def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed:
                 f"cheaper variants: {ladder}")
             env = {"ECLM_EDGE_RESOURCE_PATIENCE": "3"}
             edges[dev.name] = Edge(dev.name, out, workdir / "state" / dev.name, broker.url, pub,
-                                   logs / f"{dev.name}.log", env=env)
+                                   logs / f"{dev.name}.log", *tls_args(f"devices/{dev.name}"), env=env)
         for e in edges.values():
             e.start()
         pool = split(load_dataset("digits"), seed).pool
@@ -231,6 +250,18 @@ def run_demo(workdir: Path, broker_url: str | None = None, steps: int = 6, seed:
     result.plot = plot_accuracy(result, workdir / "accuracy.png")
     result.seconds = time.time() - t0
     return result
+
+
+def check_tls_demo(broker_url: str | None) -> None:
+    """``--tls`` runs its own mosquitto (it needs the binary) and cannot use a broker someone else runs."""
+    from bench.broker import mosquitto_binary
+    from eclm.errors import ConfigError
+
+    if broker_url:
+        raise ConfigError("--tls starts the demo's own broker with the generated TLS configuration",
+                          hint="drop --broker (ECLM_BROKER), or drop --tls")
+    if mosquitto_binary() is None:
+        raise ConfigError("--tls needs mosquitto", hint="apt-get install -y mosquitto")
 
 
 def _variant_cell(status: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ DEFAULT_EDGE_VENV = Path("/tmp/eclm-edge-venv")
 EDGE_VENV = DEFAULT_EDGE_VENV  # set by --edge-venv
 ORT_TRAINING_PY: Path | None = None  # set by --ort-training-venv: the artifacts baseline of D
 EDGE_PY = EDGE_VENV / "bin" / "python"
+SERVING_COPY_ENV = "ECLM_BENCH_SERVING_COPY_MAX_MB"
 MiB = 2**20
 PROFILE = "pi4"
 DEVICES: list[dict[str, Any]] = [  # E: class subset and corruption of each simulated device
@@ -99,6 +100,9 @@ def _edge_cfg(bundle: Path, state: Path, monitors: bool = False, **extra: Any) -
 
     from edge_runtime.config import EdgeConfig, load_config
 
+    copy_max = os.environ.get(SERVING_COPY_ENV)  # --serving-copy-max-mb, handed to the children this way
+    if copy_max is not None:
+        extra.setdefault("serving_copy_max_mb", float(copy_max))
     cfg = load_config(overrides={"bundle": bundle, "state_dir": state, "train_every_samples": 0, **extra},
                       environ={})
     if monitors:
@@ -1095,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="work folder kept between runs (banks and bundles are reused); "
                    "default: a temporary folder, removed")
     p.add_argument("--only", default="ABCDE", help="sections to run, e.g. AB")
+    p.add_argument("--serving-copy-max-mb", type=float, help="the runtimes' serving_copy_max_mb (default: the "
+                   "runtime's own, 16): models with at most this many MB of weights are served from an optimized copy")
     p.add_argument("--edge-venv", type=Path, default=DEFAULT_EDGE_VENV,
                    help="the edge-only virtualenv (created if missing)")
     p.add_argument("--ort-training-venv", type=Path, help="a throwaway virtualenv with onnxruntime-training-cpu"
@@ -1105,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
         mode, spec = args.child
         print(json.dumps(CHILDREN[mode](json.loads(Path(spec).read_text()))))
         return 0
+    if args.serving_copy_max_mb is not None:
+        os.environ[SERVING_COPY_ENV] = str(args.serving_copy_max_mb)
 
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

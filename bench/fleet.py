@@ -276,9 +276,17 @@ class LocalArm:
 
     name = "local"
 
-    def __init__(self, bank: Path, work: Path, devices: list[Device], signing_key: Path | None = None) -> None:
+    def __init__(self, bank: Path, work: Path, devices: list[Device], keys: tuple[Path, Path] | None = None) -> None:
+        from eclm.signing import generate_keys
+
         self.bank, self.work = bank, work
-        self.signing_key = signing_key
+        # Bundles are signed and checked as in a deployment (and no device warns that it serves unsigned ones).
+        if keys is None:
+            folder = work / self.name / "keys"
+            folder.mkdir(parents=True, exist_ok=True)
+            mine = (folder / "signing.key", folder / "signing.pub")
+            keys = mine if mine[0].exists() else generate_keys(folder)  # reused with the bundles made before
+        self.signing_key, self.trust_key = keys
         self.bundles: dict[tuple[int, ...], Path] = {}
         self.services: dict[int, Any] = {}
         self.failed: dict[int, str] = {}  # devices left out of the run, and why (the run goes on without them)
@@ -321,7 +329,7 @@ class LocalArm:
             self.services[d.index] = EdgeService(load_config(overrides={
                 "bundle": self.bundle(d.classes), "state_dir": self.work / self.name / d.name, "device_id": d.name,
                 "train_every_samples": 0, "max_samples": d.size, "min_train_samples": 8, "drift": False,
-                "resource_interval_s": 0}, environ={}))
+                "resource_interval_s": 0, "trust_key": self.trust_key}, environ={}))
         return self.services[d.index]
 
     def adapt(self, devices: list[Device], fresh: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -357,7 +365,7 @@ class EclmArm(LocalArm):
         shutil.copytree(bank, self.cloud_bank)
         (work / "keys").mkdir(parents=True, exist_ok=True)
         self.priv, self.pub = generate_keys(work / "keys")
-        super().__init__(self.cloud_bank, work, devices, signing_key=self.priv)
+        super().__init__(self.cloud_bank, work, devices, keys=(self.priv, self.pub))
         self.broker = start_broker(None, work / "broker")
         self.daemon = daemon(self.cloud_bank, self.broker.url, self.priv, work / "sync.log",
                              "--round-deltas", "1000", "--round-seconds", "1",

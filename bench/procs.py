@@ -64,7 +64,7 @@ def wait_connected(proc: Proc, timeout: float = 90) -> None:
     """Block until a daemon's log says it is connected (so it is subscribed before devices publish)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if "connected to mqtt://" in proc.tail(200):
+        if "connected to mqtt" in proc.tail(200):  # mqtt:// or mqtts://
             return
         if not proc.alive():
             raise RuntimeError(f"the sync daemon died:\n{proc.tail()}")

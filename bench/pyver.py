@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.board import PROBE, SERVE_ENV, drive, launch, serve_argv, stop_edge
-from bench.board_host import ROOT, board_install_command, committed_tree, device_data, host_bundle, say
+from bench.board_host import ROOT, board_install_command, committed_tree, device_data, host_bundle, run_main, say
 from bench.board_report import Check
 from bench.broker import free_port
 from bench.common import machine_info, md_table, write_results
@@ -123,15 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks",
                    help="where pyver-<version>.json/.md go (default: docs/benchmarks)")
     args = p.parse_args(argv)
-    try:
-        sys.exit(run(args.python, args.cache.resolve(), args.out))
-    except EclmError as exc:
-        print(f"pyver-test: error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("pyver-test: interrupted", file=sys.stderr)
-        sys.exit(130)
-
+    run_main("pyver-test", lambda: run(args.python, args.cache.resolve(), args.out))
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from cloud_sync.pki_cli import register_pki
 from eclm.cli_support import make_app, reports_errors
 
 app = make_app("The cloud side of ECLM: train the module bank, run the merger daemon, inspect it.")
@@ -84,7 +85,12 @@ def keys(out: Path = typer.Option(Path("keys"), "--out", envvar="ECLM_KEYS_DIR",
 @reports_errors
 def sync(
     bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
-    broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="ECLM_BROKER", help="MQTT broker URL."),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="ECLM_BROKER",
+                               help="MQTT broker URL: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] with --tls-dir."),
+    tls_dir: Path = typer.Option(None, "--tls-dir", envvar="ECLM_TLS_DIR", file_okay=False,
+                                 show_default="none (needed for mqtts://)",
+                                 help="The cloud identity's cert.pem, key.pem and ca.pem (from "
+                                 "`eclm-cloud pki enroll --cloud NAME`)."),
     signing_key: Path = typer.Option(None, "--signing-key", envvar="ECLM_SIGNING_KEY", exists=True, dir_okay=False,
                                      show_default="none: no updates are sent",
                                      help="Ed25519 key to sign module and bundle updates."),
@@ -135,7 +141,7 @@ def sync(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = SyncSettings(
         bank_dir=bank, broker=broker, round_deltas=round_deltas, round_seconds=round_seconds,
-        max_payload=max_payload, signing_key=signing_key, derive_interval=derive_interval,
+        max_payload=max_payload, signing_key=signing_key, tls_dir=tls_dir, derive_interval=derive_interval,
         merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, limits=Limits(max_staleness=max_staleness),
                             min_devices=min_devices, support_max_age=support_max_age,
                             support_max_rounds=support_max_rounds),
@@ -250,3 +256,6 @@ def _status_text(report: dict[str, Any]) -> str:
     else:
         out += ["", "no devices seen yet"]
     return "\n".join(out)
+
+
+register_pki(app)  # `pki ...` and `broker-config`, listed after the commands above

@@ -48,6 +48,7 @@ class SyncSettings:
     derive_interval: float = 60.0  # at most one bundle derivation per device per this many seconds
     merge: MergeSettings = field(default_factory=MergeSettings)
     signing_key: Path | None = None
+    tls_dir: Path | None = None  # for mqtts://: the cloud identity's cert.pem, key.pem, ca.pem
     client_id: str = ""  # empty: eclm-sync-<random suffix kept in the bank dir>
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from cloud_sync.core import LEDGER, Publication, SyncCore, SyncSettings
 from eclm import topics
 from eclm.errors import BrokerError, EclmError
-from eclm.mqtt import BrokerUrl
+from eclm.mqtt import BrokerUrl, check_tls
 from eclm.signing import Signer
 
 __all__ = ["LEDGER", "CLIENT_ID_FILE", "SyncCore", "SyncDaemon", "SyncSettings", "client_id_for"]
@@ -46,10 +46,11 @@ class SyncDaemon:
     """
 
     def __init__(self, settings: SyncSettings, signer: Signer | None) -> None:
+        self.broker = BrokerUrl.parse(settings.broker)
+        check_tls(self.broker, settings.tls_dir)  # a missing certificate fails now, with a hint
         self.core = SyncCore(settings, signer)
         self.settings = settings
         self.client_id = settings.client_id or client_id_for(settings.bank_dir)
-        self.broker = BrokerUrl.parse(settings.broker)
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.dead = threading.Event()  # set when a worker loop died: no more acks
@@ -69,9 +70,9 @@ class SyncDaemon:
             log.exception("message on %s failed", str(m.topic)[:200])
 
     def run(self) -> None:
-        from eclm.mqtt import make_client
+        from eclm.mqtt import make_client, probe
 
-        client = make_client(self.client_id, self.broker)
+        client = make_client(self.client_id, self.broker, tls_dir=self.settings.tls_dir)
         self.client = client
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -90,7 +91,16 @@ class SyncDaemon:
             else:
                 log.warning("disconnected from %s (%s); reconnecting", self.broker, reason)
 
+        failures = [0]
+
+        def on_connect_fail(_c: Any, _u: Any) -> None:
+            failures[0] += 1
+            if failures[0] == 1 or failures[0] % 20 == 0:
+                log.warning("cannot connect to %s (%s; attempt %d); retrying every 1-30 s", self.broker,
+                            probe(self.broker, self.settings.tls_dir), failures[0])
+
         client.on_connect = on_connect
+        client.on_connect_fail = on_connect_fail
         client.on_disconnect = on_disconnect
         client.on_message = self._on_message
         self.core.derivations.publish = self._publish

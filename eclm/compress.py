@@ -20,6 +20,7 @@ from eclm.errors import DataError
 PRECISIONS = ("fp32", "fp16", "int8")
 COMPRESSORS = ("none", "zlib", "lzma")
 MAX_DECOMPRESSED = 512 * 2**20  # refuse decompression bombs
+MAX_ELEMENTS = MAX_DECOMPRESSED // 4  # what the declared shapes may add up to (a top-k payload is expanded to them)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ def decode(data: bytes, header: dict[str, Any]) -> dict[str, np.ndarray]:
         codec = Codec.parse(str(header["codec"]))
         shapes = {k: tuple(int(d) for d in v) for k, v in dict(header["shapes"]).items()}
         dtypes = dict(header.get("dtypes", {}))
+        declared = sum(int(np.prod(shape, dtype=np.float64)) for shape in shapes.values())
+        if any(d < 0 for shape in shapes.values() for d in shape) or declared > MAX_ELEMENTS:
+            raise DataError(f"tensor payload declares shapes of {declared} elements (at most {MAX_ELEMENTS}, "
+                            "no negative sizes)", hint="send smaller payloads")
         if codec.compressor == "zlib":
             d = zlib.decompressobj()
             raw = d.decompress(data, MAX_DECOMPRESSED)

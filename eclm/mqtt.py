@@ -13,40 +13,81 @@ from eclm.errors import ConfigError
 from eclm.hashing import atomic_write_bytes
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+TLS_FILES = ("cert.pem", "key.pem", "ca.pem")  # what `eclm-cloud pki enroll` writes for one identity
 
 
 @dataclass(frozen=True)
 class BrokerUrl:
-    """``mqtt://[user[:password]@]host[:port]``."""
+    """``mqtt://[user[:password]@]host[:port]`` or, over TLS with a client certificate, ``mqtts://host[:port]``."""
 
     host: str
     port: int
     username: str | None = None
     password: str | None = None
+    tls: bool = False
 
     @staticmethod
     def parse(url: str) -> BrokerUrl:
-        u = urlparse(url)
-        if u.scheme != "mqtt" or not u.hostname:
-            raise ConfigError(f"broker URL {url!r} is not mqtt://HOST[:PORT]",
-                              hint=f"e.g. {DEFAULT_BROKER} (TLS brokers are not supported yet)")
         try:
-            port = u.port or 1883
+            u = urlparse(url)
+        except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 address
+            raise ConfigError(f"broker URL {url!r} is malformed: {exc}",
+                              hint=f"e.g. {DEFAULT_BROKER} (IPv6: mqtt://[::1]:1883)") from None
+        if u.scheme not in DEFAULT_PORTS or not u.hostname:
+            raise ConfigError(f"broker URL {url!r} is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
+                              hint=f"e.g. {DEFAULT_BROKER}, or mqtts://broker.example.org:8883 with --tls-dir")
+        try:
+            port = u.port or DEFAULT_PORTS[u.scheme]
         except ValueError as exc:
             raise ConfigError(f"broker URL {url!r} has a bad port", hint="use a port 1..65535") from exc
         return BrokerUrl(u.hostname, port, unquote(u.username) if u.username else None,
-                         unquote(u.password) if u.password else None)
+                         unquote(u.password) if u.password else None, tls=u.scheme == "mqtts")
 
     def __str__(self) -> str:  # never prints the password
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | None = None) -> Any:
-    """A paho client with a persistent session (queued QoS 1 messages survive disconnects) and back-off."""
+def check_tls(broker: BrokerUrl, tls_dir: Path | None) -> Path | None:
+    """The TLS folder to use for ``broker``: required (with every file) for mqtts://, refused for mqtt://."""
+    if not broker.tls:
+        if tls_dir is not None:
+            raise ConfigError(f"a TLS folder ({tls_dir}) is set but the broker URL {broker} is not mqtts://",
+                              hint=f"use mqtts://{broker.host}:8883, or drop the TLS folder")
+        return None
+    if tls_dir is None:
+        raise ConfigError(f"broker {broker} needs a TLS folder with cert.pem, key.pem and ca.pem",
+                          hint="pass --tls-dir (ECLM_TLS_DIR) with a folder made by `eclm-cloud pki enroll ...`")
+    missing = [f for f in TLS_FILES if not (tls_dir / f).is_file()]
+    if missing:
+        raise ConfigError(f"TLS folder {tls_dir} lacks {', '.join(missing)}",
+                          hint="copy the folder `eclm-cloud pki enroll ID --pki DIR` wrote (DIR/devices/ID)")
+    return tls_dir
+
+
+def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | None = None,
+                tls_dir: Path | None = None) -> Any:
+    """A paho client with a persistent session (queued QoS 1 messages survive disconnects) and back-off.
+
+    For ``mqtts://`` the client presents ``tls_dir``'s certificate (its identity: the broker takes the
+    certificate's CN as the username) and verifies the broker's certificate and host name against ca.pem.
+    """
     import paho.mqtt.client as mqtt
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
                          protocol=mqtt.MQTTv311)
+    folder = check_tls(broker, tls_dir)
+    if folder is not None:
+        import ssl
+
+        try:
+            client.tls_set(ca_certs=str(folder / "ca.pem"), certfile=str(folder / "cert.pem"),
+                           keyfile=str(folder / "key.pem"), cert_reqs=ssl.CERT_REQUIRED,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"cannot use the TLS files in {folder}: {exc}",
+                              hint="re-issue them with `eclm-cloud pki enroll ID --pki DIR --force`") from exc
+        client.tls_insecure_set(False)  # the broker's certificate must name the host we connect to
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
     if will is not None:
@@ -58,6 +99,33 @@ def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | Non
     client.suppress_exceptions = True
     client.on_log = _log_callback_errors
     return client
+
+
+def probe(broker: BrokerUrl, tls_dir: Path | None = None) -> str:
+    """Why a connection to the broker fails, in the system's words (over TLS: the TLS layer's, e.g. a revoked
+    certificate or a host name the broker's certificate does not name).
+    """
+    import socket
+    import ssl
+
+    try:
+        with socket.create_connection((broker.host, broker.port), timeout=3) as sock:
+            if not broker.tls or tls_dir is None:
+                return "the TCP connection succeeds, the MQTT handshake does not"
+            ctx = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+            ctx.load_cert_chain(str(tls_dir / "cert.pem"), str(tls_dir / "key.pem"))
+            with ctx.wrap_socket(sock, server_hostname=broker.host) as tls:
+                try:
+                    tls.recv(1)  # TLS 1.3: the broker's verdict on our certificate comes after the handshake
+                except TimeoutError:
+                    pass
+            return "the TLS connection succeeds, the MQTT handshake does not"
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the broker's certificate is not accepted ({exc.verify_message})"
+    except ssl.SSLError as exc:  # e.g. the broker's alert: our certificate is revoked or of another CA
+        return f"TLS: {str(exc.reason or exc).lower().replace('_', ' ')}"
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _log_callback_errors(_c: Any, _u: Any, _level: int, buf: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -123,6 +124,56 @@ def _parse(model: memoryview) -> dict[str, np.ndarray]:
                 name, arr = _tensor(init)
                 out[name] = arr
     return out
+
+
+def _raw_spans(model: memoryview) -> dict[str, tuple[int, int]]:
+    """(offset, length) in ``model`` of each initializer's ``raw_data``, by name."""
+    base = np.frombuffer(model, np.uint8).ctypes.data
+
+    def at(view: memoryview) -> int:
+        return int(np.frombuffer(view, np.uint8).ctypes.data - base) if len(view) else -1
+
+    spans: dict[str, tuple[int, int]] = {}
+    for number, _w, graph in _fields(model):
+        if number != _MODEL_GRAPH or not isinstance(graph, memoryview):
+            continue
+        for gnum, _gw, init in _fields(graph):
+            if gnum != _GRAPH_INITIALIZER or not isinstance(init, memoryview):
+                continue
+            name, raw = "", None
+            for tnum, _tw, value in _fields(init):
+                if tnum == _T_NAME and isinstance(value, memoryview):
+                    name = bytes(value).decode()
+                elif tnum == _T_RAW and isinstance(value, memoryview):
+                    raw = value
+            if raw is not None and len(raw):
+                spans[name] = (at(raw), len(raw))
+    return spans
+
+
+def model_with_initializers(path: str | os.PathLike[str], values: dict[str, np.ndarray]) -> bytes:
+    """The ONNX model at ``path`` as bytes, with ``values`` written over its initializers of those names.
+
+    Each value must have the byte size of the initializer it replaces (same shape and type) and the file must
+    hold it as ``raw_data`` (as the exporter writes it); anything else is a :class:`BundleError`.
+    """
+    data = bytearray(Path(path).read_bytes())
+    view = memoryview(data)
+    try:
+        spans = _raw_spans(view)
+        for name, array in values.items():
+            if name not in spans:
+                continue  # not an initializer of this graph (a variant holds fewer)
+            offset, length = spans[name]
+            raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            if len(raw) != length:
+                raise ValueError(f"initializer {name} holds {length} bytes, the new value {len(raw)}")
+            data[offset : offset + length] = raw
+    except ValueError as exc:
+        raise BundleError(f"cannot write weights into {os.fspath(path)}: {exc}", hint="re-export the bundle") from exc
+    finally:
+        view.release()
+    return bytes(data)
 
 
 def read_initializers(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

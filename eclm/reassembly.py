@@ -83,24 +83,19 @@ class Reassembler:
 
     def _make_room(self, need: int, sender: str, keep: tuple[str, str]) -> None:
         """Evict the oldest other messages until ``need`` more bytes fit both caps, or refuse."""
-        def oldest(only_sender: bool) -> tuple[str, str] | None:
-            keys = [k for k, p in self._parts.items() if k != keep and (not only_sender or p.sender == sender)]
-            return min(keys, key=lambda k: self._parts[k].started) if keys else None
-
-        while self.held_by(sender) + need > self.max_sender_bytes:
-            victim = oldest(True)
-            if victim is None:
-                raise ChunkRefused("sender_cap", f"sender {sender!r} would hold more than {self.max_sender_bytes} "
-                                   "bytes of incomplete chunked messages")
-            self._drop(victim)
-            self.evicted += 1
-        while self.held_bytes + need > self.max_total_bytes:
-            victim = oldest(False)
-            if victim is None:
-                raise ChunkRefused("total_cap", f"incomplete chunked messages would exceed {self.max_total_bytes} "
-                                   "bytes in total")
-            self._drop(victim)
-            self.evicted += 1
+        caps = (  # (whose messages count and may go, how much they hold, the cap, the refusal)
+            (True, lambda: self.held_by(sender), self.max_sender_bytes, "sender_cap",
+             f"sender {sender!r} would hold more than {self.max_sender_bytes} bytes of incomplete chunked messages"),
+            (False, lambda: self.held_bytes, self.max_total_bytes, "total_cap",
+             f"incomplete chunked messages would exceed {self.max_total_bytes} bytes in total"),
+        )
+        for only_sender, held, cap, reason, detail in caps:
+            while held() + need > cap:
+                keys = [k for k, p in self._parts.items() if k != keep and (not only_sender or p.sender == sender)]
+                if not keys:
+                    raise ChunkRefused(reason, detail)
+                self._drop(min(keys, key=lambda k: self._parts[k].started))
+                self.evicted += 1
 
     def add(self, c: ChunkMessage, sender: str = "") -> bytes | None:
         """Hold one chunk from ``sender``; the whole payload when it was the last missing piece."""

@@ -53,8 +53,22 @@ def request(device_id: str) -> str:
     return f"{PREFIX}/devices/{_check(device_id)}/request"
 
 
+# The kinds of device topic, by direction (the broker's ACL is built from these).
+DEVICE_KINDS = ("delta", "profile", "status")  # device -> cloud
+CLOUD_KINDS = ("ack", "update", "request")  # cloud -> device
+
+
+def device_filter(kind: str, who: str = "+") -> str:
+    """A topic filter over the ``kind`` topics of devices: ``who`` is ``+`` (every device) or a broker's
+    placeholder for the connected client's name (mosquitto's ``%u``, EMQX's ``${username}``).
+    """
+    if kind not in DEVICE_KINDS + CLOUD_KINDS:
+        raise ValueError(f"unknown device topic kind {kind!r}")
+    return f"{PREFIX}/devices/{who}/{kind}"
+
+
 # Subscriptions of the cloud daemon (shared subscriptions can split these among several mergers).
-CLOUD_SUBSCRIPTIONS = (f"{PREFIX}/devices/+/delta", f"{PREFIX}/devices/+/profile", f"{PREFIX}/devices/+/status")
+CLOUD_SUBSCRIPTIONS = tuple(device_filter(k) for k in DEVICE_KINDS)
 
 
 def device_of(topic: str) -> str:

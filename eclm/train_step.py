@@ -73,12 +73,21 @@ def session_options(threads: int = 1) -> Any:
     return options
 
 
-def open_session(path: Path, arrays: Mapping[str, np.ndarray], threads: int = 1) -> tuple[Any, list[Any]]:
+def open_session(path: Path, arrays: Mapping[str, np.ndarray], threads: int = 1, *,
+                 own_copy: bool = False) -> tuple[Any, list[Any]]:
     """An inference session over the graph at ``path`` that reads ``arrays`` in place as its initializers
     of those names (no copy). Returns the session and the OrtValues it reads: keep both alive together.
+
+    ``own_copy``: the session gets the graph with ``arrays`` written into it instead and keeps its own copy,
+    which lets ONNX Runtime fold constants and fuse layers (faster; the weights are then held twice).
     """
     ort = load_onnxruntime()
     options = session_options(threads)
+    if own_copy:
+        from eclm.onnx_weights import model_with_initializers
+
+        model = model_with_initializers(path, dict(arrays))
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]), []
     kept = []
     for name, array in arrays.items():
         value = ort.OrtValue.ortvalue_from_numpy(array)

@@ -87,10 +87,26 @@ def serve(
     learning_rate: float = _setting("learning_rate", "--learning-rate",
                                     help="Override the bundle's learning rate (none: the bundle's)."),
     broker: str = _setting("broker", "--broker", also=("ECLM_BROKER",),
-                           help="Sync with the cloud through this MQTT broker, e.g. mqtt://127.0.0.1:1883; while it "
+                           help="Sync with the cloud through this MQTT broker, e.g. mqtt://127.0.0.1:1883 or "
+                           "mqtts://HOST:8883 (with --tls-dir); while it "
                            "cannot be reached the runtime serves offline and retries."),
+    tls_dir: Path = _setting("tls_dir", "--tls-dir", also=("ECLM_TLS_DIR",), file_okay=False,
+                             help="For an mqtts:// broker: this device's cert.pem, key.pem and ca.pem (the folder "
+                             "`eclm-cloud pki enroll DEVICE_ID` wrote); the certificate's CN is the device's "
+                             "identity."),
     trust_key: Path = _setting("trust_key", "--trust-key", also=("ECLM_TRUST_KEY",), exists=True, dir_okay=False,
                                help="The cloud's public key (signing.pub); updates must be signed by it."),
+    api_token_file: Path = _setting("api_token_file", "--api-token-file", dir_okay=False,
+                                    help="File holding the API token (mode 0600; `eclm-edge token --out FILE`): "
+                                    "every endpoint but /healthz then wants 'Authorization: Bearer <token>'. "
+                                    "Required beyond loopback."),
+    api_tls_cert: Path = _setting("api_tls_cert", "--api-tls-cert", dir_okay=False,
+                                  help="PEM certificate (chain) for HTTPS on the API (TLS 1.2+); with --api-tls-key."),
+    api_tls_key: Path = _setting("api_tls_key", "--api-tls-key", dir_okay=False,
+                                 help="PEM private key of --api-tls-cert (not readable by others)."),
+    api_insecure_http: bool = _setting("api_insecure_http", "--api-insecure-http",
+                                       help="Serve plain HTTP beyond loopback (only behind a TLS-terminating "
+                                       "reverse proxy); without it a non-loopback --host needs TLS."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="ECLM_EDGE_VERBOSE", show_default="off",
                                  help="Log every request."),
 ) -> None:
@@ -99,8 +115,9 @@ def serve(
     Endpoints: POST /v1/predict, POST /v1/samples, POST /v1/train, GET /v1/status, GET /metrics.
     Samples, trained generations and the outbox of deltas live in the state directory and survive
     restarts; a refused bundle leaves the previously installed one serving. Settings: defaults, then
-    the config file, then ECLM_EDGE_* variables, then these options. Exits 17 when the port or the
-    state directory is in use, 14 when there is no valid bundle to serve.
+    the config file, then ECLM_EDGE_* variables, then these options. Beyond loopback the API needs
+    --api-token-file and TLS (or --api-insecure-http). Exits 17 when the port or the state directory
+    is in use or the API would be exposed unguarded, 14 when there is no valid bundle to serve.
     """
     from edge_runtime.config import load_config
     from edge_runtime.runner import run
@@ -116,9 +133,26 @@ def serve(
         "bundle": bundle, "state_dir": state_dir, "port": port, "host": host, "device_id": device_id,
         "train_every_samples": train_every, "train_interval_s": train_interval, "train_pause": train_pause,
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "broker": broker,
-        "trust_key": trust_key,
+        "tls_dir": tls_dir, "trust_key": trust_key, "api_token_file": api_token_file, "api_tls_cert": api_tls_cert,
+        "api_tls_key": api_tls_key, "api_insecure_http": api_insecure_http,
     })
     run(cfg, lambda line: typer.echo(line, err=True))
+
+
+@app.command()
+@reports_errors
+def token(
+    out: Path = typer.Option(..., "--out", "-o", envvar="ECLM_EDGE_API_TOKEN_FILE", dir_okay=False,
+                             help="New file for the token (refused if it exists); written with mode 0600."),
+) -> None:
+    """Write a new random API token (256 bits) for `serve --api-token-file`; clients send it as
+    'Authorization: Bearer <token>'.
+    """
+    from edge_runtime.api_security import write_token
+
+    write_token(out)
+    typer.echo(f"wrote a new API token to {out} (mode 0600); pass --api-token-file {out} to serve, and give "
+               "clients the header 'Authorization: Bearer <the file's contents>'")
 
 
 def main() -> None:

@@ -56,6 +56,7 @@ class Generations:
 
     def __init__(self, cfg: EdgeConfig, state: StateDir, verifier: Verifier | None, metrics: EdgeMetrics) -> None:
         self.cfg, self.state, self.verifier, self.metrics = cfg, state, verifier, metrics
+        self.copy_max_bytes = int(cfg.serving_copy_max_mb * 2**20)
         self.lock = threading.Lock()
         self._training_problems: dict[str, str] = {}
         self.serving = self._open_initial(cfg.bundle)
@@ -106,11 +107,17 @@ class Generations:
                 versions = info.get("module_versions")
                 return self._checked(ServingModel(
                     manifest, bundle_dir, pointer.bundle, gen, bundle_dir / "model.onnx", {**base, **own},
-                    frozenset(own), {k: int(v) for k, v in versions.items()} if versions else None))
+                    frozenset(own), {k: int(v) for k, v in versions.items()} if versions else None,
+                    copy_max_bytes=self.copy_max_bytes))
             except BundleError as exc:
                 log.error("cannot serve generation %d (%s); falling back to its parent", gen, exc.message)
                 gen = int(self._parent_of(gen))
-        return self._checked(ServingModel(manifest, bundle_dir, pointer.bundle, 0, bundle_dir / "model.onnx", base))
+        return self._checked(ServingModel(manifest, bundle_dir, pointer.bundle, 0, bundle_dir / "model.onnx", base,
+                                          copy_max_bytes=self.copy_max_bytes))
+
+    def current(self) -> ServingModel:
+        """The serving model now (for components that hold this getter and read it later)."""
+        return self.serving
 
     def _checked(self, serving: ServingModel) -> ServingModel:
         """Whether this runtime can train ``serving``'s bundle: its step graph is loaded once per bundle."""

@@ -1,5 +1,9 @@
 """The runtime's HTTP API (localhost by default): predict, samples, train, status, metrics.
 
+With an API token every endpoint but ``/healthz`` wants ``Authorization: Bearer <token>``; with a
+certificate the API speaks HTTPS, the TLS handshake done by the worker that takes the connection
+(:mod:`edge_runtime.api_security`).
+
 The server is bounded: a fixed pool of workers handles connections; while every worker is busy
 new connections wait in the kernel's listen backlog; an idle or stalled connection is closed after
 ``http_idle_timeout_s``. Bodies are limited in size, JSON nesting and number length.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +26,7 @@ import numpy as np
 
 from eclm import jsonsafe
 from eclm.errors import ConfigError, DataError, EclmError
+from edge_runtime.api_security import ApiGuard
 from edge_runtime.config import EdgeConfig
 from edge_runtime.service import EdgeService
 
@@ -59,9 +65,13 @@ class EdgeHttpServer(HTTPServer):
     state directory is touched.
     """
 
-    def __init__(self, host: str, port: int, workers: int, backlog: int, idle_timeout_s: float) -> None:
+    def __init__(self, host: str, port: int, workers: int, backlog: int, idle_timeout_s: float,
+                 guard: ApiGuard | None = None) -> None:
         self.request_queue_size = backlog  # listen(2) backlog, read by server_activate
         self.idle_timeout_s = idle_timeout_s
+        self.guard = guard or ApiGuard()
+        if ":" in host:
+            self.address_family = socket.AF_INET6
         self.service: EdgeService | None = None
         self._slots = threading.BoundedSemaphore(workers)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eclm-http")
@@ -97,16 +107,32 @@ class EdgeHttpServer(HTTPServer):
     def _work(self, request: Any, client_address: Any) -> None:
         with self._open_lock:
             self._open.add(request)
+        conn = request
         try:
             if not self._stopping.is_set():
-                self.finish_request(request, client_address)
+                if self.guard.tls is not None:
+                    conn = self._handshake(request, client_address)
+                if conn is not None:
+                    self.finish_request(conn, client_address)
         except Exception:  # noqa: BLE001 - one connection never stops the server
             log.debug("connection from %s failed", client_address, exc_info=True)
         finally:
             with self._open_lock:
                 self._open.discard(request)
-            self.shutdown_request(request)
+            self.shutdown_request(conn if conn is not None else request)
             self._slots.release()
+
+    def _handshake(self, request: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
+        """The TLS connection on ``request`` (in this worker, bounded by the idle timeout), or None if it failed."""
+        assert self.guard.tls is not None
+        request.settimeout(self.idle_timeout_s)
+        try:
+            return self.guard.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake with %s failed: %s", client_address, exc)
+            if self.service is not None:
+                self.service.metrics.http_refused.labels("tls_handshake").inc()
+            return None
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -153,6 +179,34 @@ def make_handler(idle_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("%s " + format, self.address_string(), *args)
+
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            if self.request_version == "HTTP/0.9":  # its answer would be a bare body without a status line
+                self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not supported")
+                return False
+            return True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """The base class's errors (a malformed request line or header, an unknown method, a request
+            line or header too long) as JSON like every other answer, never HTML; the connection closes.
+            """
+            status = HTTPStatus(code)
+            headers = {}
+            if status == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: the client's mistake, not a failure here
+                status, headers = HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": "GET, POST"}
+            elif status == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # 5xx would read as this server failing
+                status = HTTPStatus.BAD_REQUEST
+            self.close_connection = True
+            if getattr(self, "request_version", "") == "HTTP/0.9":  # answer with a status line and headers
+                self.request_version = "HTTP/1.0"
+            if not isinstance(getattr(self, "path", None), str):
+                self.path = ""
+            self.log_error("code %d, message %s", int(status), message)
+            self._send(status, {"error": message or status.phrase,
+                                "hint": "send HTTP/1.1: METHOD /v1/... HTTP/1.1, headers, then a JSON body"},
+                       headers=headers)
 
         def _send(self, status: HTTPStatus, payload: Any, content_type: str = "application/json",
                   headers: dict[str, str] | None = None) -> None:
@@ -232,9 +286,19 @@ def make_handler(idle_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
                 known = ", ".join(f"{m} {p}" for p, m in ROUTES.items())
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}", f"endpoints: {known}")
 
+        def _guard(self, path: str) -> None:
+            """Refuse the request (401) unless it carries the API token, when the server has one."""
+            why = self.server.guard.allows(path, self.headers.get("Authorization"))  # type: ignore[attr-defined]
+            if why is not None:
+                self.service.metrics.http_refused.labels(f"token_{why}").inc()
+                raise ApiError(HTTPStatus.UNAUTHORIZED, f"{why} API token",
+                               "send the header 'Authorization: Bearer <token>' with the token of --api-token-file",
+                               {"WWW-Authenticate": 'Bearer realm="eclm-edge"'})
+
         def _dispatch(self, method: str) -> None:
             path = self.path.split("?")[0]
             try:
+                self._guard(path)
                 self._route(method, path)
             except ApiError as exc:
                 self.close_connection = True  # the body may be unread: do not parse it as the next request
@@ -259,6 +323,11 @@ def make_handler(idle_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
         def _not_allowed(self) -> None:
             self.close_connection = True
             path = self.path.split("?")[0]
+            try:
+                self._guard(path)
+            except ApiError as exc:
+                self._send(exc.status, {"error": exc.message, "hint": exc.hint}, headers=exc.headers)
+                return
             allow = ROUTES.get(path, "GET, POST")
             self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"method {self.command} is not supported",
                                                        "hint": f"use {allow}"}, headers={"Allow": allow})
@@ -268,9 +337,9 @@ def make_handler(idle_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def bind(cfg: EdgeConfig) -> EdgeHttpServer:
+def bind(cfg: EdgeConfig, guard: ApiGuard | None = None) -> EdgeHttpServer:
     """Bind the listening socket (a port in use is a :class:`ConfigError`); attach a service before serving."""
-    return EdgeHttpServer(cfg.host, cfg.port, cfg.http_workers, cfg.http_backlog, cfg.http_idle_timeout_s)
+    return EdgeHttpServer(cfg.host, cfg.port, cfg.http_workers, cfg.http_backlog, cfg.http_idle_timeout_s, guard)
 
 
 def serve(service: EdgeService, host: str | None = None, port: int | None = None) -> EdgeHttpServer:

@@ -51,6 +51,9 @@ class EdgeMetrics:
         self.unsigned_bundles_allowed = Gauge("eclm_edge_unsigned_bundles_allowed",
                                               "1 when bundles serve without signature checks (no trust key)",
                                               registry=r)
+        self.http_refused = Counter("eclm_edge_api_refused",
+                                    "HTTP requests refused before any endpoint ran, by reason (token_missing, "
+                                    "token_invalid, tls_handshake)", ["reason"], registry=r)
         self.training_paused = Gauge("eclm_edge_training_paused",
                                      "1 while automatic training waits, by why (memory, latency, variant)", ["kind"],
                                      registry=r)

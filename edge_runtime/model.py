@@ -3,6 +3,8 @@
 The runtime owns the parameters: ``weights`` holds one array per initializer of the graph (the
 bundle's values, overlaid by what a generation trained or received), and the session reads them
 in place (``SessionOptions.add_initializer``); a training run hands the same arrays to the step graph.
+Small models are the exception (``copy_max_bytes``): their session keeps an optimized copy, since
+the optimizations ONNX Runtime must skip on shared weights cost them more than the copy costs.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ class ServingModel:
     changed: frozenset[str] = frozenset()  # parameters whose values differ from the bundle's (a generation's own)
     versions: dict[str, int] | None = None  # module versions of this generation (default: the bundle's)
     threads: int = 1
+    # Weights of at most this many bytes in all: the session keeps its own, optimized copy (faster predictions,
+    # weights held twice); larger ones are read in place from ``weights`` (held once). 0: always in place.
+    copy_max_bytes: int = 0
     training_problem: str = ""  # why this runtime cannot train the bundle, found when it was opened
     _kept: list[object] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The session reads these arrays in place; keep the OrtValues alive as long as it.
-        self.session, self._kept = open_session(self.model_path, self.weights, self.threads)
+        # In place, the session reads these arrays: keep the OrtValues alive as long as it.
+        self.own_copy = 0 < sum(a.nbytes for a in self.weights.values()) <= self.copy_max_bytes
+        self.session, self._kept = open_session(self.model_path, self.weights, self.threads, own_copy=self.own_copy)
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(int(d) for d in self.manifest.input["shape"][1:])
         self.labels = list(self.manifest.labels)
@@ -89,10 +95,11 @@ class ServingModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities for already-checked inputs."""
-        z = self.logits(x)
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return np.asarray(e / e.sum(axis=1, keepdims=True))
+        z = self.logits(x)  # a fresh array of the session's: worked on in place
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
 
     def log_loss(self, x: np.ndarray, y: np.ndarray, batch: int = 32) -> float:
         """Mean cross-entropy of the labels (NaN without samples)."""

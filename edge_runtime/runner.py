@@ -27,16 +27,18 @@ def run(cfg: EdgeConfig, announce: Callable[[str], None]) -> None:
     runtime, no valid bundle) raises an :class:`~eclm.errors.EclmError` and leaves no new folder behind.
     """
     from edge_runtime import http_api
+    from edge_runtime.api_security import load_guard
     from edge_runtime.service import EdgeService
 
+    guard = load_guard(cfg)  # beyond loopback without a token or TLS, or an unusable token file: refused first
     if cfg.broker:  # a malformed URL or an unreadable key fails before anything is bound or written
-        from eclm.mqtt import BrokerUrl
+        from eclm.mqtt import BrokerUrl, check_tls
         from eclm.signing import load_verifier
 
-        BrokerUrl.parse(cfg.broker)
+        check_tls(BrokerUrl.parse(cfg.broker), cfg.tls_dir)
         if cfg.trust_key is not None:
             load_verifier(cfg.trust_key)
-    server = http_api.bind(cfg)  # a port in use fails here, before the state directory is touched
+    server = http_api.bind(cfg, guard)  # a port in use fails here, before the state directory is touched
     created = _first_missing(cfg.state_dir.absolute())
     try:
         service = EdgeService(cfg)
@@ -63,7 +65,8 @@ def run(cfg: EdgeConfig, announce: Callable[[str], None]) -> None:
         s = service.serving
         announce(f"eclm-edge {cfg.device_id}: serving bundle {s.digest} (profile {s.manifest.profile['name']}, "
                  f"generation {s.generation}, training {'on' if s.trainable else 'off'}) "
-                 f"on http://{cfg.host}:{server.server_address[1]}"
+                 f"on {guard.scheme}://{f'[{cfg.host}]' if ':' in cfg.host else cfg.host}:{server.server_address[1]}"
+                 + (" (API token required)" if guard.token is not None else "")
                  + (f"; syncing through {sync.broker}" if sync is not None else "; no broker: not syncing"))
         server.serve_forever()
     finally:

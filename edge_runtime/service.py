@@ -59,7 +59,7 @@ class EdgeService:
                 self.store.close()
             self.state.close()
             raise
-        current = self._serving_now
+        current = self.generations.current  # components read the serving model when they need it
         self.events = EventSink()
         self.listeners: list[Listener] = self.events.listeners
         self.rungs = VariantLadder(cfg, current, self.metrics, self.events)
@@ -71,9 +71,6 @@ class EdgeService:
         self._stop = threading.Event()
         self.sync_report: Callable[[], dict[str, Any]] | None = None  # set by the MQTT side when a broker is used
         self._refresh_gauges()
-
-    def _serving_now(self) -> ServingModel:
-        return self.generations.serving
 
     # -- what the components hold, read through the service
     @property

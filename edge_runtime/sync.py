@@ -11,7 +11,7 @@ from typing import Any
 
 from eclm import topics, wire
 from eclm.errors import BundleError, DataError, EclmError
-from eclm.mqtt import BrokerUrl, install_client_id, make_client
+from eclm.mqtt import BrokerUrl, install_client_id, make_client, probe
 from eclm.signing import Verifier, load_verifier
 from edge_runtime.outbox import Outbox
 from edge_runtime.service import EdgeService
@@ -62,7 +62,8 @@ class EdgeSync:
         self._lock = threading.Lock()
         offline = wire.encode(wire.StatusMessage(self.device, False))
         self.client_id = install_client_id(cfg.state_dir, f"eclm-edge-{self.device}")
-        self.client = make_client(self.client_id, self.broker, will=(topics.status(self.device), offline))
+        self.client = make_client(self.client_id, self.broker, will=(topics.status(self.device), offline),
+                                  tls_dir=cfg.tls_dir)
         self.health = SyncHealth(self.client, service.metrics, self.stop)
         guard = self.health.guard
         self.client.on_connect = guard("on_connect")(self._on_connect)
@@ -117,7 +118,7 @@ class EdgeSync:
         """Paho could not reach the broker (it retries with back-off up to 30 s): say so, do not stop serving."""
         self._failures += 1
         if self._failures == 1 or self._failures % 20 == 0:
-            self._last_error = _probe(self.broker.host, self.broker.port)
+            self._last_error = probe(self.broker, self.service.cfg.tls_dir)
             log.warning("broker %s cannot be reached (%s; attempt %d): serving offline, deltas wait in the "
                         "outbox; retrying every 1-30 s", self.broker, self._last_error, self._failures)
 
@@ -306,14 +307,3 @@ class EdgeSync:
                 log.error("update refused: %s", exc.message)
             except Exception:
                 log.exception("applying an update failed; the serving model is unchanged")
-
-
-def _probe(host: str, port: int) -> str:
-    """Why a TCP connection to the broker fails, in the system's words."""
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=3):
-            return "the TCP connection succeeds, the MQTT handshake does not"
-    except OSError as exc:
-        return exc.strerror or str(exc) or type(exc).__name__

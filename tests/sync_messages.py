@@ -17,8 +17,11 @@ def layer_sizes(bank: Path) -> list[int]:
 
 
 def make_delta(bank: Path, device: str, part_ids: tuple[str, ...] = ("head",), *, seed: int = 0,
-               scale: float = 1e-3, **overrides: Any) -> wire.DeltaMessage:
-    """A valid delta against the bank's current versions: small seeded perturbations of every float parameter."""
+               scale: float = 1e-3, random_importance: bool = False, **overrides: Any) -> wire.DeltaMessage:
+    """A valid delta against the bank's current versions: small seeded perturbations of every float parameter.
+
+    ``random_importance`` draws the importance from the same seeded generator (else 0.5 everywhere).
+    """
     b = DirectoryBank(bank)
     info = b.info()
     rng = np.random.default_rng(seed)
@@ -29,10 +32,13 @@ def make_delta(bank: Path, device: str, part_ids: tuple[str, ...] = ("head",), *
         names[pid] = sorted(n for n, a in current.items() if a.dtype.kind == "f")
         for n in names[pid]:
             tensors[n] = (scale * rng.normal(size=current[n].shape)).astype(np.float32)
+    sizes = layer_sizes(bank)
+    importance = ([[float(v) for v in rng.uniform(0.05, 1.0, n)] for n in sizes] if random_importance
+                  else [[0.5] * n for n in sizes])
     fields: dict[str, Any] = dict(
         delta_id=uuid.uuid4().hex, device_id=device, bank_id=info.bank_id, bundle="b0",
         base_versions={pid: info.parts[pid].version for pid in part_ids}, parts=names, tensors=tensors,
-        sample_count=32, importance=[[0.5] * n for n in layer_sizes(bank)], metrics={"loss": 0.25})
+        sample_count=32, importance=importance, metrics={"loss": 0.25})
     fields.update(overrides)
     return wire.DeltaMessage(**fields)
 

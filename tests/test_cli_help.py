@@ -26,15 +26,20 @@ APPS: dict[str, typer.Typer] = {
 ACTIONS = {"--help", "--list-profiles", "--json"}  # do something once; not settings, so no variable
 
 
+def _leaves(path: list[str], command: Any) -> Iterator[tuple[list[str], Any]]:
+    """Every runnable command under ``command``, groups (e.g. `eclm-cloud pki`) walked down."""
+    subcommands = getattr(command, "commands", None)
+    if not subcommands:
+        yield path, command
+        return
+    for name, sub in subcommands.items():
+        yield from _leaves([*path, name], sub)
+
+
 def _commands() -> Iterator[tuple[str, list[str], Any]]:
     for prog, app in APPS.items():
-        root = typer.main.get_command(app)
-        subcommands = getattr(root, "commands", None)
-        if subcommands:
-            for name, command in subcommands.items():
-                yield prog, [name], command
-        else:
-            yield prog, [], root
+        for path, command in _leaves([], typer.main.get_command(app)):
+            yield prog, path, command
 
 
 COMMANDS = list(_commands())

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sync_messages import make_delta, make_profile
 
 from cloud_sync.daemon import LEDGER, SyncCore, SyncSettings
 from cloud_sync.merger import MergeSettings, module_weight
@@ -68,24 +69,10 @@ class Env:
     def delta(self, device: str, part_ids: tuple[str, ...] = ("L0M0", "head"), *, seed: int = 0,
               scale: float = 1e-3, sample_count: int = 32, **overrides: Any) -> wire.DeltaMessage:
         """A valid delta: small seeded perturbations of every float parameter of ``part_ids``."""
-        info = self.info()
-        rng = np.random.default_rng(seed)
-        names: dict[str, list[str]] = {}
-        tensors: dict[str, np.ndarray] = {}
-        for pid in part_ids:
-            current = self.params(pid)
-            names[pid] = sorted(n for n, a in current.items() if a.dtype.kind == "f")
-            for n in names[pid]:
-                tensors[n] = (scale * rng.normal(size=current[n].shape)).astype(np.float32)
-        sizes = [len(layer["widths"]) for layer in info.config["layers"]]
-        fields: dict[str, Any] = dict(
-            delta_id=f"{self._ids.getrandbits(128):032x}", device_id=device, bank_id=info.bank_id, bundle="b0",
-            base_versions={pid: info.parts[pid].version for pid in part_ids}, parts=names, tensors=tensors,
-            sample_count=sample_count, importance=[[float(v) for v in rng.uniform(0.05, 1.0, n)] for n in sizes],
-            metrics={"loss": 0.25, "epochs": 1},
-        )
+        fields: dict[str, Any] = dict(delta_id=f"{self._ids.getrandbits(128):032x}", sample_count=sample_count,
+                                      metrics={"loss": 0.25, "epochs": 1})
         fields.update(overrides)
-        return wire.DeltaMessage(**fields)
+        return make_delta(self.bank, device, part_ids, seed=seed, scale=scale, random_importance=True, **fields)
 
     def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         db = sqlite3.connect(str(self.bank / LEDGER))
@@ -111,10 +98,7 @@ def register(core: SyncCore, device: str) -> None:
     """Make ``device`` known to the bank the way devices do: a profile for this bank (deltas of others are refused)."""
     if core.ledger.known_device(device):
         return
-    info = DirectoryBank(core.settings.bank_dir).info()
-    sizes = [len(layer["widths"]) for layer in info.config["layers"]]
-    msg = wire.ProfileMessage(device_id=device, bank_id=info.bank_id, bundle="b0",
-                              importance=[[1.0 / n] * n for n in sizes], sample_count=40)
+    msg = make_profile(core.settings.bank_dir, device, profile_name="", modules={})
     assert core.handle(topics.profile(device), wire.encode(msg)) == []
     assert core.ledger.known_device(device)
 
@@ -153,11 +137,8 @@ def one_ack(pubs: list[tuple[str, bytes]], device: str, delta_id: str, status: s
 def profile(core: SyncCore, env: Env, device: str, modules: list[str], trainable: bool = True,
             profile_name: str = "") -> list[tuple[str, bytes]]:
     info = env.info()
-    sizes = [len(layer["widths"]) for layer in info.config["layers"]]
-    msg = wire.ProfileMessage(device_id=device, bank_id=info.bank_id, bundle="b0",
-                              importance=[[1.0 / n] * n for n in sizes], sample_count=40, profile_name=profile_name,
-                              modules={m: info.parts[m].version for m in modules}, trainable=trainable,
-                              measured=False)
+    msg = make_profile(env.bank, device, profile_name=profile_name, trainable=trainable, measured=False,
+                       modules={m: info.parts[m].version for m in modules})
     return core.handle(topics.profile(device), wire.encode(msg))
 
 
