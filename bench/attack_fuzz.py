@@ -35,8 +35,10 @@ from eclm import topics, wire
 
 Say = Callable[[str], None]
 BATCH = 500  # fuzz messages between two probes
+# Last, so they win: the gate, staleness and the minimum support are merge policy, not under test here (the
+# poisoning matrix tests them); with the default two devices per module the fleet's last lone delta would wait.
 FIXED_DAEMON_ARGS = ("--round-deltas", "4", "--round-seconds", "3", "--gate-margin", "1.0",
-                     "--max-staleness", "100000")  # last, so they win: the gate and staleness are not under test here
+                     "--max-staleness", "100000", "--min-devices", "1")
 
 
 @dataclass

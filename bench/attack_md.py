@@ -182,8 +182,9 @@ pills of `bench/pills.py` (without the chunk floods and the export race, which t
 device and cloud topics of honest and made-up device ids and to malformed topics. After every 500 it
 waits for the daemon's signed answer to a probe, so the daemon has read them all (none is dropped by the
 broker). Memory "before" is read after a warm-up round, "after" once the legitimate deltas are merged.
-The gate margin and staleness limit are set wide for the fuzz (not under test here: a legitimate delta
-held by them would read as a loss).
+The gate margin and staleness limit are set wide and the minimum support to one device for the fuzz
+(merge policy, tested by the matrix above, not here: a legitimate delta held or left waiting by them
+would read as a loss).
 
 {_fuzz_section(results['fuzz'])}
 """

@@ -92,7 +92,9 @@ def test_without_gate_and_norm_bound_an_x100_attack_is_reported_as_a_missed_goal
                                                                                  tmp_path: Path) -> None:
     matrix = run_matrix(tiny_fleet, ["weighted"], [0.34], ["scale100"], UNDEFENDED, tmp_path, lambda _m: None)
     (cell,) = matrix["cells"]
-    assert cell["attackers"] == 1 and cell["attackers_merged"] == 1 and cell["attacker_acks"] == ["stored"]
+    # Stored (the first delta of a round may be told it waits for support from a second device), then merged.
+    assert cell["attackers"] == 1 and cell["attackers_merged"] == 1
+    assert [a.split(":")[0] for a in cell["attacker_acks"]] == ["stored"], cell["attacker_acks"]
     assert matrix["settings"]["weighted"]["limits"]["max_relative_norm"] == 1e12
     goals = {g["goal"]: g for g in judge(matrix, None)}
     (shift_goal,) = [g for name, g in goals.items() if "(weighted)" in name]
