@@ -247,6 +247,22 @@ class Prober:
         self.client.disconnect()
 
 
+def settled_rss(procs: dict[str, Proc], seconds: float = 10.0, every: float = 0.5) -> dict[str, int | None]:
+    """Each process's lowest RSS over ``seconds`` of quiet: what it keeps, without the working memory of the
+    moment (a merge round's arrays come and go, about 16 MiB here). A leak raises this floor; a peak does not.
+    """
+    low: dict[str, int | None] = {name: None for name in procs}
+    end = time.time() + seconds
+    while True:
+        for name, p in procs.items():
+            value = rss_bytes(p.proc.pid) if p.proc else None
+            if value is not None:
+                low[name] = value if low[name] is None else min(value, low[name] or value)
+        if time.time() >= end:
+            return low
+        time.sleep(every)
+
+
 def _ledger(bank: Path, ids: list[str]) -> tuple[dict[str, str | None], dict[str, Any]]:
     from cloud_sync.daemon import LEDGER
     from cloud_sync.ledger import Ledger
@@ -320,8 +336,7 @@ def run_fuzz(source_bank: Path, source_bundle: Path, template: Any, messages: in
         wait_until(lambda: all(st not in (None, "pending")
                                for st in _ledger(bank, [i for s in sim_devs for i in s.sent])[0].values()),
                    120, "the warm-up deltas to be merged", interval=1.0)
-        time.sleep(2.0)
-        run.rss_before = {name: rss_bytes(p.proc.pid) if p.proc else None for name, p in procs.items()}
+        run.rss_before = settled_rss(procs)
         run.setup_seconds = time.time() - t0
         driver = EdgeDriver(edge, pool.x, pool.y, every, run)
         driver.thread.start()
@@ -372,9 +387,8 @@ def run_fuzz(source_bank: Path, source_bundle: Path, template: Any, messages: in
             wait_until(settled, drain, "legitimate deltas to be merged", interval=3.0)
         except TimeoutError:
             pass
-        time.sleep(3.0)
         run.drain_seconds = time.time() - t_drain
-        run.rss_after = {name: rss_bytes(p.proc.pid) if p.proc else None for name, p in procs.items()}
+        run.rss_after = settled_rss(procs)
         for name, p in procs.items():
             if not p.alive():
                 code = p.proc.returncode if p.proc is not None else -1

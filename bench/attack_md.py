@@ -181,7 +181,10 @@ range), oversize messages, chunked messages (complete, incomplete, corrupted, ou
 pills of `bench/pills.py` (without the chunk floods and the export race, which the soak covers) to
 device and cloud topics of honest and made-up device ids and to malformed topics. After every 500 it
 waits for the daemon's signed answer to a probe, so the daemon has read them all (none is dropped by the
-broker). Memory "before" is read after a warm-up round, "after" once the legitimate deltas are merged.
+broker). Memory "before" is read after a warm-up round, "after" once the legitimate deltas are merged,
+each as the lowest RSS over 10 s of quiet (what the process keeps: a merge round's working memory
+comes and goes, about 16 MiB here, and a single reading lands on it or not); "peak" is the highest
+reading during the whole run.
 The gate margin and staleness limit are set wide and the minimum support to one device for the fuzz
 (merge policy, tested by the matrix above, not here: a legitimate delta held or left waiting by them
 would read as a loss).
