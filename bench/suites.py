@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.arms_edge import EclmArm, LocalArm
+from bench.arms_torch import CloudArm, FedAvgArm, HeteroFLArm
 from bench.common import machine_info, md_table, pyplot, write_results
-from bench.fleet import CloudArm, EclmArm, FedAvgArm, FleetConfig, HeteroFLArm, LocalArm, Pool, Shift, make_fleet, run
+from bench.fleet import FleetConfig, Pool, Shift, make_fleet, run
 
 Say = Callable[[str], None]
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import bench.cli
 import cloud_sync.cli
-from bench.fleet import Device, FleetConfig, LocalArm, Pool, run
+from bench.arms_edge import LocalArm
+from bench.fleet import Device, FleetConfig, Pool, run
 from bench.suites import _failed_md
 from eclm.errors import DataError
 from exporter.bank import BankInfo
