@@ -110,6 +110,9 @@ def sync(
                                            help="Merge rounds a delta may wait for support before it expires."),
     gate_margin: float = typer.Option(0.02, "--gate-margin", envvar="ECLM_SYNC_GATE_MARGIN",
                                       help="Hold back a merge that lowers validation accuracy by more than this."),
+    no_gate: bool = typer.Option(False, "--no-gate", envvar="ECLM_SYNC_NO_GATE", show_default="off (gated)",
+                                 help="Merge without the validation gate. Gated, a bank whose data set cannot be "
+                                      "loaded merges nothing (said in status and metrics)."),
     max_staleness: int = typer.Option(10, "--max-staleness", envvar="ECLM_SYNC_MAX_STALENESS",
                                       help="Versions a delta's base may lag behind (stale deltas weigh less)."),
     max_payload: int = typer.Option(4 * 2**20, "--max-payload", envvar="ECLM_SYNC_MAX_PAYLOAD",
@@ -142,9 +145,9 @@ def sync(
     settings = SyncSettings(
         bank_dir=bank, broker=broker, round_deltas=round_deltas, round_seconds=round_seconds,
         max_payload=max_payload, signing_key=signing_key, tls_dir=tls_dir, derive_interval=derive_interval,
-        merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, limits=Limits(max_staleness=max_staleness),
-                            min_devices=min_devices, support_max_age=support_max_age,
-                            support_max_rounds=support_max_rounds),
+        merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, gate=not no_gate,
+                            limits=Limits(max_staleness=max_staleness), min_devices=min_devices,
+                            support_max_age=support_max_age, support_max_rounds=support_max_rounds),
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None)
     if metrics_port:
@@ -205,6 +208,7 @@ def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK",
                   "module_versions": {k: v.version for k, v in sorted(info.parts.items()) if v.version > 1},
                   "parts": len(info.parts), **ledger.summary(),
                   "best_released_accuracy": ledger.best_released(),
+                  "gate_problem": ledger.meta("gate_problem") or "",
                   "derive_queue": int(ledger.meta("derive_queue") or 0),
                   "quarantined": len(ledger.quarantined()),
                   "waiting_support": ledger.waiting(), "expired_parts": ledger.expired_parts(),
@@ -237,6 +241,8 @@ def _status_text(report: dict[str, Any]) -> str:
            f"quarantined {report['quarantined']:,}; bundle derivations waiting {report['derive_queue']}; "
            + ("best released validation accuracy "
               + (f"{report['best_released_accuracy']:.4f}" if report["best_released_accuracy"] is not None else "-"))]
+    if report.get("gate_problem"):
+        out.insert(1, f"MERGING STOPPED: {report['gate_problem']}")
     if report["module_versions"]:
         out += ["", text_table(["part", "version"], [[k, v] for k, v in report["module_versions"].items()])]
     if report["rejected_by_reason"]:

@@ -33,6 +33,7 @@ class MergeSettings:
 
     strategy: str = "robust"  # weighted mean with norm clipping and a disagreement check (docs/sync.md)
     gate_margin: float = 0.02  # a merge may lower validation accuracy by at most this much
+    gate: bool = True  # False: merge without the validation gate (said in status); True and no data: no merging
     server_lr: float = 1.0  # step size applied to the merged delta (1.0: the method's plain average)
     limits: Limits = field(default_factory=Limits)
     min_devices: int = 2  # distinct devices a part needs in a round; also caps a device's share at 1/min_devices
@@ -99,7 +100,9 @@ class Merger:
         self.config = ModelConfig.from_dict(info.config)
         self.params: dict[str, dict[str, np.ndarray]] = {pid: self.bank.read_part(pid) for pid in info.parts}
         self.layer_sizes = [len(layer.widths) for layer in self.config.layers]
-        self._val = self._validation_data(info)
+        self.gate_problem = ""  # why the gate cannot run ("" when it can, or when it is switched off)
+        self._val = self._validation_data(info) if self.settings.gate else None
+        self.ledger.set_meta("gate_problem", self.gate_problem)
 
     def reconcile(self) -> None:
         """Make ``bank.json`` agree with the ledger (after a crash between commit and rewrite)."""
@@ -139,8 +142,11 @@ class Merger:
             self.ledger.reset_best_released(key)
         try:
             val = gate_split(load_dataset(info.dataset), info.seed, secret)
-        except Exception as exc:  # a bank whose data is not here cannot be gated
-            log.warning("no validation data for the gate (%s); merges are not gated", exc)
+        except Exception as exc:  # a bank whose data is not here cannot be gated: then nothing merges
+            self.gate_problem = (f"no validation data for the gate ({type(exc).__name__}: {str(exc)[:200]}): "
+                                 "nothing is merged, deltas stay pending; make the bank's data set loadable "
+                                 "or pass --no-gate to merge without the gate")
+            log.error("%s", self.gate_problem)
             return None
         return to_tensors(val, info.normalisation["mean"], info.normalisation["std"])
 
@@ -170,7 +176,7 @@ class Merger:
         fault of the bank (its files cannot be read or written) raises :class:`BankError`.
         """
         stored = self.ledger.pending()
-        if not stored:
+        if not stored or self.gate_problem:  # a gate that cannot run never passes: the deltas wait
             return None
         t0 = time.perf_counter()
         current = self.versions()
@@ -391,8 +397,8 @@ class Merger:
         def with_parts(chosen: list[str]) -> dict[str, dict[str, np.ndarray]]:
             return {pid: (new_params[pid] if pid in chosen else v) for pid, v in self.params.items()}
 
-        before = self.validation_accuracy(self.params) if parts else float("nan")
-        if before != before:  # no validation data (or nothing to gate): nothing to gate on
+        before = self.validation_accuracy(self.params) if parts and self.settings.gate else float("nan")
+        if before != before:  # the gate is switched off (--no-gate), or nothing to gate
             return parts, before, before, {p: 0.0 for p in parts}, self.ledger.best_released() or float("nan")
         recorded = self.ledger.best_released()
         best = before if recorded is None else max(recorded, before)

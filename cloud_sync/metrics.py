@@ -45,6 +45,8 @@ class SyncCollector(Collector):
                                 value=len(self.core.derivations))
         yield GaugeMetricFamily("eclm_sync_quarantined", "Deltas, messages and jobs set aside with a reason",
                                 value=len(self.core.ledger.quarantined()))
+        yield GaugeMetricFamily("eclm_sync_gate_unavailable", "1 while the validation gate cannot run (nothing "
+                                "merges; see eclm-cloud status)", value=1 if self.core.merger.gate_problem else 0)
         yield GaugeMetricFamily("eclm_sync_waiting_support", "Pending deltas of which parts wait for more devices",
                                 value=self.core.ledger.waiting())
         yield CounterMetricFamily("eclm_sync_expired_parts", "Parts of deltas that expired waiting for support",
