@@ -177,15 +177,10 @@ class EdgeDriver:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            pick = self.rng.choice(len(self.y), size=40, replace=False)
             try:
-                code, out = self.edge.post("/v1/samples", {"inputs": self.x[pick].tolist(),
-                                                           "labels": self.y[pick].tolist()})
-                if code != 200:
-                    raise RuntimeError(f"samples answered {code}: {out}")
-                last = self.edge.train_and_wait(timeout=180)
-                if last.get("delta_id"):
-                    self.run.legit.setdefault(self.edge.device_id, []).append(str(last["delta_id"]))
+                delta_id = self.edge.feed_and_train(self.x, self.y, self.rng)
+                if delta_id:
+                    self.run.legit.setdefault(self.edge.device_id, []).append(delta_id)
             except Exception as exc:  # a wedged or dead edge is a finding, not a reason to stop
                 self.run.training_errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 if not self.edge.proc.alive():

@@ -145,6 +145,15 @@ class Edge:
             time.sleep(0.2)
         raise TimeoutError(f"training on {self.device_id} did not finish")
 
+    def feed_and_train(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n: int = 40) -> str | None:
+        """Post ``n`` labelled samples drawn from (x, y), run one training and wait for it; its delta id, if any."""
+        pick = rng.choice(len(y), size=n, replace=False)
+        code, out = self.post("/v1/samples", {"inputs": x[pick].tolist(), "labels": y[pick].tolist()})
+        if code != 200:
+            raise RuntimeError(f"samples answered {code}: {out}")
+        last = self.train_and_wait(timeout=180)
+        return str(last["delta_id"]) if last.get("delta_id") else None
+
     def wait_outbox_empty(self, timeout: float = 60) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -154,21 +163,22 @@ class Edge:
         raise TimeoutError(f"outbox of {self.device_id} not acknowledged:\n{self.proc.tail()}")
 
 
-def ledger_rows(bank: Path) -> list[tuple[str, str, str, str]]:
-    """(delta_id, device_id, status, reason) of every delta the ledger knows, read-only."""
+def _read_ledger(bank: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a read-only query on the bank's ledger (it may be open in a running daemon)."""
     db = sqlite3.connect(f"file:{bank / 'sync.sqlite'}?mode=ro", uri=True, timeout=30)
     try:
-        return [tuple(r) for r in db.execute("SELECT delta_id, device_id, status, reason FROM deltas")]
+        return [tuple(r) for r in db.execute(sql)]
     finally:
         db.close()
+
+
+def ledger_rows(bank: Path) -> list[tuple[str, str, str, str]]:
+    """(delta_id, device_id, status, reason) of every delta the ledger knows, read-only."""
+    return _read_ledger(bank, "SELECT delta_id, device_id, status, reason FROM deltas")
 
 
 def ledger_versions(bank: Path) -> dict[str, int]:
-    db = sqlite3.connect(f"file:{bank / 'sync.sqlite'}?mode=ro", uri=True, timeout=30)
-    try:
-        return {r[0]: int(r[1]) for r in db.execute("SELECT part_id, MAX(version) FROM versions GROUP BY part_id")}
-    finally:
-        db.close()
+    return {r[0]: int(r[1]) for r in _read_ledger(bank, "SELECT part_id, MAX(version) FROM versions GROUP BY part_id")}
 
 
 def wait_until(cond: Any, timeout: float, what: str, interval: float = 0.25) -> None:

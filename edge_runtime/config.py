@@ -33,7 +33,7 @@ class EdgeConfig:
     holdout_every: int = 5  # every n-th sample is held out (20%)
     max_body_bytes: int = 8 * 2**20
     seed: int = 0
-    # Models whose weights total at most this: the serving session keeps its own optimized copy (about 2.5x
+    # Models whose weights total at most this: the serving session keeps its own optimized copy (about 2x
     # faster on digits); larger ones are shared in place with training (held once). 0: always shared.
     serving_copy_max_mb: float = 16.0
     broker: str | None = None  # mqtt://HOST:PORT or mqtts://HOST:PORT; unset: no sync

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import sqlite3
 import ssl
 import threading
 import time
@@ -27,6 +26,8 @@ from typer.testing import CliRunner
 from cloud_sync import pki
 from cloud_sync.broker_config import write_broker_config
 from cloud_sync.cli import app as cloud_app
+from cloud_sync.core import LEDGER
+from cloud_sync.ledger import Ledger
 from eclm import topics, wire
 from eclm.errors import ConfigError
 from eclm.mqtt import BrokerUrl, make_client, probe
@@ -337,11 +338,12 @@ def _acks(c: Client) -> dict[str, str]:
 
 
 def _rejects(bank: Path) -> dict[str, int]:
-    db = sqlite3.connect(f"file:{bank / 'sync.sqlite'}?mode=ro", uri=True, timeout=30)
+    """Rejections by reason, as `eclm-cloud status` reads them."""
+    ledger = Ledger(bank / LEDGER)
     try:
-        return {r[0]: int(r[1]) for r in db.execute("SELECT reason, count FROM rejects")}
+        return dict(ledger.summary()["rejected_by_reason"])
     finally:
-        db.close()
+        ledger.close()
 
 
 @needs_mosquitto
