@@ -251,8 +251,9 @@ def settled_rss(procs: dict[str, Proc], seconds: float = 10.0, every: float = 0.
     while True:
         for name, p in procs.items():
             value = rss_bytes(p.proc.pid) if p.proc else None
+            prev = low[name]
             if value is not None:
-                low[name] = value if low[name] is None else min(value, low[name] or value)
+                low[name] = value if prev is None else min(prev, value)
         if time.time() >= end:
             return low
         time.sleep(every)
