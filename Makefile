@@ -25,7 +25,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy eclm device_profiles exporter cloud_sync edge_runtime bench
+	$(BIN)/mypy eclm device_profiles module_bank exporter cloud_sync edge_runtime bench
 
 bench: install
 	$(BIN)/eclm bench --suite export --out docs/benchmarks

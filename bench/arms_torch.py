@@ -55,8 +55,8 @@ class CloudArm:
     name = "none"
 
     def __init__(self, bank: Path) -> None:
-        from exporter.bank import DirectoryBank
         from exporter.torchio import model_from_bank
+        from module_bank import DirectoryBank
 
         self.model = model_from_bank(DirectoryBank(bank))
         info = DirectoryBank(bank).info()

@@ -182,8 +182,8 @@ class Evaluator:
     @classmethod
     def make(cls, fleet: Fleet) -> Evaluator:
         from eclm.onnx_weights import read_initializers
-        from exporter.bank import DirectoryBank
         from exporter.config import ModelConfig
+        from module_bank import DirectoryBank
 
         info = DirectoryBank(fleet.bank).info()
         weights = {d.bundle: read_initializers(d.bundle / "model.onnx") for d in fleet.devices}
@@ -310,7 +310,7 @@ def run_matrix(fleet: Fleet, strategies: Sequence[str], shares: Sequence[float],
     """Every strategy: an honest-only control, then each share x attack; and the devices before any merge."""
     ev = Evaluator.make(fleet)
     base = merge_settings(options)
-    from exporter.bank import DirectoryBank
+    from module_bank import DirectoryBank
 
     bank_params = {pid: DirectoryBank(fleet.bank).read_part(pid) for pid in DirectoryBank(fleet.bank).info().parts}
     start_test, start_bd = ev.cloud(bank_params)

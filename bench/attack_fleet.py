@@ -116,7 +116,7 @@ def build_fleet(spec: FleetSpec, work: Path, say: Say) -> Fleet:
         train_bank(TrainOptions(dataset="digits", bank_dir=bank, seed=spec.seed, epochs=spec.bank_epochs,
                                 enhance_epochs=spec.bank_enhance_epochs))
     seconds["bank"] = time.perf_counter() - t
-    from exporter.bank import DirectoryBank
+    from module_bank import DirectoryBank
 
     pool = split(load_dataset("digits"), DirectoryBank(bank).info().seed).pool
     rng = np.random.default_rng(spec.seed)

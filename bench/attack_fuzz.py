@@ -261,7 +261,7 @@ def settled_rss(procs: dict[str, Proc], seconds: float = 10.0, every: float = 0.
 
 def _ledger(bank: Path, ids: list[str]) -> tuple[dict[str, str | None], dict[str, Any]]:
     from cloud_sync.daemon import LEDGER
-    from cloud_sync.ledger import Ledger
+    from module_bank import Ledger
 
     ledger = Ledger(bank / LEDGER)
     try:
@@ -272,7 +272,7 @@ def _ledger(bank: Path, ids: list[str]) -> tuple[dict[str, str | None], dict[str
 
 def _context(bank: Path, bundle: Path, honest: list[str], seed: int) -> fuzz.FuzzContext:
     from eclm.manifest import read_manifest
-    from exporter.bank import DirectoryBank
+    from module_bank import DirectoryBank
 
     b = DirectoryBank(bank)
     shapes = {n: tuple(a.shape) for n, a in b.read_part("head").items() if a.dtype.kind == "f"}

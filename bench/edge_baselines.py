@@ -31,8 +31,8 @@ def torch_submodel(spec: dict[str, Any]) -> Any:
     from exporter.onnx_export import Normalised
 
     if spec["build"] == "bank":  # as the exporter builds it: the full model, then the sub-model
-        from exporter.bank import DirectoryBank
         from exporter.torchio import model_from_bank
+        from module_bank import DirectoryBank
 
         sub = Normalised(SubModel(model_from_bank(DirectoryBank(Path(spec["bank"]))), spec["selection"]),
                          spec["mean"], spec["std"])
@@ -153,7 +153,7 @@ _SAVED_THIS_RUN: set[Path] = set()
 
 def torch_spec(bundle: Path, bank: Path, work: Path, build: str) -> dict[str, Any]:
     """What a torch child needs to build the bundle's sub-model (``meta``: from the sub-model's own tensors)."""
-    from exporter.bank import DirectoryBank
+    from module_bank import DirectoryBank
 
     man = read_manifest(bundle)
     info = DirectoryBank(bank).info()

@@ -95,11 +95,11 @@ def machine_info() -> dict[str, Any]:
 
 def prepare(work: Path, say: Any, quick: bool = False) -> dict[str, Any]:
     """Banks (random resnet18, trained digits) and pi4 bundles; reused when ``work`` already holds them."""
-    from exporter.bank import DirectoryBank
     from exporter.cloud import TrainOptions, random_bank, train_bank
     from exporter.export import ExportRequest, export_bundle
     from exporter.importance import write_importance_file
     from exporter.torchio import model_from_bank
+    from module_bank import DirectoryBank
 
     t0 = time.perf_counter()
     rbank, dbank = work / "bank-resnet18", work / "bank-digits"

@@ -122,10 +122,10 @@ def bench_profile(name: str, bank: Path, imp: Path, out: Path, full: Any, repeat
     import torch
 
     from device_profiles import load_profile
-    from exporter.bank import DirectoryBank
     from exporter.export import ExportRequest, export_bundle
     from exporter.modular import SubModel, count_params
     from exporter.onnx_export import Normalised
+    from module_bank import DirectoryBank
 
     profile = load_profile(name)
     t = time.perf_counter()
@@ -228,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from device_profiles import available_profiles
-    from exporter.bank import DirectoryBank
     from exporter.cloud import random_bank
     from exporter.costs import part_costs
     from exporter.importance import write_importance_file
     from exporter.modular import count_params
     from exporter.torchio import model_from_bank
+    from module_bank import DirectoryBank
 
     names = [n for n in args.profiles.split(",") if n] or available_profiles()
     command = "python -m bench.export_bench " + " ".join(sys.argv[1:] if argv is None else argv)

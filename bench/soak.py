@@ -198,7 +198,7 @@ def issue_for(bundle: Path, device: str, key: Path, target: Path) -> Path:
 def _context(bank: Path, bundle: Path, honest: list[str]) -> pillbox.PillContext:
     """What the attacker knows; the importance of the honest bundle gives profiles the bank's shape."""
     from eclm.manifest import read_manifest
-    from exporter.bank import DirectoryBank
+    from module_bank import DirectoryBank
 
     b = DirectoryBank(bank)
     info = b.info()
@@ -211,7 +211,7 @@ def _context(bank: Path, bundle: Path, honest: list[str]) -> pillbox.PillContext
 def _ledger_facts(bank: Path, produced: list[str]) -> dict[str, Any]:
     """Through the ledger's own API: each honest delta's status and the rounds it was merged in."""
     from cloud_sync.daemon import LEDGER
-    from cloud_sync.ledger import Ledger
+    from module_bank import Ledger
 
     ledger = Ledger(bank / LEDGER)
     try:

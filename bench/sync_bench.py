@@ -91,7 +91,7 @@ def part_a(bank: Path, work: Path) -> dict[str, Any]:
     from safetensors.numpy import save
 
     from eclm import wire
-    from exporter.bank import DirectoryBank
+    from module_bank import DirectoryBank
 
     full = {k: v for k, v in DirectoryBank(bank).read_all().items() if v.dtype.kind == "f"}
     fedavg_bytes = len(save(full))
@@ -185,7 +185,7 @@ def part_b(bank: Path, work: Path, template: Any, n_devices: int, codec: str, ti
         ready.wait(10)
         time.sleep(3)  # the daemon connects and subscribes
         versions = {pid: 1 for pid in template.base_versions}
-        from exporter.bank import DirectoryBank
+        from module_bank import DirectoryBank
 
         sizes = [len(layer["widths"]) for layer in DirectoryBank(bank).info().config["layers"]]
         uniform = [[1.0 / n] * n for n in sizes]

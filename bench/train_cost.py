@@ -29,8 +29,8 @@ def full_model_child(bank: Path) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from exporter.bank import DirectoryBank
     from exporter.torchio import model_from_bank
+    from module_bank import DirectoryBank
 
     torch.set_num_threads(1)
     base = _status("VmRSS:")

@@ -10,6 +10,8 @@ import typer
 from cloud_sync.pki_cli import register_pki
 from eclm.cli_support import make_app, reports_errors
 
+BANK_HELP = ("Module bank: a directory (SQLite ledger + files) or postgresql://USER@HOST[:PORT]/DB "
+             "(shared by several workers; docs/scale.md).")
 app = make_app("The cloud side of ECLM: train the module bank, run the merger daemon, inspect it.")
 
 
@@ -23,7 +25,7 @@ def _root() -> None:
 def train(
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
                                 help="'digits' (ships with scikit-learn) or an .npz with arrays X and y."),
-    bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory to write."),
+    bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=BANK_HELP + " Written."),
     seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED",
                              help="Seed for the data split, initialisation and order."),
     config: str = typer.Option("digits", "--config", envvar="ECLM_MODEL_CONFIG",
@@ -62,7 +64,9 @@ def train(
                      enhance_epochs=enhance_epochs),
         progress,
     )
-    typer.echo(bank_summary(info, str(bank)))
+    from module_bank import redact
+
+    typer.echo(bank_summary(info, redact(bank)))
 
 
 def main() -> None:
@@ -84,7 +88,7 @@ def keys(out: Path = typer.Option(Path("keys"), "--out", envvar="ECLM_KEYS_DIR",
 @app.command()
 @reports_errors
 def sync(
-    bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
+    bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=BANK_HELP),
     broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="ECLM_BROKER",
                                help="MQTT broker URL: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] with --tls-dir."),
     tls_dir: Path = typer.Option(None, "--tls-dir", envvar="ECLM_TLS_DIR", file_okay=False,
@@ -166,18 +170,17 @@ def sync(
 
 @app.command()
 @reports_errors
-def quarantine(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
+def quarantine(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=BANK_HELP),
                as_json: bool = typer.Option(False, "--json", envvar="ECLM_JSON", show_default="off",
                                             help="Print JSON.")) -> None:
     """What the daemon set aside (deltas, messages, derivations, updates), newest first, with the reason."""
-    from cloud_sync.core import LEDGER
-    from cloud_sync.ledger import Ledger
+    from module_bank import open_bank
 
-    ledger = Ledger(bank / LEDGER)
+    opened = open_bank(bank)
     try:
-        rows = ledger.quarantined()
+        rows = opened.ledger.quarantined()
     finally:
-        ledger.close()
+        opened.close()
     if as_json:
         from eclm.jsonsafe import dumps
 
@@ -194,16 +197,15 @@ def quarantine(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BA
 
 @app.command()
 @reports_errors
-def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
+def status(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=BANK_HELP),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Module versions, devices seen, deltas merged and rejected (by reason), as tables or JSON."""
-    from cloud_sync.core import LEDGER
-    from cloud_sync.ledger import Ledger
-    from exporter.bank import DirectoryBank
+    from module_bank import open_bank
 
-    info = DirectoryBank(bank).info()
-    ledger = Ledger(bank / LEDGER)
+    opened = open_bank(bank)
+    ledger = opened.ledger
     try:
+        info = opened.store.info()
         report = {"bank_id": info.bank_id,
                   "module_versions": {k: v.version for k, v in sorted(info.parts.items()) if v.version > 1},
                   "parts": len(info.parts), **ledger.summary(),
@@ -215,7 +217,7 @@ def status(bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK",
                   "devices": [{k: d[k] for k in ("device_id", "online", "last_seen", "bundle", "profile")}
                               for d in ledger.devices()]}
     finally:
-        ledger.close()
+        opened.close()
     if as_json:
         from eclm.jsonsafe import dumps
 

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from cloud_sync.derive import DeriveJob, DeriveQueue, Publication
-from cloud_sync.ledger import Ledger
 from cloud_sync.merger import Merger, MergeSettings, RoundResult
 from cloud_sync.validation import check_profile
 from eclm import topics, wire
@@ -26,9 +25,10 @@ from eclm.manifest import bundle_digest
 from eclm.mqtt import DEFAULT_BROKER
 from eclm.reassembly import ChunkRefused
 from eclm.signing import Signer
+from module_bank import LEDGER_FILE, open_bank
 
 log = logging.getLogger("eclm.sync")
-LEDGER = "sync.sqlite"
+LEDGER = LEDGER_FILE  # the SQLite ledger in a directory bank
 # Device events counted by kind; any other kind is counted as "other" (labels stay bounded).
 EVENT_KINDS = frozenset({"rollback", "variant", "drift", "paused", "resumed", "update", "installed"})
 
@@ -37,7 +37,7 @@ EVENT_KINDS = frozenset({"rollback", "variant", "drift", "paused", "resumed", "u
 class SyncSettings:
     """What the daemon is told."""
 
-    bank_dir: Path
+    bank_dir: Path | str  # a bank directory or a postgresql:// URL (module_bank.open_bank)
     broker: str = DEFAULT_BROKER
     round_deltas: int = 5  # merge once this many deltas are pending ...
     round_seconds: float = 30.0  # ... or when the oldest pending delta is this old
@@ -75,8 +75,9 @@ class SyncCore:
     def __init__(self, settings: SyncSettings, signer: Signer | None) -> None:
         self.settings = settings
         self.signer = signer
-        self.ledger = Ledger(settings.bank_dir / LEDGER)
-        self.merger = Merger(settings.bank_dir, self.ledger, settings.merge)
+        self.bank = open_bank(settings.bank_dir)
+        self.ledger = self.bank.ledger
+        self.merger = Merger(self.bank.store, self.ledger, settings.merge)
         self.reassembler = wire.Reassembler()
         self.last_round = time.time()
         self.counters: dict[str, int] = {}

@@ -13,18 +13,26 @@ from eclm import topics
 from eclm.errors import BrokerError, EclmError
 from eclm.mqtt import BrokerUrl, check_tls
 from eclm.signing import Signer
+from module_bank import Ledger, is_postgres
 
 __all__ = ["LEDGER", "CLIENT_ID_FILE", "SyncCore", "SyncDaemon", "SyncSettings", "client_id_for"]
 log = logging.getLogger("eclm.sync")
 CLIENT_ID_FILE = "sync-client-id"
 
 
-def client_id_for(bank_dir: Path) -> str:
-    """The MQTT client id of this install: ``eclm-sync-`` plus a random suffix created once and kept in the bank dir.
+def client_id_for(bank: Path | str, ledger: Ledger | None = None) -> str:
+    """The MQTT client id of this install: ``eclm-sync-`` plus a random suffix created once and kept with the bank
+    (a file in a bank directory; the ledger's meta table in a PostgreSQL bank).
 
     A fixed, guessable id with a persistent session would let anyone take the daemon's session over.
     """
-    path = bank_dir / CLIENT_ID_FILE
+    if is_postgres(bank):
+        if ledger is None:
+            raise ValueError("a PostgreSQL bank keeps its client id in the ledger")
+        made = f"eclm-sync-{secrets.token_hex(8)}"
+        ledger.set_meta_once("sync_client_id", made)
+        return ledger.meta("sync_client_id") or made
+    path = Path(bank) / CLIENT_ID_FILE
     try:
         found = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -50,7 +58,7 @@ class SyncDaemon:
         check_tls(self.broker, settings.tls_dir)  # a missing certificate fails now, with a hint
         self.core = SyncCore(settings, signer)
         self.settings = settings
-        self.client_id = settings.client_id or client_id_for(settings.bank_dir)
+        self.client_id = settings.client_id or client_id_for(settings.bank_dir, self.core.ledger)
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.dead = threading.Event()  # set when a worker loop died: no more acks

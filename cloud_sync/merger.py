@@ -7,21 +7,18 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cloud_sync.ledger import Ledger, StoredDelta
 from cloud_sync.strategies import STRATEGIES, Contribution, cap_shares
 from cloud_sync.support import SupportRules, Waiting, book, plan
 from cloud_sync.validation import Limits, Verdict, check_delta
 from cloud_sync.weights import held_importance, module_weight
 from eclm import wire
 from eclm.errors import BankError, ConfigError, DataError
-from eclm.hashing import sha256_file
-from exporter.bank import BankInfo, DirectoryBank
 from exporter.config import ModelConfig
+from module_bank import BankInfo, BankStore, Ledger, StoredDelta
 
 log = logging.getLogger("eclm.sync.merge")
 __all__ = ["MergeSettings", "Merger", "RoundResult", "module_weight"]
@@ -90,8 +87,8 @@ NO_CHANGE_NORM = 1e-7  # a merged change of a part below this L2 norm changes no
 class Merger:
     """Holds the bank's current parameters and validation data; validates deltas and runs rounds."""
 
-    def __init__(self, bank_dir: Path, ledger: Ledger, settings: MergeSettings) -> None:
-        self.bank = DirectoryBank(bank_dir)
+    def __init__(self, store: BankStore, ledger: Ledger, settings: MergeSettings) -> None:
+        self.bank = store
         self.ledger = ledger
         self.settings = settings
         self.reconcile()
@@ -114,9 +111,10 @@ class Merger:
         changed = False
         for pid, version in recorded.items():
             rec = info.parts.get(pid)
-            if rec is not None and rec.version != version and self.bank.part_file(pid, version).is_file():
+            sha = self.bank.version_sha256(pid, version) if rec is not None and rec.version != version else None
+            if rec is not None and sha is not None:
                 rec.version = version
-                rec.sha256 = sha256_file(self.bank.part_file(pid, version))
+                rec.sha256 = sha
                 rec.lineage = self.ledger.lineage(pid)
                 changed = True
         if changed:
@@ -133,8 +131,8 @@ class Merger:
         secret, made = self.bank.validation_secret()
         if made:
             log.warning("bank %s had no validation secret: made one (%s, mode 0600); the gate's validation split "
-                        "is now drawn by it and cannot be rebuilt from public data and the seed", self.bank.root,
-                        self.bank.root / "validation.secret")
+                        "is now drawn by it and cannot be rebuilt from public data and the seed", self.bank.location,
+                        "validation.secret")
         key = hashlib.sha256(secret).hexdigest()[:16]
         if self.ledger.meta("validation_key") != key:
             if self.ledger.best_released() is not None:
@@ -284,18 +282,7 @@ class Merger:
 
     def bank_fault(self, parts: list[str]) -> str:
         """Why the bank cannot take a new version of ``parts`` (empty when it can)."""
-        try:
-            info = self.bank.info()
-            for pid in parts:
-                path = self.bank.part_file(pid, info.parts[pid].version + 1)
-                if path.exists() and not path.is_file():
-                    return f"{path} is not a regular file"
-                probe = path.parent / f".probe-{pid}"
-                probe.write_bytes(b"")
-                probe.unlink()
-        except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return ""
+        return self.bank.fault(parts)
 
     def _capped(self, contribs: list[Contribution]) -> list[Contribution]:
         """The contributions with no device above ``max_share`` of their total weight (docs/sync.md)."""

@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud_sync.ledger import StoredDelta
 from cloud_sync.strategies import Contribution
+from module_bank import StoredDelta
 
 log = logging.getLogger("eclm.sync.merge")
 
@@ -89,7 +89,7 @@ def book(stored: dict[str, StoredDelta], p: Plan, outcomes: dict[str, dict[str, 
          ) -> tuple[list[str], list[str], dict[str, Any]]:
     """Final states and ledger records from a round's outcomes (delta -> part -> merged/held/dropped) and the
     plan's waiting and expired parts: merged ids, held ids, and the keyword arguments of
-    :meth:`cloud_sync.ledger.Ledger.commit_round` (``done``, ``waiting``, ``expired``, ``expired_parts``,
+    :meth:`module_bank.Ledger.commit_round` (``done``, ``waiting``, ``expired``, ``expired_parts``,
     ``reasons``). A delta ends merged when a round merged any of its parts, held when rounds only held or
     dropped them, expired when all that was left of it expired; while parts wait it stays pending.
     """

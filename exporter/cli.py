@@ -16,7 +16,8 @@ app = make_app("Derive a device's sub-model from the module bank and export it a
 def export(
     profile: str = typer.Option(None, "--profile", "-p", envvar="ECLM_PROFILE", show_default="none",
                                 help="Device profile name (see --list-profiles); required to export."),
-    bank: Path = typer.Option(Path("bank"), "--bank", envvar="ECLM_BANK", help="Module bank directory."),
+    bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK",
+                              help="Module bank: a directory or postgresql://USER@HOST[:PORT]/DB."),
     out: Path = typer.Option(None, "--out", "-o", envvar="ECLM_EXPORT_OUT", show_default="bundles/<profile>",
                              help="Bundle directory to write."),
     importance: Path = typer.Option(None, "--importance", envvar="ECLM_IMPORTANCE", exists=True, dir_okay=False,

@@ -9,7 +9,6 @@ from typing import Any
 
 from eclm.parts import is_module_id, parse_module_id
 from eclm.tensors import tensors_digest
-from exporter.bank import BankInfo, DirectoryBank, PartRecord, bank_id_for
 from exporter.config import ModelConfig, get_config
 from exporter.costs import part_costs
 from exporter.data import channel_stats, load_dataset, split
@@ -17,6 +16,7 @@ from exporter.enhance import enhance
 from exporter.modular import ModularNet
 from exporter.torchio import model_to_parts
 from exporter.train import Progress, accuracy, seed_everything, to_tensors, train_end_to_end
+from module_bank import BankInfo, PartRecord, bank_id_for, open_store
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,14 @@ class TrainOptions:
     """What `eclm-cloud train` is asked to do."""
 
     dataset: str = "digits"
-    bank_dir: Path = Path("bank")
+    bank_dir: Path | str = Path("bank")  # a directory or a postgresql:// URL
     seed: int = 0
     config: str = "digits"
     epochs: int | None = None
     enhance_epochs: int | None = None
 
 
-def random_bank(config: str, bank_dir: Path, seed: int = 0) -> BankInfo:
+def random_bank(config: str, bank_dir: Path | str, seed: int = 0) -> BankInfo:
     """An untrained bank of ``config`` on synthetic data: for sizing and speed measurements only."""
     from exporter.data import SYNTHETIC
 
@@ -86,7 +86,7 @@ def train_bank(options: TrainOptions, progress: Progress | None = None) -> BankI
 
 
 def write_bank(
-    bank_dir: Path,
+    bank_dir: Path | str,
     model: ModularNet,
     dataset: str,
     seed: int,
@@ -124,5 +124,5 @@ def write_bank(
         metrics=metrics,
         subtasks=subtasks,
     )
-    DirectoryBank(bank_dir).write(info, parts)
+    open_store(bank_dir).write(info, parts)
     return info

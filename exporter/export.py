@@ -26,7 +26,6 @@ from eclm.parts import fixed_part_ids, module_id
 from eclm.signing import Signer, load_signer
 from eclm.train_step import STEP_FILE
 from exporter.artifacts import TRAIN_FOLDER, TrainingPlan, plan_training
-from exporter.bank import DirectoryBank
 from exporter.config import ModelConfig
 from exporter.costs import PartCost
 from exporter.data import Dataset, load_dataset, split
@@ -38,6 +37,7 @@ from exporter.step_graph import OptimizerSpec, export_step
 from exporter.torchio import model_from_bank
 from exporter.train import to_tensors
 from exporter.validate import check_against_torch, check_step
+from module_bank import open_store
 
 Step = Callable[[str], None]
 
@@ -46,7 +46,7 @@ Step = Callable[[str], None]
 class ExportRequest:
     """What `eclm-export` is asked to make."""
 
-    bank_dir: Path
+    bank_dir: Path | str  # a bank directory or a postgresql:// URL
     profile: str
     out_dir: Path
     classes: Sequence[int] | None = None
@@ -109,7 +109,7 @@ def export_bundle(req: ExportRequest, step: Step | None = None) -> BundleManifes
     """Derive the profile's sub-model from the bank and write a checked, measured bundle to ``out_dir``."""
     say = step or (lambda _msg: None)
     profile = load_profile(req.profile, req.profiles_dir)
-    bank = DirectoryBank(req.bank_dir)
+    bank = open_store(req.bank_dir)
     info = bank.info()
     model = model_from_bank(bank)
     cfg = model.cfg

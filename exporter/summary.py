@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from eclm.manifest import BundleManifest
-from exporter.bank import BankInfo
+from module_bank import BankInfo
 
 
 def _mib(v: float) -> str:

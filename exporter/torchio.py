@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from exporter.bank import DirectoryBank
 from exporter.config import ModelConfig
 from exporter.modular import ModularNet, part_prefixes
+from module_bank import BankStore
 
 
 def model_to_parts(model: ModularNet) -> dict[str, dict[str, np.ndarray]]:
@@ -33,7 +33,7 @@ def model_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Modu
     return model.eval()
 
 
-def model_from_bank(bank: DirectoryBank) -> ModularNet:
+def model_from_bank(bank: BankStore) -> ModularNet:
     """The cloud model at the bank's current module versions."""
     info = bank.info()
     return model_from_tensors(ModelConfig.from_dict(info.config), bank.read_all())

@@ -16,10 +16,10 @@ from _eclm_testutil import DEVICE_CLASSES, SEED
 
 from device_profiles import available_profiles
 from eclm.manifest import BundleManifest
-from exporter.bank import BankInfo
 from exporter.cloud import TrainOptions, train_bank
 from exporter.data import Splits, load_dataset, split
 from exporter.export import ExportRequest, export_bundle
+from module_bank import BankInfo
 
 # One intra-op thread: the models are tiny, and on a shared 2-core machine torch's default two
 # OpenMP threads spin against other processes (training measured 15x slower under load). It also

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from eclm import wire
-from exporter.bank import DirectoryBank
+from module_bank import DirectoryBank
 
 
 def layer_sizes(bank: Path) -> list[int]:

@@ -33,9 +33,9 @@ from edge_runtime.drift import DriftMonitor, PageHinkley, importance_distance
 from edge_runtime.model import ServingModel
 from edge_runtime.resources import Ladder, Readings, Thresholds
 from edge_runtime.service import EdgeService
-from exporter.bank import BankInfo
 from exporter.data import Splits
 from exporter.export import ExportRequest, export_bundle
+from module_bank import BankInfo
 
 Bundles = dict[str, tuple[Path, BundleManifest]]
 

@@ -62,7 +62,7 @@ def test_a_bad_merge_option_fails_before_any_set_up(tmp_path: Path) -> None:
 
 def test_fuzz_covers_every_topic_and_the_daemon_core_survives_it(digits_bank: Any, tmp_path: Path) -> None:
     from cloud_sync.core import SyncCore, SyncSettings
-    from exporter.bank import DirectoryBank
+    from module_bank import DirectoryBank
 
     bank = tmp_path / "bank"
     shutil.copytree(digits_bank[0], bank)

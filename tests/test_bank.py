@@ -13,12 +13,12 @@ from _eclm_testutil import SEED
 from eclm.errors import BankError
 from eclm.hashing import sha256_file
 from eclm.tensors import tensors_digest
-from exporter.bank import BANK_FILE, BankInfo, DirectoryBank, bank_id_for
 from exporter.cloud import TrainOptions, train_bank
 from exporter.config import ModelConfig, get_config
 from exporter.export import ExportRequest, export_bundle
 from exporter.torchio import model_from_bank
 from exporter.train import accuracy, to_tensors
+from module_bank import BANK_FILE, BankInfo, DirectoryBank, bank_id_for
 
 COST_KEYS = {"params", "param_bytes", "flops", "activation_bytes"}
 

@@ -16,8 +16,8 @@ from bench.arms_edge import LocalArm
 from bench.fleet import Device, FleetConfig, Pool, run
 from bench.suites import _failed_md
 from eclm.errors import DataError
-from exporter.bank import BankInfo
 from exporter.data import Splits
+from module_bank import BankInfo
 
 
 def test_a_device_whose_bundle_fails_is_reported_and_the_run_goes_on(
@@ -54,7 +54,7 @@ def test_cloud_status_is_a_table_and_strict_json(digits_bank: tuple[Path, BankIn
     import shutil
 
     from cloud_sync.daemon import LEDGER
-    from cloud_sync.ledger import Ledger
+    from module_bank import Ledger
 
     bank = tmp_path / "bank"
     shutil.copytree(digits_bank[0], bank)

@@ -16,7 +16,7 @@ from eclm.manifest import BundleManifest, bundle_digest
 from edge_runtime.config import load_config
 from edge_runtime.outbox import Outbox
 from edge_runtime.service import EdgeService
-from exporter.bank import BankInfo, DirectoryBank
+from module_bank import BankInfo, DirectoryBank
 
 Bundles = dict[str, tuple[Path, BundleManifest]]
 

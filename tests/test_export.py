@@ -19,11 +19,11 @@ from eclm.errors import BundleError, ExportValidationError
 from eclm.manifest import MANIFEST, hash_files, read_manifest, verify_bundle
 from eclm.onnx_weights import read_initializers
 from eclm.train_step import STEP_FILE, StepRunner
-from exporter.bank import DirectoryBank
 from exporter.modular import ModularNet, SubModel
 from exporter.onnx_export import Normalised
 from exporter.torchio import model_from_bank
 from exporter.validate import compare_outputs, within_tolerance
+from module_bank import DirectoryBank
 
 PROFILES = available_profiles()
 TRAINING_PROFILES = [n for n in PROFILES if load_profile(n).ort_training]

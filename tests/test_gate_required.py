@@ -18,7 +18,7 @@ from cloud_sync.core import SyncCore, SyncSettings
 from cloud_sync.merger import MergeSettings
 from cloud_sync.metrics import SyncCollector
 from eclm import topics, wire
-from exporter.bank import BANK_FILE
+from module_bank import BANK_FILE
 
 
 def _bank_without_data(digits_bank, tmp_path: Path) -> Path:

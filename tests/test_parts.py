@@ -87,7 +87,7 @@ def test_exporter_trainer_and_merger_agree_on_a_real_bundle(pi4: Path, digits_ba
     bank part the merger updates, and a module's importance is read at the layer and index the manifest gives.
     """
     from cloud_sync.merger import module_weight
-    from exporter.bank import DirectoryBank
+    from module_bank import DirectoryBank
 
     manifest = read_manifest(pi4)
     bank = DirectoryBank(digits_bank[0])

@@ -27,8 +27,8 @@ from cloud_sync.support import SupportRules, Waiting, plan
 from cloud_sync.weights import held_importance, relative_importance
 from eclm import topics, wire
 from eclm.signing import generate_keys, load_signer
-from exporter.bank import BANK_FILE, VALIDATION_SECRET_FILE, DirectoryBank
 from exporter.data import gate_split, load_dataset, split
+from module_bank import BANK_FILE, VALIDATION_SECRET_FILE, DirectoryBank
 
 # -- strategies: pure, small numpy modules ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from eclm import topics, wire
 from eclm.errors import BundleError
 from eclm.hashing import sha256_file
 from eclm.signing import Signer, Verifier, generate_keys, load_signer, load_verifier
-from exporter.bank import BANK_FILE, DirectoryBank
+from module_bank import BANK_FILE, DirectoryBank
 
 DEV_A, DEV_B, DEV_C, DEV_N = "dev-a", "dev-b", "dev-c", "dev-n"
 

@@ -21,9 +21,9 @@ from sync_messages import make_profile
 from eclm import topics, wire
 from eclm.signing import generate_keys
 from edge_runtime.outbox import Outbox
-from exporter.bank import DirectoryBank
 from exporter.data import load_dataset, split
 from exporter.export import ExportRequest, export_bundle
+from module_bank import DirectoryBank
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 CLASSES = {"f-a": [1, 4, 7], "f-b": [0, 2, 5]}

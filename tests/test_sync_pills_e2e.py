@@ -14,10 +14,9 @@ from broker import Mosquitto, mosquitto_binary
 from sync_harness import daemon, ledger_rows, wait_connected, wait_until
 from sync_messages import make_delta, make_profile
 
-from cloud_sync.ledger import Ledger
 from eclm import topics, wire
 from eclm.signing import generate_keys
-from exporter.bank import DirectoryBank
+from module_bank import DirectoryBank, Ledger
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 

@@ -27,13 +27,13 @@ from cloud_sync import pki
 from cloud_sync.broker_config import write_broker_config
 from cloud_sync.cli import app as cloud_app
 from cloud_sync.core import LEDGER
-from cloud_sync.ledger import Ledger
 from eclm import topics, wire
 from eclm.errors import ConfigError
 from eclm.mqtt import BrokerUrl, make_client, probe
 from eclm.signing import generate_keys
 from exporter.data import load_dataset
 from exporter.export import ExportRequest, export_bundle
+from module_bank import Ledger
 
 needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (apt-get install "
                                      "-y mosquitto): this test needs the real broker")

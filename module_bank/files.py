@@ -1,123 +1,16 @@
-"""The module bank: every part of the modular model, versioned, in safe tensor files (torch-free)."""
+"""A module bank in a directory: ``bank.json`` plus ``parts/<id>/v<version>.safetensors`` (the embedded default)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 
 from eclm.errors import BankError
-from eclm.hashing import atomic_write_bytes, atomic_write_json, canonical_json, sha256_file
+from eclm.hashing import atomic_write_bytes, atomic_write_json, sha256_file
 from eclm.tensors import encode_tensors, read_tensors
-
-BANK_SCHEMA_VERSION = 1
-BANK_FILE = "bank.json"
-# Random bytes made with the bank that decide the merge gate's validation split (exporter.data.gate_split).
-# Mode 0600, never in bank.json and never in a bundle: without it the split cannot be rebuilt from public
-# data and the seed, so nobody can tune a delta against the exact samples the gate checks.
-VALIDATION_SECRET_FILE = "validation.secret"
-SECRET_BYTES = 32
-
-
-@dataclass
-class PartRecord:
-    """One bank part (a module, or a fixed part such as the stem): its id, version and figures."""
-
-    part_id: str
-    kind: str  # "module" or "fixed"
-    version: int
-    sha256: str
-    costs: dict[str, int]
-    layer: int | None = None
-    index: int | None = None
-    width: float | None = None
-    lineage: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "part_id": self.part_id,
-            "kind": self.kind,
-            "version": self.version,
-            "sha256": self.sha256,
-            "costs": self.costs,
-            "layer": self.layer,
-            "index": self.index,
-            "width": self.width,
-            "lineage": self.lineage,
-        }
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> PartRecord:
-        return PartRecord(**d)
-
-
-@dataclass
-class BankInfo:
-    """The bank's description: config, data provenance, normalisation, labels, parts, metrics."""
-
-    bank_id: str
-    config: dict[str, Any]
-    dataset: str
-    seed: int
-    normalisation: dict[str, list[float]]
-    labels: list[str]
-    parts: dict[str, PartRecord]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    subtasks: list[list[int]] = field(default_factory=list)
-    schema_version: int = BANK_SCHEMA_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
-            "bank_id": self.bank_id,
-            "config": self.config,
-            "dataset": self.dataset,
-            "seed": self.seed,
-            "normalisation": self.normalisation,
-            "labels": self.labels,
-            "metrics": self.metrics,
-            "subtasks": self.subtasks,
-            "parts": {k: v.to_dict() for k, v in sorted(self.parts.items())},
-        }
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> BankInfo:
-        if d.get("schema_version") != BANK_SCHEMA_VERSION:
-            raise BankError(
-                f"bank schema version {d.get('schema_version')!r} is not {BANK_SCHEMA_VERSION}",
-                hint="re-create the bank with this version of eclm-cloud train",
-            )
-        return BankInfo(
-            bank_id=d["bank_id"],
-            config=d["config"],
-            dataset=d["dataset"],
-            seed=d["seed"],
-            normalisation=d["normalisation"],
-            labels=d["labels"],
-            parts={k: PartRecord.from_dict(v) for k, v in d["parts"].items()},
-            metrics=d.get("metrics", {}),
-            subtasks=d.get("subtasks", []),
-        )
-
-
-class BankStore(Protocol):
-    """What a bank backend offers; a directory today, a database and object store for a fleet."""
-
-    def info(self) -> BankInfo: ...
-
-    def read_part(self, part_id: str, version: int | None = None) -> dict[str, np.ndarray]: ...
-
-    def write(self, info: BankInfo, tensors: dict[str, dict[str, np.ndarray]]) -> None: ...
-
-
-def bank_id_for(config: dict[str, Any], part_hashes: dict[str, str]) -> str:
-    """A content address: same config and same tensors give the same id."""
-    h = hashlib.sha256(canonical_json({"config": config, "parts": part_hashes}))
-    return h.hexdigest()[:16]
+from module_bank.info import BANK_FILE, SECRET_BYTES, VALIDATION_SECRET_FILE, BankInfo
 
 
 class DirectoryBank:
@@ -125,6 +18,7 @@ class DirectoryBank:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.location = str(self.root)
 
     def _part_path(self, part_id: str, version: int) -> Path:
         return self.root / "parts" / part_id / f"v{version}.safetensors"
@@ -172,6 +66,27 @@ class DirectoryBank:
 
     def part_file(self, part_id: str, version: int) -> Path:
         return self._part_path(part_id, version)
+
+    def version_sha256(self, part_id: str, version: int) -> str | None:
+        """The sha256 of a stored version's tensors, or None when that version is not stored."""
+        path = self._part_path(part_id, version)
+        return sha256_file(path) if path.is_file() else None
+
+    def fault(self, parts: list[str]) -> str:
+        """Why the bank cannot take a new version of ``parts`` (empty when it can)."""
+        try:
+            info = self.info()
+            for pid in parts:
+                path = self._part_path(pid, info.parts[pid].version + 1)
+                if path.exists() and not path.is_file():
+                    return f"{path} is not a regular file"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                probe = path.parent / f".probe-{pid}"
+                probe.write_bytes(b"")
+                probe.unlink()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return ""
 
     def validation_secret(self) -> tuple[bytes, bool]:
         """The bank's validation secret, made (mode 0600) if the bank has none; and whether it was made now."""

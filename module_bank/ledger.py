@@ -1,4 +1,4 @@
-"""The sync ledger (SQLite beside the bank): every delta once, module versions, lineage, devices.
+"""The sync ledger (SQLite beside the bank, or PostgreSQL): every delta once, module versions, lineage, devices.
 
 It is the authority for module versions: a merge writes the new part files first, then records
 the versions and marks its deltas merged in one transaction, then rewrites ``bank.json`` from
@@ -9,8 +9,6 @@ pending) or the new one (``bank.json`` is reconciled on start-up).
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,34 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS deltas (
-    delta_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, received REAL NOT NULL,
-    status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',
-    payload BLOB, merged_round INTEGER, bytes INTEGER NOT NULL DEFAULT 0,
-    parts TEXT NOT NULL DEFAULT '[]', done TEXT NOT NULL DEFAULT '{}', waiting_since INTEGER
-);
-CREATE INDEX IF NOT EXISTS deltas_status ON deltas(status);
-CREATE TABLE IF NOT EXISTS versions (
-    part_id TEXT NOT NULL, version INTEGER NOT NULL, created REAL NOT NULL, round INTEGER,
-    deltas TEXT NOT NULL, PRIMARY KEY (part_id, version)
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY, created REAL NOT NULL, outcome TEXT NOT NULL, metrics TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rejects (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS quarantine (
-    kind TEXT NOT NULL, subject TEXT NOT NULL, created REAL NOT NULL, reason TEXT NOT NULL,
-    PRIMARY KEY (kind, subject)
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, online INTEGER NOT NULL DEFAULT 0,
-    bundle TEXT NOT NULL DEFAULT '', modules TEXT NOT NULL DEFAULT '{}', importance TEXT NOT NULL DEFAULT '[]',
-    trainable INTEGER NOT NULL DEFAULT 1, profile TEXT NOT NULL DEFAULT '', last_derived TEXT NOT NULL DEFAULT '',
-    last_event TEXT NOT NULL DEFAULT '', profiled INTEGER NOT NULL DEFAULT 0
-);
-"""
+from module_bank.db import Database, SqliteDatabase, Tx
+from module_bank.migrations import migrate
+
 MAX_QUARANTINE = 10_000  # newest records kept (deltas keep their 'quarantined' state regardless)
 
 
@@ -62,64 +35,49 @@ class StoredDelta:
 
 
 class Ledger:
-    """Thread-safe access to the ledger database."""
+    """Thread-safe access to the ledger database (either engine; ``Ledger(path)`` opens a SQLite file)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
-        if "profiled" not in columns:  # a ledger from before devices had to be known
-            self._db.execute("ALTER TABLE devices ADD COLUMN profiled INTEGER NOT NULL DEFAULT 0")
-            self._db.execute("UPDATE devices SET profiled = 1 WHERE profile != '' OR modules != '{}'")
-        delta_columns = {r[1] for r in self._db.execute("PRAGMA table_info(deltas)")}
-        for name, decl in (("parts", "TEXT NOT NULL DEFAULT '[]'"), ("done", "TEXT NOT NULL DEFAULT '{}'"),
-                           ("waiting_since", "INTEGER")):
-            if name not in delta_columns:  # a ledger from before deltas waited for support
-                self._db.execute(f"ALTER TABLE deltas ADD COLUMN {name} {decl}")
+    def __init__(self, db: Database | Path) -> None:
+        self.db: Database = SqliteDatabase(db) if isinstance(db, Path) else db
+        self.path = self.db.location
+        migrate(self.db)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+    def transaction(self) -> Iterator[Tx]:
+        with self.db.transaction() as tx:
+            yield tx
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        rows = self.db.query(sql, params)
+        return rows[0][0] if rows else None
 
     # deltas
     def known(self, delta_id: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT status FROM deltas WHERE delta_id = ?", (delta_id,)).fetchone()
-        return row[0] if row else None
+        found = self._one("SELECT status FROM deltas WHERE delta_id = ?", (delta_id,))
+        return None if found is None else str(found)
 
     def store_delta(self, delta_id: str, device_id: str, payload: bytes, parts: list[str] | None = None) -> bool:
         """Record a valid delta (and the parts it carries) as pending, once; False if its id was seen before."""
         with self.transaction() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO deltas (delta_id, device_id, received, status, payload, bytes, parts) "
-                "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+            n = db.execute(
+                "INSERT INTO deltas (delta_id, device_id, received, status, payload, bytes, parts) "
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (delta_id) DO NOTHING",
                 (delta_id, device_id, time.time(), payload, len(payload), json.dumps(sorted(parts or []))))
-            return cur.rowcount == 1
+            return n == 1
 
     def reject(self, reason: str, detail: str, delta_id: str | None = None, device_id: str = "",
                size: int = 0) -> None:
         """Count a rejection; a rejected delta with an id is recorded (without payload) so it is not re-counted."""
         with self.transaction() as db:
             if delta_id is not None:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO deltas (delta_id, device_id, received, status, reason, detail, bytes) "
-                    "VALUES (?, ?, ?, 'rejected', ?, ?, ?)", (delta_id, device_id, time.time(), reason, detail, size))
-                if cur.rowcount == 0:
+                n = db.execute(
+                    "INSERT INTO deltas (delta_id, device_id, received, status, reason, detail, bytes) "
+                    "VALUES (?, ?, ?, 'rejected', ?, ?, ?) ON CONFLICT (delta_id) DO NOTHING",
+                    (delta_id, device_id, time.time(), reason, detail, size))
+                if n == 0:
                     return
             db.execute("INSERT INTO rejects (reason, count) VALUES (?, 1) "
                        "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
@@ -137,37 +95,31 @@ class Ledger:
             db.execute("INSERT INTO quarantine (kind, subject, created, reason) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT(kind, subject) DO UPDATE SET created = excluded.created, reason = excluded.reason",
                        (kind, subject[:200], time.time(), reason[:500]))
-            db.execute("DELETE FROM quarantine WHERE rowid IN (SELECT rowid FROM quarantine ORDER BY created DESC "
-                       "LIMIT -1 OFFSET ?)", (MAX_QUARANTINE,))
+            db.execute("DELETE FROM quarantine WHERE created < (SELECT created FROM quarantine ORDER BY created DESC "
+                       "LIMIT 1 OFFSET ?)", (MAX_QUARANTINE - 1,))
             db.execute("INSERT INTO rejects (reason, count) VALUES (?, 1) "
                        "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (f"quarantined_{kind}",))
 
     def quarantined(self, limit: int = 1000) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT kind, subject, created, reason FROM quarantine ORDER BY created DESC "
-                                    "LIMIT ?", (limit,)).fetchall()
+        rows = self.db.query("SELECT kind, subject, created, reason FROM quarantine ORDER BY created DESC "
+                             "LIMIT ?", (limit,))
         return [{"kind": r[0], "subject": r[1], "created": r[2], "reason": r[3]} for r in rows]
 
     def pending(self, limit: int = 10_000) -> list[StoredDelta]:
-        with self._lock:
-            rows = self._db.execute("SELECT delta_id, device_id, payload, received, done, waiting_since FROM deltas "
-                                    "WHERE status = 'pending' ORDER BY received LIMIT ?", (limit,)).fetchall()
+        rows = self.db.query("SELECT delta_id, device_id, payload, received, done, waiting_since FROM deltas "
+                             "WHERE status = 'pending' ORDER BY received LIMIT ?", (limit,))
         return [StoredDelta(r[0], r[1], bytes(r[2]), float(r[3]), json.loads(r[4] or "{}"), r[5]) for r in rows]
 
     def pending_count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM deltas WHERE status = 'pending'").fetchone()[0])
+        return int(self._one("SELECT COUNT(*) FROM deltas WHERE status = 'pending'"))
 
     def ready_count(self) -> int:
         """Pending deltas not (yet) waiting for support: the new ones a round has not looked at."""
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM deltas WHERE status = 'pending' "
-                                        "AND waiting_since IS NULL").fetchone()[0])
+        return int(self._one("SELECT COUNT(*) FROM deltas WHERE status = 'pending' AND waiting_since IS NULL"))
 
     def support(self) -> dict[str, set[str]]:
         """Per part, the distinct devices whose pending deltas carry it and have not had it merged yet."""
-        with self._lock:
-            rows = self._db.execute("SELECT device_id, parts, done FROM deltas WHERE status = 'pending'").fetchall()
+        rows = self.db.query("SELECT device_id, parts, done FROM deltas WHERE status = 'pending'")
         out: dict[str, set[str]] = {}
         for device, parts, done in rows:
             taken = json.loads(done or "{}")
@@ -178,9 +130,7 @@ class Ledger:
 
     def waiting(self) -> int:
         """Pending deltas of which some parts wait for support from more devices."""
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM deltas WHERE status = 'pending' "
-                                        "AND reason = 'waiting_support'").fetchone()[0])
+        return int(self._one("SELECT COUNT(*) FROM deltas WHERE status = 'pending' AND reason = 'waiting_support'"))
 
     def expired_parts(self) -> int:
         """Parts of deltas that expired waiting for support (counted, never silently dropped)."""
@@ -193,7 +143,7 @@ class Ledger:
             self._settle(db, round_no, done, waiting, expired, expired_parts)
 
     @staticmethod
-    def _settle(db: sqlite3.Connection, round_no: int, done: dict[str, dict[str, str]], waiting: dict[str, str],
+    def _settle(db: Tx, round_no: int, done: dict[str, dict[str, str]], waiting: dict[str, str],
                 expired: dict[str, str], expired_parts: int) -> None:
         for d, outcomes in done.items():
             db.execute("UPDATE deltas SET done = ? WHERE delta_id = ? AND status = 'pending'",
@@ -211,21 +161,19 @@ class Ledger:
 
     # versions
     def versions(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT part_id, MAX(version) FROM versions GROUP BY part_id").fetchall()
+        rows = self.db.query("SELECT part_id, MAX(version) FROM versions GROUP BY part_id")
         return {r[0]: int(r[1]) for r in rows}
 
     def seed_versions(self, versions: dict[str, int]) -> None:
         """Record the bank's starting versions (once)."""
         with self.transaction() as db:
             for part_id, v in versions.items():
-                db.execute("INSERT OR IGNORE INTO versions (part_id, version, created, round, deltas) "
-                           "VALUES (?, ?, ?, NULL, '[]')", (part_id, v, time.time()))
+                db.execute("INSERT INTO versions (part_id, version, created, round, deltas) "
+                           "VALUES (?, ?, ?, NULL, '[]') ON CONFLICT (part_id, version) DO NOTHING",
+                           (part_id, v, time.time()))
 
     def next_round(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
-        return int(row[0] or 0) + 1
+        return int(self._one("SELECT MAX(round) FROM rounds") or 0) + 1
 
     def commit_round(self, round_no: int, new_versions: dict[str, tuple[int, list[str]]], merged: list[str],
                      held: list[str], held_reason: str, metrics: dict[str, Any],
@@ -263,10 +211,15 @@ class Ledger:
             db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
+    def set_meta_once(self, key: str, value: str) -> bool:
+        """Set ``key`` unless it is set; whether this call set it."""
+        with self.transaction() as db:
+            return db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                              (key, value)) == 1
+
     def meta(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return str(row[0]) if row else None
+        found = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if found is None else str(found)
 
     def reset_best_released(self, validation_key: str) -> None:
         """Forget the best released accuracy (it was measured on another validation split) and note the new one."""
@@ -277,60 +230,57 @@ class Ledger:
 
     def best_released(self) -> float | None:
         """Best validation accuracy of a released version, or None before the first gated round."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'best_released'").fetchone()
-        return float(row[0]) if row else None
+        found = self.meta("best_released")
+        return None if found is None else float(found)
 
     def lineage(self, part_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT version, created, round, deltas FROM versions WHERE part_id = ? "
-                                    "ORDER BY version", (part_id,)).fetchall()
+        rows = self.db.query("SELECT version, created, round, deltas FROM versions WHERE part_id = ? "
+                             "ORDER BY version", (part_id,))
         return [{"version": r[0], "created": r[1], "round": r[2], "deltas": json.loads(r[3])} for r in rows]
 
     # devices
     def touch_device(self, device_id: str, **fields: Any) -> None:
         cols = {k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in fields.items()}
         with self.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO devices (device_id, last_seen) VALUES (?, ?)", (device_id, time.time()))
+            db.execute("INSERT INTO devices (device_id, last_seen) VALUES (?, ?) ON CONFLICT (device_id) DO NOTHING",
+                       (device_id, time.time()))
             sets = ", ".join(f"{k} = ?" for k in cols)
             db.execute(f"UPDATE devices SET last_seen = ?{', ' + sets if sets else ''} WHERE device_id = ?",
                        (time.time(), *cols.values(), device_id))
 
     def known_device(self, device_id: str) -> bool:
         """A device of this bank: it sent a valid profile for the bank, or a bundle was derived for it."""
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM devices WHERE device_id = ? AND (profiled = 1 OR last_derived != '')",
-                                   (device_id,)).fetchone()
-        return row is not None
+        return self._one("SELECT 1 FROM devices WHERE device_id = ? AND (profiled = 1 OR last_derived != '')",
+                         (device_id,)) is not None
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         found = self.devices(device_id)
         return found[0] if found else None
 
     def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
-        with self._lock:
-            if device_id is None:
-                cur = self._db.execute("SELECT * FROM devices ORDER BY device_id")
-            else:
-                cur = self._db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,))
-            names = [d[0] for d in cur.description]
-            rows = cur.fetchall()
-        out = []
-        for r in rows:
-            d = dict(zip(names, r, strict=True))
+        if device_id is None:
+            rows = self.db.query_dicts("SELECT * FROM devices ORDER BY device_id")
+        else:
+            rows = self.db.query_dicts("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        for d in rows:
             d["modules"] = json.loads(d["modules"])
             d["importance"] = json.loads(d["importance"])
-            out.append(d)
-        return out
+        return rows
+
+    def device_count(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM devices"))
 
     # reports
+    def delta_states(self) -> dict[str, tuple[str, int | None]]:
+        """Every delta id with its status and the round that merged or held it (for reports and tests)."""
+        rows = self.db.query("SELECT delta_id, status, merged_round FROM deltas")
+        return {str(r[0]): (str(r[1]), None if r[2] is None else int(r[2])) for r in rows}
+
     def summary(self) -> dict[str, Any]:
-        with self._lock:
-            by_status = dict(self._db.execute("SELECT status, COUNT(*) FROM deltas GROUP BY status").fetchall())
-            rejects = dict(self._db.execute("SELECT reason, count FROM rejects ORDER BY reason").fetchall())
-            rounds = self._db.execute(
-                "SELECT round, outcome, metrics FROM rounds ORDER BY round DESC LIMIT 5").fetchall()
-            uplink = int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM deltas").fetchone()[0])
+        by_status = {str(k): int(v) for k, v in self.db.query("SELECT status, COUNT(*) FROM deltas GROUP BY status")}
+        rejects = {str(k): int(v) for k, v in self.db.query("SELECT reason, count FROM rejects ORDER BY reason")}
+        rounds = self.db.query("SELECT round, outcome, metrics FROM rounds ORDER BY round DESC LIMIT 5")
+        uplink = int(self._one("SELECT COALESCE(SUM(bytes), 0) FROM deltas"))
         return {
             "deltas": by_status,
             "rejected_by_reason": rejects,
