@@ -32,7 +32,7 @@ LEDGER_FILE = "sync.sqlite"
 __all__ = [
     "BANK_FILE", "BANK_SCHEMA_VERSION", "LEDGER_FILE", "SECRET_BYTES", "VALIDATION_SECRET_FILE", "Bank", "BankInfo",
     "BankStore", "ClaimLost", "Database", "DirectoryBank", "Job", "JobQueue", "Ledger", "PartRecord", "StoredDelta",
-    "bank_id_for", "is_postgres", "open_bank", "open_store", "redact",
+    "bank_id_for", "copy_bank", "is_postgres", "open_bank", "open_store", "redact",
 ]
 
 
@@ -44,6 +44,19 @@ def open_store(location: str | Path) -> BankStore:
 
         return PostgresBank(PostgresDatabase(str(location), max_size=2))
     return DirectoryBank(Path(location))
+
+
+def copy_bank(source: str | Path, dest: str | Path) -> BankInfo:
+    """Copy a bank's description, current part versions and validation secret to another location
+    (a directory bank into PostgreSQL when a lab grows into a fleet); the ledger starts empty there."""
+    src, dst = open_store(source), open_store(dest)
+    if dst.exists():
+        raise BankError(f"{redact(dest)} already holds a bank", hint="copy into an empty database or directory")
+    info = src.info()
+    dst.write(info, {pid: src.read_part(pid) for pid in info.parts})
+    secret, _ = src.validation_secret()
+    dst.set_validation_secret(secret)
+    return info
 
 
 @dataclass

@@ -152,6 +152,7 @@ class PostgresDatabase:
                             hint="pip install 'psycopg[binary,pool]' (part of eclm[cloud])") from exc
         self._errors = psycopg.Error
         try:
+            psycopg.connect(url, connect_timeout=10).close()  # fails at once, with the server's words
             self._pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True, timeout=30,
                                         kwargs={"autocommit": True})
             self._pool.wait(timeout=30)

@@ -109,6 +109,12 @@ class DirectoryBank:
             raise BankError(f"cannot write {path}: {exc}", hint="make the bank directory writable") from exc
         return made, True
 
+    def set_validation_secret(self, secret: bytes) -> None:
+        """Keep ``secret`` as the bank's validation secret (mode 0600): a copied bank gates on the same split."""
+        path = self.root / VALIDATION_SECRET_FILE
+        atomic_write_bytes(path, secret)
+        path.chmod(0o600)
+
     def write_info(self, info: BankInfo) -> None:
         """Replace ``bank.json`` atomically."""
         atomic_write_json(self.root / BANK_FILE, info.to_dict())

@@ -80,7 +80,7 @@ class Ledger:
                 if n == 0:
                     return
             db.execute("INSERT INTO rejects (reason, count) VALUES (?, 1) "
-                       "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+                       "ON CONFLICT(reason) DO UPDATE SET count = rejects.count + 1", (reason,))
 
     def quarantine(self, delta_id: str, reason: str) -> None:
         """Take a stored delta out of the rounds for good, with the reason (its payload is kept for a look)."""
@@ -98,7 +98,7 @@ class Ledger:
             db.execute("DELETE FROM quarantine WHERE created < (SELECT created FROM quarantine ORDER BY created DESC "
                        "LIMIT 1 OFFSET ?)", (MAX_QUARANTINE - 1,))
             db.execute("INSERT INTO rejects (reason, count) VALUES (?, 1) "
-                       "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (f"quarantined_{kind}",))
+                       "ON CONFLICT(reason) DO UPDATE SET count = rejects.count + 1", (f"quarantined_{kind}",))
 
     def quarantined(self, limit: int = 1000) -> list[dict[str, Any]]:
         rows = self.db.query("SELECT kind, subject, created, reason FROM quarantine ORDER BY created DESC "
@@ -157,7 +157,7 @@ class Ledger:
                        "WHERE delta_id = ? AND status = 'pending'", (detail[:500], d))
         if expired_parts:
             db.execute("INSERT INTO meta (key, value) VALUES ('expired_parts', ?) ON CONFLICT(key) DO UPDATE "
-                       "SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)", (str(expired_parts), expired_parts))
+                       "SET value = CAST(CAST(meta.value AS INTEGER) + ? AS TEXT)", (str(expired_parts), expired_parts))
 
     # versions
     def versions(self) -> dict[str, int]:

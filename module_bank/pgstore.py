@@ -103,6 +103,11 @@ class PostgresBank:
             found = bytes(tx.query("SELECT secret FROM bank_secret WHERE id = 1")[0][0])
         return found, n == 1
 
+    def set_validation_secret(self, secret: bytes) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO bank_secret (id, secret) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET secret = "
+                       "excluded.secret", (secret,))
+
     def fault(self, parts: list[str]) -> str:
         try:
             self.db.query("SELECT 1")

@@ -9,20 +9,20 @@ from typing import Any
 import numpy as np
 
 from eclm import wire
-from module_bank import DirectoryBank
+from module_bank import open_store
 
 
-def layer_sizes(bank: Path) -> list[int]:
-    return [len(layer["widths"]) for layer in DirectoryBank(bank).info().config["layers"]]
+def layer_sizes(bank: Path | str) -> list[int]:
+    return [len(layer["widths"]) for layer in open_store(bank).info().config["layers"]]
 
 
-def make_delta(bank: Path, device: str, part_ids: tuple[str, ...] = ("head",), *, seed: int = 0,
+def make_delta(bank: Path | str, device: str, part_ids: tuple[str, ...] = ("head",), *, seed: int = 0,
                scale: float = 1e-3, random_importance: bool = False, **overrides: Any) -> wire.DeltaMessage:
     """A valid delta against the bank's current versions: small seeded perturbations of every float parameter.
 
     ``random_importance`` draws the importance from the same seeded generator (else 0.5 everywhere).
     """
-    b = DirectoryBank(bank)
+    b = open_store(bank)
     info = b.info()
     rng = np.random.default_rng(seed)
     names: dict[str, list[str]] = {}
@@ -43,9 +43,9 @@ def make_delta(bank: Path, device: str, part_ids: tuple[str, ...] = ("head",), *
     return wire.DeltaMessage(**fields)
 
 
-def make_profile(bank: Path, device: str, **overrides: Any) -> wire.ProfileMessage:
+def make_profile(bank: Path | str, device: str, **overrides: Any) -> wire.ProfileMessage:
     """A valid profile of a trainable device for this bank."""
-    info = DirectoryBank(bank).info()
+    info = open_store(bank).info()
     fields: dict[str, Any] = dict(device_id=device, bank_id=info.bank_id, bundle="b0",
                                   importance=[[1.0 / n] * n for n in layer_sizes(bank)], sample_count=40,
                                   profile_name="pi4", modules={"head": info.parts["head"].version})
