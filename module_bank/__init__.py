@@ -48,7 +48,8 @@ def open_store(location: str | Path) -> BankStore:
 
 def copy_bank(source: str | Path, dest: str | Path) -> BankInfo:
     """Copy a bank's description, current part versions and validation secret to another location
-    (a directory bank into PostgreSQL when a lab grows into a fleet); the ledger starts empty there."""
+    (a directory bank into PostgreSQL when a lab grows into a fleet); the ledger starts empty there.
+    """
     src, dst = open_store(source), open_store(dest)
     if dst.exists():
         raise BankError(f"{redact(dest)} already holds a bank", hint="copy into an empty database or directory")
