@@ -25,10 +25,13 @@ from eclm.manifest import bundle_digest
 from eclm.mqtt import DEFAULT_BROKER
 from eclm.reassembly import ChunkRefused
 from eclm.signing import Signer
-from module_bank import LEDGER_FILE, open_bank
+from module_bank import LEDGER_FILE, ClaimLost, open_bank
+from module_bank.work import claim, release
 
 log = logging.getLogger("eclm.sync")
 LEDGER = LEDGER_FILE  # the SQLite ledger in a directory bank
+MERGE_CLAIM = "merge"  # the claim a worker holds while it merges and sends the round's updates
+PUBLISHED = "updates_published_round"  # the last round whose module updates went out
 # Device events counted by kind; any other kind is counted as "other" (labels stay bounded).
 EVENT_KINDS = frozenset({"rollback", "variant", "drift", "paused", "resumed", "update", "installed"})
 
@@ -49,7 +52,19 @@ class SyncSettings:
     merge: MergeSettings = field(default_factory=MergeSettings)
     signing_key: Path | None = None
     tls_dir: Path | None = None  # for mqtts://: the cloud identity's cert.pem, key.pem, ca.pem
-    client_id: str = ""  # empty: eclm-sync-<random suffix kept in the bank dir>
+    client_id: str = ""  # empty: eclm-sync-<random suffix kept with the bank>
+    share_group: str = ""  # non-empty: subscribe as $share/<group>/... (MQTT 5) beside other workers
+    claim_seconds: float = 120.0  # a worker's hold on the merge round lapses after this (a killed worker's too)
+    ingest_batch: int = 500  # at most this many messages are stored in one transaction
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """A decoded delta from its device's topic, waiting to be checked and stored with its batch."""
+
+    device: str
+    msg: wire.DeltaMessage
+    payload: bytes
 
 
 @lru_cache(maxsize=64)
@@ -82,6 +97,10 @@ class SyncCore:
         self.last_round = time.time()
         self.counters: dict[str, int] = {}
         self.published: list[Publication] = []
+        self.owner = "local"  # who holds the merge claim: the daemon sets its client id
+        self._claimed = False  # whether this worker holds the merge claim (until round_published)
+        self._handed = 0  # the last round whose module updates this core returned to its caller
+        self.ledger.set_meta_once(PUBLISHED, str(self.ledger.next_round() - 1))
         self.derivations = DeriveQueue(self._derive, self.published.extend, self._derive_failed,
                                        settings.derive_interval)
 
@@ -90,14 +109,33 @@ class SyncCore:
 
     def handle(self, topic: str, payload: bytes) -> list[Publication]:
         """Process one incoming message; never raises (a bad one is refused, counted and logged)."""
-        try:
-            return self._handle(topic, payload)
-        except Exception as exc:  # one bad message never stops the daemon
-            log.exception("handling a message on %s failed", topic[:200])
-            self._quarantine("message", topic[:200], f"{type(exc).__name__}: {str(exc)[:300]}")
-            return []
+        return self.handle_many([(topic, payload)])
 
-    def _handle(self, topic: str, payload: bytes) -> list[Publication]:
+    def handle_many(self, items: list[tuple[str, bytes]]) -> list[Publication]:
+        """Process messages in arrival order; the valid deltas among them are stored in one transaction.
+
+        Never raises: a bad message is refused, counted and logged; a failure to store the batch is logged
+        and its deltas are not acknowledged (their devices send them again).
+        """
+        out: list[Publication] = []
+        deltas: list[_Delta] = []
+        for topic, payload in items:
+            try:
+                out += self._handle(topic, payload, deltas)
+            except Exception as exc:  # one bad message never stops the daemon
+                log.exception("handling a message on %s failed", topic[:200])
+                self._quarantine("message", topic[:200], f"{type(exc).__name__}: {str(exc)[:300]}")
+        if deltas:
+            try:
+                out += self._store_deltas(deltas)
+            except Exception as exc:
+                log.exception("storing %d deltas failed; they are not acknowledged", len(deltas))
+                self._count("store_failed")
+                self._quarantine("message", f"batch of {len(deltas)} deltas", f"{type(exc).__name__}: "
+                                 f"{str(exc)[:300]}")
+        return out
+
+    def _handle(self, topic: str, payload: bytes, deltas: list[_Delta]) -> list[Publication]:
         try:
             device = topics.device_of(topic)
         except DataError:
@@ -127,7 +165,12 @@ class SyncCore:
             return []
         try:
             if isinstance(msg, wire.DeltaMessage):
-                return self._on_delta(device, msg, payload)
+                if msg.device_id != device:
+                    self._reject("device_mismatch", f"delta names device {str(msg.device_id)[:64]} on {device}'s "
+                                 "topic")
+                else:
+                    deltas.append(_Delta(device, msg, payload))
+                return []
             if isinstance(msg, wire.ProfileMessage):
                 self._on_profile(device, msg)
                 return []
@@ -174,36 +217,46 @@ class SyncCore:
             self._count(f"event_{kind}")
         self.ledger.touch_device(device, **fields)
 
-    def _on_delta(self, device: str, msg: wire.DeltaMessage, payload: bytes) -> list[Publication]:
-        if msg.device_id != device:
-            self._reject("device_mismatch", f"delta names device {str(msg.device_id)[:64]} on {device}'s topic")
-            return []
-        seen = self.ledger.known(msg.delta_id)
-        if seen is not None:
-            self._count("duplicate")
-            return [self._ack(device, msg.delta_id, "duplicate", seen)]
-        verdict = self.merger.check(msg)
-        if verdict.ok and not self.ledger.known_device(device):
-            verdict = type(verdict)(False, "unknown_device",
-                                    f"{device} sent no profile for this bank and no bundle was derived for it")
-        if not verdict.ok:
-            self._reject(verdict.reason, f"{msg.delta_id} from {device}: {verdict.detail}", msg.delta_id, device,
-                         len(payload))
-            return [self._ack(device, msg.delta_id, "rejected", f"{verdict.reason}: {verdict.detail}")]
-        stored = self.ledger.store_delta(msg.delta_id, device, payload, list(msg.parts))
-        self.ledger.touch_device(device, online=1)
-        self._count("stored" if stored else "duplicate")
-        return [self._ack(device, msg.delta_id, "stored" if stored else "duplicate",
-                          self._support_note(list(msg.parts)) if stored else "")]
+    def _store_deltas(self, deltas: list[_Delta]) -> list[Publication]:
+        """Check a batch of deltas against the bank, store the valid ones in one transaction, and ack each."""
+        out: list[Publication] = []
+        seen = self.ledger.statuses([d.msg.delta_id for d in deltas])
+        known = self.ledger.known_devices(sorted({d.device for d in deltas}))
+        valid: list[_Delta] = []
+        for d in deltas:
+            delta_id = d.msg.delta_id
+            if delta_id in seen:
+                self._count("duplicate")
+                out.append(self._ack(d.device, delta_id, "duplicate", seen[delta_id]))
+                continue
+            verdict = self.merger.check(d.msg)
+            if verdict.ok and d.device not in known:
+                verdict = type(verdict)(False, "unknown_device",
+                                        f"{d.device} sent no profile for this bank and no bundle was derived for it")
+            if not verdict.ok:
+                self._reject(verdict.reason, f"{delta_id} from {d.device}: {verdict.detail}", delta_id, d.device,
+                             len(d.payload))
+                seen[delta_id] = "rejected"
+                out.append(self._ack(d.device, delta_id, "rejected", f"{verdict.reason}: {verdict.detail}"))
+                continue
+            seen[delta_id] = "pending"
+            valid.append(d)
+        if not valid:
+            return out
+        stored = self.ledger.store_deltas([(d.msg.delta_id, d.device, d.payload, list(d.msg.parts)) for d in valid])
+        support = (self.ledger.support_counts([p for d in valid for p in d.msg.parts])
+                   if self.settings.merge.min_devices > 1 else {})
+        for d, new in zip(valid, stored, strict=True):
+            self._count("stored" if new else "duplicate")
+            out.append(self._ack(d.device, d.msg.delta_id, "stored" if new else "duplicate",
+                                 self._support_note(list(d.msg.parts), support) if new else ""))
+        return out
 
-    def _support_note(self, parts: list[str]) -> str:
+    def _support_note(self, parts: list[str], support: dict[str, int]) -> str:
         """What the ack of a stored delta says when some of its parts wait for more devices (empty otherwise)."""
         needed = self.settings.merge.min_devices
-        if needed <= 1:
-            return ""
-        support = self.ledger.support()
-        short = {pid: len(support.get(pid, ())) for pid in parts if len(support.get(pid, ())) < needed}
-        if not short:
+        short = {pid: support.get(pid, 0) for pid in parts if support.get(pid, 0) < needed}
+        if needed <= 1 or not short:
             return ""
         return "waits for support: " + ", ".join(f"{pid} has {n} of {needed} devices" for pid, n in
                                                   sorted(short.items()))
@@ -277,23 +330,52 @@ class SyncCore:
             waited >= self.settings.round_seconds and self.ledger.pending_count() > 0)
 
     def run_round(self) -> tuple[RoundResult | None, list[Publication]]:
-        """Merge pending deltas and address module updates to the devices that hold changed modules.
+        """Claim the merge round, merge pending deltas and address module updates to the devices that hold
+        changed modules (with any a worker that died left unsent).
 
-        Deltas that cannot be merged are quarantined by the merger; a fault of the bank raises.
+        Only the holder of the ``merge`` claim merges, and its commit is fenced by the claim, so of several
+        workers one merges at a time and each delta is merged once. The claim is held until
+        :meth:`round_published` says the updates went out. Deltas that cannot be merged are quarantined by
+        the merger; a fault of the bank raises.
         """
         self.last_round = time.time()
-        result = self.merger.run_round()
-        if result is None:
+        if not claim(self.bank.db, MERGE_CLAIM, self.owner, self.settings.claim_seconds):
             return None, []
+        self._claimed = True
+        self.ledger.fence = (MERGE_CLAIM, self.owner)
+        self.merger.refresh()
+        # Updates of rounds whose holder died before it recorded sending them (not the ones this core returned).
+        unsent = self.ledger.versions_since_round(max(int(self.ledger.meta(PUBLISHED) or 0), self._handed))
+        try:
+            result = self.merger.run_round()
+        except ClaimLost as exc:  # paused past the claim: another worker merges these deltas
+            log.warning("%s", exc.message)
+            self._claimed = False
+            return None, []
+        if result is None:
+            self._handed = max(self._handed, self.ledger.next_round() - 1)
+            return None, self.module_updates(unsent) if unsent else []
         for _ in result.quarantined:
             self._count("quarantined_delta")
         for _ in result.expired:
             self._count("expired_delta")
         for _ in result.dropped:
             self._count("dropped_delta")
-        if not result.versions:
-            return result, []
-        return result, self.module_updates(result.versions)
+        changed = {**unsent, **result.versions}
+        self._handed = self.ledger.next_round() - 1
+        return result, self.module_updates(changed) if changed else []
+
+    def round_published(self) -> None:
+        """The round's updates were handed to the broker: record it and let another worker merge."""
+        if not self._claimed:
+            return
+        self._claimed = False
+        try:
+            self.ledger.set_meta(PUBLISHED, str(self.ledger.next_round() - 1), fenced=True)
+        except ClaimLost as exc:
+            log.warning("%s", exc.message)
+            return
+        release(self.bank.db, MERGE_CLAIM, self.owner)
 
     def module_updates(self, versions: dict[str, int]) -> list[Publication]:
         out: list[Publication] = []

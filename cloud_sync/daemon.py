@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.core import LEDGER, Publication, SyncCore, SyncSettings
+from cloud_sync.ingest import Ingest
 from eclm import topics
 from eclm.errors import BrokerError, EclmError
-from eclm.mqtt import BrokerUrl, check_tls
+from eclm.mqtt import BrokerUrl, check_tls, connect_options
 from eclm.signing import Signer
 from module_bank import Ledger, is_postgres
 
@@ -63,31 +64,43 @@ class SyncDaemon:
         self.stop = threading.Event()
         self.dead = threading.Event()  # set when a worker loop died: no more acks
         self.client: Any = None
+        self.core.owner = self.client_id
+        self.ingest = Ingest(self.core.handle_many, self._publish, self._ack, settings.ingest_batch)
 
     def _publish(self, pubs: list[Publication]) -> None:
         for topic, data in pubs:
             self.client.publish(topic, data, qos=1)
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
-        # Handled here, in the network thread, so that the broker's PUBACK follows the ledger commit.
+        # Queued for the ingest thread, which stores it and only then sends the broker's PUBACK.
         if self.dead.is_set():  # the work behind an ack would not happen: acknowledge nothing
             return
         try:
-            self._publish(self.core.handle(m.topic, bytes(m.payload)))
+            self.ingest.put(str(m.topic), bytes(m.payload), int(m.mid), int(m.qos))
         except Exception:  # never let a message kill the network loop
             log.exception("message on %s failed", str(m.topic)[:200])
+
+    def _ack(self, mid: int, qos: int) -> None:
+        self.client.ack(mid, qos)
+
+    def subscriptions(self) -> list[str]:
+        """The device topics, shared with the other workers of the group when there is one."""
+        group = self.settings.share_group
+        return [f"$share/{group}/{t}" if group else t for t in topics.CLOUD_SUBSCRIPTIONS]
 
     def run(self) -> None:
         from eclm.mqtt import make_client, probe
 
-        client = make_client(self.client_id, self.broker, tls_dir=self.settings.tls_dir)
+        shared = bool(self.settings.share_group)
+        client = make_client(self.client_id, self.broker, tls_dir=self.settings.tls_dir, mqtt5=shared,
+                             manual_ack=True)
         self.client = client
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             if getattr(reason, "is_failure", False):
                 log.error("broker %s refused the connection: %s", self.broker, reason)
                 return
-            for t in topics.CLOUD_SUBSCRIPTIONS:
+            for t in self.subscriptions():
                 c.subscribe(t, qos=1)
             self.connected.set()
             log.info("connected to %s as %s", self.broker, self.client_id)
@@ -113,15 +126,17 @@ class SyncDaemon:
         client.on_message = self._on_message
         self.core.derivations.publish = self._publish
         try:
-            client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+            client.connect_async(self.broker.host, self.broker.port, keepalive=30, **connect_options(shared))
         except OSError as exc:
             raise BrokerError(f"cannot reach broker {self.broker}: {exc}",
                               hint="start the broker or fix --broker") from exc
         self.core.derivations.start()
+        self.ingest.start()
         client.loop_start()
         try:
             self._loop()
         finally:
+            self.ingest.close()
             client.loop_stop()
             client.disconnect()
             self.core.close()
@@ -138,9 +153,14 @@ class SyncDaemon:
             if not self.core.derivations.alive():
                 raise EclmError(f"the derivation worker died: {self.core.derivations.error}",
                                 hint="restart the daemon (a supervisor does this on a non-zero exit)")
+            if not self.ingest.alive():
+                raise EclmError(f"the ingest thread died: {self.ingest.error}",
+                                hint="restart the daemon (a supervisor does this on a non-zero exit)")
+            self.core.merger.refresh()  # what other workers merged, for the checks on incoming deltas
             if self.core.due():
                 result, pubs = self.core.run_round()
                 if result is not None:
                     log.info("round %d: %d merged, %d held, %d quarantined, versions %s", result.round,
                              len(result.merged), len(result.held), len(result.quarantined), result.versions)
                 self._publish(pubs)
+                self.core.round_published()

@@ -18,7 +18,7 @@ from cloud_sync.weights import held_importance, module_weight
 from eclm import wire
 from eclm.errors import BankError, ConfigError, DataError
 from exporter.config import ModelConfig
-from module_bank import BankInfo, BankStore, Ledger, StoredDelta
+from module_bank import BankInfo, BankStore, ClaimLost, Ledger, StoredDelta
 
 log = logging.getLogger("eclm.sync.merge")
 __all__ = ["MergeSettings", "Merger", "RoundResult", "module_weight"]
@@ -96,6 +96,7 @@ class Merger:
         self.bank_id = info.bank_id
         self.config = ModelConfig.from_dict(info.config)
         self.params: dict[str, dict[str, np.ndarray]] = {pid: self.bank.read_part(pid) for pid in info.parts}
+        self._loaded = {pid: rec.version for pid, rec in info.parts.items()}  # the versions ``params`` hold
         self.layer_sizes = [len(layer.widths) for layer in self.config.layers]
         self.gate_problem = ""  # why the gate cannot run ("" when it can, or when it is switched off)
         self._val = self._validation_data(info) if self.settings.gate else None
@@ -151,8 +152,18 @@ class Merger:
     def versions(self) -> dict[str, int]:
         return self.ledger.versions()
 
+    def refresh(self) -> dict[str, int]:
+        """Load the parts another worker merged since this one last looked; returns the versions now current."""
+        current = self.ledger.versions()
+        for pid, version in current.items():
+            if pid in self.params and self._loaded.get(pid) != version:
+                self.params[pid] = self.bank.read_part(pid, version)
+        self._loaded = dict(current)
+        return current
+
     def check(self, msg: wire.DeltaMessage) -> Verdict:
-        return check_delta(msg, self.bank_id, self.versions(), self.params, self.settings.limits, self.layer_sizes)
+        """Check a delta against the versions and parameters this worker holds (see :meth:`refresh`)."""
+        return check_delta(msg, self.bank_id, self._loaded, self.params, self.settings.limits, self.layer_sizes)
 
     def validation_accuracy(self, params: dict[str, dict[str, np.ndarray]]) -> float:
         if self._val is None:
@@ -195,6 +206,8 @@ class Merger:
             return result
         try:
             result = self._merge(self._plan.ready, t0)
+        except ClaimLost:  # not the deltas' fault: another worker holds the round
+            raise
         except Exception as exc:
             fault = self.bank_fault(sorted({p for c in self._plan.ready.values() for p in c}))
             if fault:
@@ -367,6 +380,7 @@ class Merger:
             rec.lineage.append({"version": v, "round": round_no, "deltas": lineage[pid]})
         self.bank.write_info(info)
         self.params = {pid: (new_params[pid] if pid in new_versions else v) for pid, v in self.params.items()}
+        self._loaded.update(new_versions)
         return RoundResult(round_no, merged_ids, held_ids, new_versions, before, after, time.perf_counter() - t0,
                            reason, waiting=sorted(books["waiting"]), expired=sorted(books["expired"]),
                            dropped=all_dropped)

@@ -65,8 +65,11 @@ def check_tls(broker: BrokerUrl, tls_dir: Path | None) -> Path | None:
     return tls_dir
 
 
+SESSION_EXPIRY = 7 * 24 * 3600  # MQTT 5: seconds the broker keeps a disconnected client's session and queue
+
+
 def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | None = None,
-                tls_dir: Path | None = None) -> Any:
+                tls_dir: Path | None = None, *, mqtt5: bool = False, manual_ack: bool = False) -> Any:
     """A paho client with a persistent session (queued QoS 1 messages survive disconnects) and back-off.
 
     For ``mqtts://`` the client presents ``tls_dir``'s certificate (its identity: the broker takes the
@@ -74,8 +77,12 @@ def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | Non
     """
     import paho.mqtt.client as mqtt
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
-                         protocol=mqtt.MQTTv311)
+    if mqtt5:  # shared subscriptions ($share/...) and session expiry; the session persists as with 3.1.1
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                             manual_ack=manual_ack)
+    else:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                             protocol=mqtt.MQTTv311, manual_ack=manual_ack)
     folder = check_tls(broker, tls_dir)
     if folder is not None:
         import ssl
@@ -99,6 +106,18 @@ def make_client(client_id: str, broker: BrokerUrl, will: tuple[str, bytes] | Non
     client.suppress_exceptions = True
     client.on_log = _log_callback_errors
     return client
+
+
+def connect_options(mqtt5: bool) -> dict[str, Any]:
+    """What ``connect_async`` needs for a persistent session: with MQTT 5, no clean start and a session expiry."""
+    if not mqtt5:
+        return {}
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = SESSION_EXPIRY
+    return {"clean_start": False, "properties": props}
 
 
 def probe(broker: BrokerUrl, tls_dir: Path | None = None) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from module_bank.db import Database, SqliteDatabase, Tx
 from module_bank.migrations import migrate
+from module_bank.work import fence
 
 MAX_QUARANTINE = 10_000  # newest records kept (deltas keep their 'quarantined' state regardless)
 
@@ -40,6 +41,8 @@ class Ledger:
     def __init__(self, db: Database | Path) -> None:
         self.db: Database = SqliteDatabase(db) if isinstance(db, Path) else db
         self.path = self.db.location
+        # (claim, owner): round commits check in their transaction that ``owner`` still holds ``claim``.
+        self.fence: tuple[str, str] | None = None
         migrate(self.db)
 
     def close(self) -> None:
@@ -67,6 +70,55 @@ class Ledger:
                 "VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (delta_id) DO NOTHING",
                 (delta_id, device_id, time.time(), payload, len(payload), json.dumps(sorted(parts or []))))
             return n == 1
+
+    def store_deltas(self, items: list[tuple[str, str, bytes, list[str]]]) -> list[bool]:
+        """Store valid deltas ``(id, device, payload, parts)`` as pending in one transaction (one sync to disk for
+        the batch) and mark their devices online; per item, whether it was new (False: its id was seen before).
+        """
+        now = time.time()
+        out: list[bool] = []
+        with self.transaction() as db:
+            for delta_id, device_id, payload, parts in items:
+                out.append(db.execute(
+                    "INSERT INTO deltas (delta_id, device_id, received, status, payload, bytes, parts) "
+                    "VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (delta_id) DO NOTHING",
+                    (delta_id, device_id, now, payload, len(payload), json.dumps(sorted(parts)))) == 1)
+            for device_id in sorted({i[1] for i in items}):
+                db.execute("UPDATE devices SET last_seen = ?, online = 1 WHERE device_id = ?", (now, device_id))
+        return out
+
+    def statuses(self, delta_ids: list[str]) -> dict[str, str]:
+        """The status of each of ``delta_ids`` the ledger knows."""
+        out: dict[str, str] = {}
+        for i in range(0, len(delta_ids), 500):
+            chunk = delta_ids[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+            out.update({str(r[0]): str(r[1]) for r in self.db.query(
+                f"SELECT delta_id, status FROM deltas WHERE delta_id IN ({marks})", tuple(chunk))})
+        return out
+
+    def known_devices(self, device_ids: list[str]) -> set[str]:
+        """Which of ``device_ids`` are devices of this bank (see :meth:`known_device`)."""
+        out: set[str] = set()
+        for i in range(0, len(device_ids), 500):
+            chunk = device_ids[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+            out.update(str(r[0]) for r in self.db.query(
+                f"SELECT device_id FROM devices WHERE device_id IN ({marks}) AND (profiled = 1 OR last_derived != '')",
+                tuple(chunk)))
+        return out
+
+    def support_counts(self, parts: list[str]) -> dict[str, int]:
+        """Per part, the distinct devices whose pending deltas carry it and no round has taken it from yet
+        (:meth:`support` counted in the database, without reading every pending delta).
+        """
+        out: dict[str, int] = {}
+        for pid in sorted(set(parts)):
+            quoted = json.dumps(pid).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            out[pid] = int(self._one("SELECT COUNT(DISTINCT device_id) FROM deltas WHERE status = 'pending' AND "
+                                     "parts LIKE ? ESCAPE '\\' AND done NOT LIKE ? ESCAPE '\\'",
+                                     (f"%{quoted}%", f"%{quoted}:%")))
+        return out
 
     def reject(self, reason: str, detail: str, delta_id: str | None = None, device_id: str = "",
                size: int = 0) -> None:
@@ -140,6 +192,7 @@ class Ledger:
                expired: dict[str, str], expired_parts: int) -> None:
         """Record what a look at the pending deltas decided when no round was committed (see :meth:`commit_round`)."""
         with self.transaction() as db:
+            self._check_fence(db)
             self._settle(db, round_no, done, waiting, expired, expired_parts)
 
     @staticmethod
@@ -163,6 +216,12 @@ class Ledger:
     def versions(self) -> dict[str, int]:
         rows = self.db.query("SELECT part_id, MAX(version) FROM versions GROUP BY part_id")
         return {r[0]: int(r[1]) for r in rows}
+
+    def versions_since_round(self, round_no: int) -> dict[str, int]:
+        """The newest version of each part made by a round after ``round_no``."""
+        rows = self.db.query("SELECT part_id, MAX(version) FROM versions WHERE round > ? GROUP BY part_id",
+                             (round_no,))
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def seed_versions(self, versions: dict[str, int]) -> None:
         """Record the bank's starting versions (once)."""
@@ -189,6 +248,7 @@ class Ledger:
         """
         now = time.time()
         with self.transaction() as db:
+            self._check_fence(db)
             self._settle(db, round_no, done or {}, waiting or {}, expired or {}, expired_parts)
             if best_released is not None:
                 db.execute("INSERT INTO meta (key, value) VALUES ('best_released', ?) "
@@ -206,8 +266,14 @@ class Ledger:
             db.execute("INSERT INTO rounds (round, created, outcome, metrics) VALUES (?, ?, ?, ?)",
                        (round_no, now, "held" if held else "merged", json.dumps(metrics)))
 
-    def set_meta(self, key: str, value: str) -> None:
+    def _check_fence(self, db: Tx) -> None:
+        if self.fence is not None:
+            fence(db, *self.fence)
+
+    def set_meta(self, key: str, value: str, *, fenced: bool = False) -> None:
         with self.transaction() as db:
+            if fenced:
+                self._check_fence(db)
             db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 

@@ -67,13 +67,22 @@ class PostgresBank:
         return out
 
     def write_part_version(self, part_id: str, version: int, tensors: dict[str, np.ndarray]) -> str:
-        """Store one part's tensors at ``version`` (idempotent for the same bytes); returns their sha256."""
+        """Store one part's tensors at ``version``; returns their sha256.
+
+        A version the ledger has committed is never overwritten (a worker that lost its claim cannot
+        replace the tensors another worker's round released); an orphan of a round that never committed is.
+        """
         data = encode_tensors(tensors)
         digest = hashlib.sha256(data).hexdigest()
         with self.db.transaction() as tx:
             tx.execute("INSERT INTO part_tensors (part_id, version, sha256, data) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT (part_id, version) DO UPDATE SET sha256 = excluded.sha256, data = excluded.data",
-                       (part_id, version, digest, data))
+                       "ON CONFLICT (part_id, version) DO UPDATE SET sha256 = excluded.sha256, data = excluded.data "
+                       "WHERE NOT EXISTS (SELECT 1 FROM versions v WHERE v.part_id = excluded.part_id "
+                       "AND v.version = excluded.version)", (part_id, version, digest, data))
+            stored = tx.query("SELECT sha256 FROM part_tensors WHERE part_id = ? AND version = ?", (part_id, version))
+        if stored[0][0] != digest:
+            raise BankError(f"{part_id} v{version} was released by another worker", hint="nothing to do: this "
+                            "worker's round is void and its deltas stay pending")
         return digest
 
     def version_sha256(self, part_id: str, version: int) -> str | None:
