@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.core import LEDGER, Publication, SyncCore, SyncSettings
+from cloud_sync.ports import SyncHooks
 from eclm import topics
 from eclm.errors import BrokerError, EclmError
 from eclm.mqtt import BrokerUrl, check_tls
 from eclm.signing import Signer
 
-__all__ = ["LEDGER", "CLIENT_ID_FILE", "SyncCore", "SyncDaemon", "SyncSettings", "client_id_for"]
+__all__ = ["LEDGER", "CLIENT_ID_FILE", "SyncCore", "SyncDaemon", "SyncHooks", "SyncSettings", "client_id_for"]
 log = logging.getLogger("eclm.sync")
 CLIENT_ID_FILE = "sync-client-id"
 
@@ -45,10 +46,10 @@ class SyncDaemon:
     nothing more) and :meth:`run` raises: the process exits non-zero for its supervisor to restart it.
     """
 
-    def __init__(self, settings: SyncSettings, signer: Signer | None) -> None:
+    def __init__(self, settings: SyncSettings, signer: Signer | None, hooks: SyncHooks) -> None:
         self.broker = BrokerUrl.parse(settings.broker)
         check_tls(self.broker, settings.tls_dir)  # a missing certificate fails now, with a hint
-        self.core = SyncCore(settings, signer)
+        self.core = SyncCore(settings, signer, hooks)
         self.settings = settings
         self.client_id = settings.client_id or client_id_for(settings.bank_dir)
         self.connected = threading.Event()

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
+from sync_hooks import exporter_hooks
 from sync_messages import make_delta, make_profile
 from typer.testing import CliRunner
 
@@ -38,7 +39,7 @@ def _deliver(core: SyncCore, bank: Path, device: str, seed: int) -> str:
 
 def test_without_validation_data_nothing_merges_and_status_and_metrics_say_why(digits_bank, tmp_path: Path) -> None:
     bank = _bank_without_data(digits_bank, tmp_path)
-    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1)), None)
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1)), None, exporter_hooks(bank))
     try:
         ids = [_deliver(core, bank, f"dev-{i}", i) for i in range(2)]
         assert core.merger.gate_problem and "--no-gate" in core.merger.gate_problem
@@ -59,7 +60,8 @@ def test_without_validation_data_nothing_merges_and_status_and_metrics_say_why(d
 
 def test_no_gate_merges_without_validation_data_when_asked(digits_bank, tmp_path: Path) -> None:
     bank = _bank_without_data(digits_bank, tmp_path)
-    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1, gate=False)), None)
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1, gate=False)), None,
+                    exporter_hooks(bank, gate=False))
     try:
         ids = [_deliver(core, bank, f"dev-{i}", i) for i in range(2)]
         assert core.merger.gate_problem == ""
