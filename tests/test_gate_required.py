@@ -18,8 +18,10 @@ from cloud_sync.cli import app
 from cloud_sync.core import SyncCore, SyncSettings
 from cloud_sync.merger import MergeSettings
 from cloud_sync.metrics import SyncCollector
+from cloud_sync.ports import SyncHooks
 from eclm import topics, wire
-from exporter.bank import BANK_FILE
+from eclm.errors import DataError
+from exporter.bank import BANK_FILE, DirectoryBank
 
 
 def _bank_without_data(digits_bank, tmp_path: Path) -> Path:
@@ -67,5 +69,48 @@ def test_no_gate_merges_without_validation_data_when_asked(digits_bank, tmp_path
         assert core.merger.gate_problem == ""
         result, _pubs = core.run_round()
         assert result is not None and sorted(result.merged) == sorted(ids)
+    finally:
+        core.close()
+
+
+def test_without_an_injected_evaluation_nothing_merges(digits_bank, tmp_path: Path) -> None:
+    """The bank's data is here, but nobody handed the daemon the gate's evaluation: that stops merging too."""
+    bank = Path(shutil.copytree(digits_bank[0], tmp_path / "bank"))
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1)), None,
+                    SyncHooks(DirectoryBank(bank)))
+    try:
+        ids = [_deliver(core, bank, f"dev-{i}", i) for i in range(2)]
+        assert "no evaluation was given to the validation gate" in core.merger.gate_problem
+        assert core.run_round() == (None, [])
+        assert core.ledger.summary()["deltas"].get("pending") == len(ids)
+    finally:
+        core.close()
+    assert "MERGING STOPPED" in CliRunner().invoke(app, ["status", "--bank", str(bank)]).output
+
+
+def test_an_evaluation_that_cannot_be_built_stops_merging(digits_bank, tmp_path: Path) -> None:
+    bank = Path(shutil.copytree(digits_bank[0], tmp_path / "bank"))
+
+    def broken(info: object, secret: bytes) -> None:
+        raise DataError("the validation set is on another machine", hint="copy it here")
+
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1)), None,
+                    SyncHooks(DirectoryBank(bank), broken))  # type: ignore[arg-type]
+    try:
+        _deliver(core, bank, "dev-0", 0)
+        assert "the validation set is on another machine" in core.merger.gate_problem
+        assert core.run_round() == (None, [])
+    finally:
+        core.close()
+
+
+def test_no_gate_needs_no_evaluation(digits_bank, tmp_path: Path) -> None:
+    bank = Path(shutil.copytree(digits_bank[0], tmp_path / "bank"))
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1, gate=False)), None,
+                    SyncHooks(DirectoryBank(bank)))
+    try:
+        delta_id = _deliver(core, bank, "dev-0", 0)
+        result, _ = core.run_round()
+        assert core.merger.gate_problem == "" and result is not None and result.merged == [delta_id]
     finally:
         core.close()
