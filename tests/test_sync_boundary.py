@@ -115,3 +115,39 @@ def test_import_rule_cloud_sync_reaches_torch_and_exporter_only_through_the_cli(
                  if path.name not in allowed for name in _imports(path)
                  if name.split(".")[0] in ("torch", "exporter")}
     assert offenders == set()
+
+
+def test_bundle_derivation_is_the_injected_function(digits_bank: Any, tmp_path: Path) -> None:
+    """The daemon derives a bundle only through the hook it was given; without one it says so and queues none."""
+    from cloud_sync.core import SyncCore, SyncSettings
+    from cloud_sync.merger import MergeSettings
+    from cloud_sync.ports import SyncHooks
+    from eclm.signing import generate_keys, load_signer, load_verifier
+    from exporter.bank import DirectoryBank
+
+    bank = Path(shutil.copytree(digits_bank[0], tmp_path / "bank"))
+    priv, pub = generate_keys(tmp_path / "keys")
+    settings = SyncSettings(bank_dir=bank, signing_key=priv, merge=MergeSettings(gate=False))
+    asked: list[tuple[str, str, int]] = []
+
+    def derive(device: str, profile: str, importance: list[list[float]]) -> tuple[bytes, str]:
+        asked.append((device, profile, len(importance)))
+        return b"an archive", "0" * 64
+
+    plain = SyncCore(settings, load_signer(priv), SyncHooks(DirectoryBank(bank)))
+    try:
+        plain.request_bundle("dev-a", "pi4", [[1.0]], "requested")
+        assert len(plain.derivations) == 0
+    finally:
+        plain.close()
+    core = SyncCore(settings, load_signer(priv), SyncHooks(DirectoryBank(bank), derive=derive))
+    try:
+        core.request_bundle("dev-a", "pi4", [[1.0]], "requested")
+        assert core.derivations.run_once(now=10**12)
+        assert asked == [("dev-a", "pi4", 1)]
+        (topic, data), = core.published
+        msg = wire.decode(data, verifier=load_verifier(pub))
+        assert topic == topics.update("dev-a") and isinstance(msg, wire.BundleUpdateMessage)
+        assert (msg.archive, msg.digest, msg.reason) == (b"an archive", "0" * 64, "requested")
+    finally:
+        core.close()
