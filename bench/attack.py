@@ -239,13 +239,15 @@ def _profile(d: FleetDevice, bank_id: str, importance: list[list[float]]) -> byt
 
 def run_cell(fleet: Fleet, ev: Evaluator, settings: Any, attack: str | None, k: int, work: Path) -> dict[str, Any]:
     """One round of the daemon's decision code with ``k`` attackers (the first ``k`` devices) sending ``attack``."""
+    from cloud_sync.cli import build_hooks
     from cloud_sync.core import SyncCore, SyncSettings
     from eclm import topics, wire
 
     t0 = time.perf_counter()
     cell = work / f"cell-{uuid.uuid4().hex[:8]}"
     shutil.copytree(fleet.bank, cell, ignore=shutil.ignore_patterns("sync.sqlite*", "sync-client-id"))
-    core = SyncCore(SyncSettings(bank_dir=cell, round_deltas=10**6, round_seconds=10**9, merge=settings), None)
+    core = SyncCore(SyncSettings(bank_dir=cell, round_deltas=10**6, round_seconds=10**9, merge=settings), None,
+                    build_hooks(cell, None, settings.gate))
     flat = {name: a for part in core.merger.params.values() for name, a in part.items()}
 
     def cap(name: str, v: np.ndarray) -> np.ndarray:

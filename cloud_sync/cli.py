@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cloud_sync.pki_cli import register_pki
 from eclm.cli_support import make_app, reports_errors
+
+if TYPE_CHECKING:
+    from cloud_sync.ports import SyncHooks
 
 BANK_HELP = ("Module bank: a directory (SQLite ledger + files) or postgresql://USER@HOST[:PORT]/DB "
              "(shared by several workers; docs/scale.md).")
@@ -85,6 +88,23 @@ def keys(out: Path = typer.Option(Path("keys"), "--out", envvar="ECLM_KEYS_DIR",
     typer.echo(f"wrote {priv} (private, mode 600) and {pub} (key id {load_verifier(pub).key_id})")
 
 
+def build_hooks(bank: Path | str, signing_key: Path | None, gate: bool = True) -> SyncHooks:
+    """What ``sync`` hands the daemon from :mod:`exporter`: the gate's evaluation (torch; none with
+    ``gate`` off) and bundle derivation. The only way torch and :mod:`exporter` reach ``cloud_sync``.
+    """
+    from functools import partial
+
+    from cloud_sync.ports import SyncHooks
+    from exporter.bundle_job import derive_bundle
+
+    evaluator = None
+    if gate:
+        from exporter.gate_eval import gate_evaluator
+
+        evaluator = gate_evaluator
+    return SyncHooks(evaluator, partial(derive_bundle, bank, signing_key))
+
+
 @app.command()
 @reports_errors
 def sync(
@@ -153,7 +173,8 @@ def sync(
                             limits=Limits(max_staleness=max_staleness), min_devices=min_devices,
                             support_max_age=support_max_age, support_max_rounds=support_max_rounds),
     )
-    daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None)
+    daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None,
+                        build_hooks(bank, signing_key, gate=not no_gate))
     if metrics_port:
         from cloud_sync.metrics import serve_metrics
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,11 +15,10 @@ import numpy as np
 
 from cloud_sync.derive import DeriveJob, DeriveQueue, Publication
 from cloud_sync.merger import Merger, MergeSettings, RoundResult
+from cloud_sync.ports import SyncHooks
 from cloud_sync.validation import check_profile
 from eclm import topics, wire
-from eclm.archive import tar_bundle
 from eclm.errors import DataError, EclmError
-from eclm.manifest import bundle_digest
 from eclm.mqtt import DEFAULT_BROKER
 from eclm.reassembly import ChunkRefused
 from eclm.signing import Signer
@@ -84,15 +81,17 @@ class SyncCore:
     """Everything the daemon decides, without a broker: bytes in, publications out.
 
     Bundle derivations are queued (:attr:`derivations`) and run by one worker, never in the caller;
-    what they produce goes to ``publish`` (by default kept in :attr:`published`).
+    what they produce goes to ``publish`` (by default kept in :attr:`published`). The bank, the gate's
+    evaluation and the derivation come in ``hooks`` (:class:`cloud_sync.ports.SyncHooks`, built by the CLI).
     """
 
-    def __init__(self, settings: SyncSettings, signer: Signer | None) -> None:
+    def __init__(self, settings: SyncSettings, signer: Signer | None, hooks: SyncHooks) -> None:
         self.settings = settings
         self.signer = signer
+        self.hooks = hooks
         self.bank = open_bank(settings.bank_dir)
         self.ledger = self.bank.ledger
-        self.merger = Merger(self.bank.store, self.ledger, settings.merge)
+        self.merger = Merger(self.bank.store, self.ledger, settings.merge, hooks.evaluator)
         self.reassembler = wire.Reassembler()
         self.last_round = time.time()
         self.counters: dict[str, int] = {}
@@ -291,6 +290,9 @@ class SyncCore:
         if self.signer is None:
             log.warning("no signing key: cannot send %s a bundle (start with --signing-key)", device)
             return
+        if self.hooks.derive is None:
+            log.warning("no bundle derivation was given: cannot send %s a bundle", device)
+            return
         self.derivations.submit(DeriveJob(device, profile_name, importance, reason))
         self.ledger.set_meta("derive_queue", str(len(self.derivations)))
 
@@ -299,29 +301,16 @@ class SyncCore:
 
     def _derive(self, job: DeriveJob) -> list[Publication]:
         """Re-derive the device's sub-model from the current bank as a signed bundle (runs in the worker)."""
-        from exporter.export import ExportRequest, export_bundle
-        from exporter.importance import write_importance_file
-
-        assert self.signer is not None
+        if self.signer is None or self.hooks.derive is None:
+            raise EclmError("a derivation needs a signing key and a derivation function",
+                            hint="start the daemon with `eclm-cloud sync --signing-key KEY`")
         self.ledger.set_meta("derive_queue", str(len(self.derivations)))
-        update_topic = topics.update(job.device)
-        work = Path(tempfile.mkdtemp(prefix="eclm-derive-"))
-        try:
-            imp_file = work / "importance.json"
-            write_importance_file(imp_file, [np.asarray(r) for r in job.importance], samples=0)
-            out = work / "bundle"
-            export_bundle(ExportRequest(bank_dir=self.settings.bank_dir, profile=job.profile, out_dir=out,
-                                        importance_file=imp_file, measure=False,
-                                        signing_key=self.settings.signing_key, device_id=job.device))
-            archive = tar_bundle(out)
-            digest = bundle_digest(out)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        archive, digest = self.hooks.derive(job.device, job.profile, job.importance)
         self.ledger.touch_device(job.device, last_derived=json.dumps(job.importance))
         msg = wire.BundleUpdateMessage(uuid.uuid4().hex, self.merger.bank_id, digest, archive, job.reason)
         data = wire.encode(msg, signer=self.signer)
         self._count("bundles_sent")
-        return [(update_topic, part) for part in wire.chunk(data, self.settings.chunk_bytes)]
+        return [(topics.update(job.device), part) for part in wire.chunk(data, self.settings.chunk_bytes)]
 
     def due(self) -> bool:
         """Enough new deltas, or anything pending (new or waiting for support) and the round interval passed."""

@@ -10,13 +10,14 @@ from typing import Any
 
 from cloud_sync.core import LEDGER, Publication, SyncCore, SyncSettings
 from cloud_sync.ingest import Ingest
+from cloud_sync.ports import SyncHooks
 from eclm import topics
 from eclm.errors import BrokerError, EclmError
 from eclm.mqtt import BrokerUrl, check_tls, connect_options
 from eclm.signing import Signer
 from module_bank import Ledger, is_postgres
 
-__all__ = ["LEDGER", "CLIENT_ID_FILE", "SyncCore", "SyncDaemon", "SyncSettings", "client_id_for"]
+__all__ = ["LEDGER", "CLIENT_ID_FILE", "SyncCore", "SyncDaemon", "SyncHooks", "SyncSettings", "client_id_for"]
 log = logging.getLogger("eclm.sync")
 CLIENT_ID_FILE = "sync-client-id"
 
@@ -54,10 +55,10 @@ class SyncDaemon:
     nothing more) and :meth:`run` raises: the process exits non-zero for its supervisor to restart it.
     """
 
-    def __init__(self, settings: SyncSettings, signer: Signer | None) -> None:
+    def __init__(self, settings: SyncSettings, signer: Signer | None, hooks: SyncHooks) -> None:
         self.broker = BrokerUrl.parse(settings.broker)
         check_tls(self.broker, settings.tls_dir)  # a missing certificate fails now, with a hint
-        self.core = SyncCore(settings, signer)
+        self.core = SyncCore(settings, signer, hooks)
         self.settings = settings
         self.client_id = settings.client_id or client_id_for(settings.bank_dir, self.core.ledger)
         self.connected = threading.Event()

@@ -61,6 +61,8 @@ def test_a_bad_merge_option_fails_before_any_set_up(tmp_path: Path) -> None:
 
 
 def test_fuzz_covers_every_topic_and_the_daemon_core_survives_it(digits_bank: Any, tmp_path: Path) -> None:
+    from sync_hooks import exporter_hooks
+
     from cloud_sync.core import SyncCore, SyncSettings
     from module_bank import DirectoryBank
 
@@ -77,7 +79,7 @@ def test_fuzz_covers_every_topic_and_the_daemon_core_survives_it(digits_bank: An
     assert all(t.startswith("eclm/v1/") for _, t, _ in msgs)
     assert {t.rsplit("/", 1)[-1] for _, t, _ in msgs} >= {"delta", "profile", "status", "ack", "update", "request"}
     assert any(len(p) > ctx.max_payload for p in [fuzz.oversize(ctx)])
-    core = SyncCore(SyncSettings(bank_dir=bank, max_payload=ctx.max_payload), None)
+    core = SyncCore(SyncSettings(bank_dir=bank, max_payload=ctx.max_payload), None, exporter_hooks(bank))
     try:
         for _, t, payload in msgs:
             core.handle(t, payload)  # never raises: a bad message is refused and counted

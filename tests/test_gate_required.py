@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
+from sync_hooks import exporter_hooks
 from sync_messages import make_delta, make_profile
 from typer.testing import CliRunner
 
@@ -17,7 +18,9 @@ from cloud_sync.cli import app
 from cloud_sync.core import SyncCore, SyncSettings
 from cloud_sync.merger import MergeSettings
 from cloud_sync.metrics import SyncCollector
+from cloud_sync.ports import SyncHooks
 from eclm import topics, wire
+from eclm.errors import DataError
 from module_bank import BANK_FILE
 
 
@@ -38,7 +41,7 @@ def _deliver(core: SyncCore, bank: Path, device: str, seed: int) -> str:
 
 def test_without_validation_data_nothing_merges_and_status_and_metrics_say_why(digits_bank, tmp_path: Path) -> None:
     bank = _bank_without_data(digits_bank, tmp_path)
-    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1)), None)
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1)), None, exporter_hooks(bank))
     try:
         ids = [_deliver(core, bank, f"dev-{i}", i) for i in range(2)]
         assert core.merger.gate_problem and "--no-gate" in core.merger.gate_problem
@@ -59,11 +62,55 @@ def test_without_validation_data_nothing_merges_and_status_and_metrics_say_why(d
 
 def test_no_gate_merges_without_validation_data_when_asked(digits_bank, tmp_path: Path) -> None:
     bank = _bank_without_data(digits_bank, tmp_path)
-    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1, gate=False)), None)
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1, gate=False)), None,
+                    exporter_hooks(bank, gate=False))
     try:
         ids = [_deliver(core, bank, f"dev-{i}", i) for i in range(2)]
         assert core.merger.gate_problem == ""
         result, _pubs = core.run_round()
         assert result is not None and sorted(result.merged) == sorted(ids)
+    finally:
+        core.close()
+
+
+def test_without_an_injected_evaluation_nothing_merges(digits_bank, tmp_path: Path) -> None:
+    """The bank's data is here, but nobody handed the daemon the gate's evaluation: that stops merging too."""
+    bank = Path(shutil.copytree(digits_bank[0], tmp_path / "bank"))
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1)), None,
+                    SyncHooks())
+    try:
+        ids = [_deliver(core, bank, f"dev-{i}", i) for i in range(2)]
+        assert "no evaluation was given to the validation gate" in core.merger.gate_problem
+        assert core.run_round() == (None, [])
+        assert core.ledger.summary()["deltas"].get("pending") == len(ids)
+    finally:
+        core.close()
+    assert "MERGING STOPPED" in CliRunner().invoke(app, ["status", "--bank", str(bank)]).output
+
+
+def test_an_evaluation_that_cannot_be_built_stops_merging(digits_bank, tmp_path: Path) -> None:
+    bank = Path(shutil.copytree(digits_bank[0], tmp_path / "bank"))
+
+    def broken(info: object, secret: bytes) -> None:
+        raise DataError("the validation set is on another machine", hint="copy it here")
+
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1)), None,
+                    SyncHooks(broken))  # type: ignore[arg-type]
+    try:
+        _deliver(core, bank, "dev-0", 0)
+        assert "the validation set is on another machine" in core.merger.gate_problem
+        assert core.run_round() == (None, [])
+    finally:
+        core.close()
+
+
+def test_no_gate_needs_no_evaluation(digits_bank, tmp_path: Path) -> None:
+    bank = Path(shutil.copytree(digits_bank[0], tmp_path / "bank"))
+    core = SyncCore(SyncSettings(bank_dir=bank, merge=MergeSettings(min_devices=1, gate=False)), None,
+                    SyncHooks())
+    try:
+        delta_id = _deliver(core, bank, "dev-0", 0)
+        result, _ = core.run_round()
+        assert core.merger.gate_problem == "" and result is not None and result.merged == [delta_id]
     finally:
         core.close()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sync_hooks import exporter_hooks
 from sync_messages import layer_sizes, make_delta, make_profile
 
 from cloud_sync.core import SyncCore, SyncSettings
@@ -158,7 +159,8 @@ class Cores:
 
     def __call__(self, **merge: Any) -> SyncCore:
         core = SyncCore(SyncSettings(bank_dir=self.bank, signing_key=self.key, round_deltas=1,
-                                     merge=MergeSettings(**merge)), load_signer(self.key))
+                                     merge=MergeSettings(**merge)), load_signer(self.key),
+                        exporter_hooks(self.bank, self.key))
         self.opened.append(core)
         return core
 

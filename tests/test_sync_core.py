@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sync_hooks import exporter_hooks
 from sync_messages import make_delta, make_profile
 
 from cloud_sync.daemon import LEDGER, SyncCore, SyncSettings
@@ -52,7 +53,8 @@ class Env:
         # One device's delta merges alone here unless a test says otherwise: these tests are about the core's
         # handling of deltas; support from several devices is tested in tests/test_robust_merge.py.
         settings.setdefault("merge", MergeSettings(min_devices=1))
-        core = SyncCore(SyncSettings(bank_dir=self.bank, signing_key=self.key_path, **settings), self.signer)
+        core = SyncCore(SyncSettings(bank_dir=self.bank, signing_key=self.key_path, **settings), self.signer,
+                        exporter_hooks(self.bank, self.key_path))
         self.cores.append(core)
         return core
 
@@ -567,7 +569,7 @@ def test_acks_are_signed_and_name_their_device(env: Env) -> None:
 
 def test_without_a_signer_acks_are_unsigned(env: Env) -> None:
     """Only devices without a trust key accept them (and they warn about it)."""
-    core = SyncCore(SyncSettings(bank_dir=env.bank), None)
+    core = SyncCore(SyncSettings(bank_dir=env.bank), None, exporter_hooks(env.bank))
     env.cores.append(core)
     msg = env.delta(DEV_A)
     pubs, _ = deliver(core, msg)
@@ -590,7 +592,8 @@ def test_chunks_are_reassembled_per_device(env: Env) -> None:
 
 
 def test_without_a_signer_no_updates_are_sent(env: Env) -> None:
-    core = SyncCore(SyncSettings(bank_dir=env.bank, merge=MergeSettings(min_devices=1)), None)
+    core = SyncCore(SyncSettings(bank_dir=env.bank, merge=MergeSettings(min_devices=1)), None,
+                    exporter_hooks(env.bank))
     env.cores.append(core)
     profile(core, env, DEV_A, ["head"])
     deliver(core, env.delta(DEV_B, ("head",)))

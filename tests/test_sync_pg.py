@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from pg import pg_url  # noqa: F401 - fixture
+from sync_hooks import exporter_hooks
 from sync_messages import make_delta, make_profile
 from typer.testing import CliRunner
 
@@ -23,7 +24,7 @@ def test_a_bank_copied_into_postgresql_merges_reports_and_exports(digits_bank, p
     info = copy_bank(digits_bank[0], pg_url)
     assert open_store(pg_url).info().bank_id == info.bank_id
     assert open_store(pg_url).validation_secret()[0] == open_store(digits_bank[0]).validation_secret()[0]
-    core = SyncCore(SyncSettings(bank_dir=pg_url, merge=MergeSettings(min_devices=2)), None)
+    core = SyncCore(SyncSettings(bank_dir=pg_url, merge=MergeSettings(min_devices=2)), None, exporter_hooks(pg_url))
     try:
         acks = []
         for i in range(2):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from sync_harness import wait_until
+from sync_hooks import exporter_hooks
 from sync_messages import make_delta, make_profile
 
 from cloud_sync.core import SyncCore, SyncSettings
@@ -36,7 +37,7 @@ def core(bank: Path, tmp_path: Path) -> Iterator[SyncCore]:
     # One device's delta merges alone here (min devices 1): these tests are about pills, not support
     # (tests/test_robust_merge.py tests that).
     c = SyncCore(SyncSettings(bank_dir=bank, signing_key=priv, round_deltas=1, merge=MergeSettings(min_devices=1)),
-                 load_signer(priv))
+                 load_signer(priv), exporter_hooks(bank, priv))
     yield c
     c.close()
 
@@ -270,7 +271,7 @@ def test_gate_stops_slow_decay_against_the_best_released(bank: Path, tmp_path: P
     but the third falls below the best released (0.954) minus 0.02 and is held back."""
     priv, _ = generate_keys(tmp_path / "keys")
     c = SyncCore(SyncSettings(bank_dir=bank, signing_key=priv, merge=MergeSettings(gate_margin=0.02, min_devices=1)),
-                 load_signer(priv))
+                 load_signer(priv), exporter_hooks(bank, priv))
     try:
         start = float(c.merger.params["head"]["head.fc.bias"].astype(np.float64).sum())
 
@@ -325,7 +326,8 @@ def test_dead_worker_stops_acks_and_the_loop_exits(bank: Path, tmp_path: Path) -
             self.topic, self.payload = topic, payload
 
     priv, _ = generate_keys(tmp_path / "keys")
-    d = SyncDaemon(SyncSettings(bank_dir=bank, signing_key=priv, client_id="eclm-sync-test"), load_signer(priv))
+    d = SyncDaemon(SyncSettings(bank_dir=bank, signing_key=priv, client_id="eclm-sync-test"), load_signer(priv),
+                   exporter_hooks(bank, priv))
     d.client = Recorder()
     try:
         d._on_message(None, None, Incoming(topics.profile("honest"), wire.encode(make_profile(bank, "honest"))))
