@@ -70,6 +70,22 @@ class Ingest:
             self.error = exc
             log.critical("the ingest thread died: %s", exc, exc_info=True)
 
+    def drain(self) -> int:
+        """Handle everything queued now, in this thread (the loop does this when started); how many."""
+        done = 0
+        while True:
+            try:
+                items = [self.queue.get_nowait()]
+            except queue.Empty:
+                return done
+            while len(items) < self.batch:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self.run_batch(items)
+            done += len(items)
+
     def run_batch(self, items: list[tuple[str, bytes, int, int]]) -> None:
         pubs = self.handle([(t, p) for t, p, _m, _q in items])  # never raises (SyncCore.handle_many)
         self.publish(pubs)

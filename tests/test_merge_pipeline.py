@@ -6,11 +6,11 @@ import uuid
 
 import numpy as np
 import pytest
-from cloud_sync.ledger import StoredDelta
 
 from cloud_sync.pipeline import NO_CHANGE_NORM, GateResult, aggregate, check, decide, gather, weight
 from cloud_sync.strategies import Contribution
 from eclm import wire
+from module_bank import StoredDelta
 
 PARAMS = {"a": {"a.w": np.zeros(3, np.float32)}, "b": {"b.w": np.ones(2, np.float32)},
           "c": {"c.w": np.zeros(2, np.float32)}}

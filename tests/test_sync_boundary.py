@@ -62,7 +62,7 @@ print(json.dumps({
     "versions": result.versions if result else None,
     "val_after": result.val_after if result else None,
     "evaluations": len(calls),
-    "bank_versions": {pid: rec.version for pid, rec in bank.info().parts.items() if rec.version > 1},
+    "bank_versions": {pid: rec.version for pid, rec in core.bank.store.info().parts.items() if rec.version > 1},
     "loaded": sorted(m for m, v in sys.modules.items() if v is not None
                      and m.split(".")[0] in ("torch", "exporter")),
 }))

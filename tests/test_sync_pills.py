@@ -321,26 +321,32 @@ def test_dead_worker_stops_acks_and_the_loop_exits(bank: Path, tmp_path: Path) -
         def publish(self, topic: str, data: bytes, qos: int = 0) -> None:
             self.sent.append(topic)
 
+        def ack(self, mid: int, qos: int) -> None:  # the broker's PUBACK, sent after the batch is stored
+            self.sent.append(f"puback {mid}")
+
     class Incoming:
-        def __init__(self, topic: str, payload: bytes) -> None:
-            self.topic, self.payload = topic, payload
+        def __init__(self, topic: str, payload: bytes, mid: int) -> None:
+            self.topic, self.payload, self.mid, self.qos = topic, payload, mid, 1
 
     priv, _ = generate_keys(tmp_path / "keys")
     d = SyncDaemon(SyncSettings(bank_dir=bank, signing_key=priv, client_id="eclm-sync-test"), load_signer(priv),
                    exporter_hooks(bank, priv))
     d.client = Recorder()
     try:
-        d._on_message(None, None, Incoming(topics.profile("honest"), wire.encode(make_profile(bank, "honest"))))
+        d._on_message(None, None, Incoming(topics.profile("honest"), wire.encode(make_profile(bank, "honest")), 1))
         first = make_delta(bank, "honest", seed=1)
-        d._on_message(None, None, Incoming(topics.delta("honest"), wire.encode(first)))
-        assert d.client.sent == [topics.ack("honest")]
+        d._on_message(None, None, Incoming(topics.delta("honest"), wire.encode(first), 2))
+        assert d.ingest.drain() == 2
+        assert d.client.sent == [topics.ack("honest"), "puback 1", "puback 2"]
         d.core.derivations.start()
         d.core.derivations.error = RuntimeError("the worker died")  # as if its loop had raised
         with pytest.raises(EclmError, match="derivation worker died"):
             d._loop()
         assert d.dead.is_set()
-        d._on_message(None, None, Incoming(topics.delta("honest"), wire.encode(make_delta(bank, "honest", seed=2))))
-        assert d.client.sent == [topics.ack("honest")]  # nothing acknowledged after the worker died
+        d._on_message(None, None, Incoming(topics.delta("honest"), wire.encode(make_delta(bank, "honest", seed=2)),
+                                           3))
+        assert d.ingest.drain() == 0  # not even queued
+        assert d.client.sent == [topics.ack("honest"), "puback 1", "puback 2"]  # nothing acknowledged after
         assert d.core.ledger.pending_count() == 1
     finally:
         d.core.close()
