@@ -221,7 +221,7 @@ def quarantine(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", he
 def status(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=BANK_HELP),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Module versions, devices seen, deltas merged and rejected (by reason), as tables or JSON."""
-    from module_bank import open_bank
+    from module_bank import JobQueue, open_bank
 
     opened = open_bank(bank)
     ledger = opened.ledger
@@ -232,7 +232,7 @@ def status(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=B
                   "parts": len(info.parts), **ledger.summary(),
                   "best_released_accuracy": ledger.best_released(),
                   "gate_problem": ledger.meta("gate_problem") or "",
-                  "derive_queue": int(ledger.meta("derive_queue") or 0),
+                  "derive_queue": JobQueue(opened.db).counts(),
                   "quarantined": len(ledger.quarantined()),
                   "waiting_support": ledger.waiting(), "expired_parts": ledger.expired_parts(),
                   "devices": [{k: d[k] for k in ("device_id", "online", "last_seen", "bundle", "profile")}
@@ -261,7 +261,8 @@ def _status_text(report: dict[str, Any]) -> str:
            + f"; uplink {report['uplink_bytes']:,} bytes",
            f"waiting for support from more devices: {report.get('waiting_support', 0):,} deltas; "
            f"parts expired waiting: {report.get('expired_parts', 0):,}",
-           f"quarantined {report['quarantined']:,}; bundle derivations waiting {report['derive_queue']}; "
+           f"quarantined {report['quarantined']:,}; bundle derivations waiting {report['derive_queue']['queued']}, "
+           f"running {report['derive_queue']['running']}; "
            + ("best released validation accuracy "
               + (f"{report['best_released_accuracy']:.4f}" if report["best_released_accuracy"] is not None else "-"))]
     if report.get("gate_problem"):

@@ -22,7 +22,7 @@ from eclm.errors import DataError, EclmError
 from eclm.mqtt import DEFAULT_BROKER
 from eclm.reassembly import ChunkRefused
 from eclm.signing import Signer
-from module_bank import LEDGER_FILE, ClaimLost, open_bank
+from module_bank import LEDGER_FILE, ClaimLost, JobQueue, open_bank
 from module_bank.work import claim, release
 
 log = logging.getLogger("eclm.sync")
@@ -101,7 +101,7 @@ class SyncCore:
         self._handed = 0  # the last round whose module updates this core returned to its caller
         self.ledger.set_meta_once(PUBLISHED, str(self.ledger.next_round() - 1))
         self.derivations = DeriveQueue(self._derive, self.published.extend, self._derive_failed,
-                                       settings.derive_interval)
+                                       settings.derive_interval, JobQueue(self.bank.db), self.owner)
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -294,7 +294,6 @@ class SyncCore:
             log.warning("no bundle derivation was given: cannot send %s a bundle", device)
             return
         self.derivations.submit(DeriveJob(device, profile_name, importance, reason))
-        self.ledger.set_meta("derive_queue", str(len(self.derivations)))
 
     def _derive_failed(self, job: DeriveJob, reason: str) -> None:
         self._quarantine("derivation", job.device, f"{job.profile}: {reason}")
@@ -304,7 +303,6 @@ class SyncCore:
         if self.signer is None or self.hooks.derive is None:
             raise EclmError("a derivation needs a signing key and a derivation function",
                             hint="start the daemon with `eclm-cloud sync --signing-key KEY`")
-        self.ledger.set_meta("derive_queue", str(len(self.derivations)))
         archive, digest = self.hooks.derive(job.device, job.profile, job.importance)
         self.ledger.touch_device(job.device, last_derived=json.dumps(job.importance))
         msg = wire.BundleUpdateMessage(uuid.uuid4().hex, self.merger.bank_id, digest, archive, job.reason)

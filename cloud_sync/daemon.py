@@ -65,7 +65,7 @@ class SyncDaemon:
         self.stop = threading.Event()
         self.dead = threading.Event()  # set when a worker loop died: no more acks
         self.client: Any = None
-        self.core.owner = self.client_id
+        self.core.owner = self.core.derivations.owner = self.client_id
         self.ingest = Ingest(self.core.handle_many, self._publish, self._ack, settings.ingest_batch)
 
     def _publish(self, pubs: list[Publication]) -> None:

@@ -1,4 +1,10 @@
-"""Bundle derivation off the network thread: one worker, one job per device (coalesced), rate-limited, serialised."""
+"""Bundle derivation off the network thread: jobs in the bank (one per device, the newest request wins),
+taken by each worker's derivation thread, one at a time per process, rate-limited per device.
+
+The queue is :class:`module_bank.JobQueue`, so with several workers on one bank a job is run by one of
+them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), a job whose worker died is taken again when its
+lease lapses, and status and metrics see the whole queue.
+"""
 
 from __future__ import annotations
 
@@ -6,71 +12,59 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
+
+from module_bank import Job, JobQueue
+from module_bank.db import SqliteDatabase
 
 log = logging.getLogger("eclm.sync.derive")
 
 Publication = tuple[str, bytes]
-
-
-@dataclass(frozen=True)
-class DeriveJob:
-    """Re-derive one device's sub-model from the bank for this importance profile."""
-
-    device: str
-    profile: str
-    importance: list[list[float]]
-    reason: str
+DeriveJob = Job  # device, profile, importance, reason: re-derive one device's sub-model from the bank
+POLL_SECONDS = 0.5  # how often an idle derivation thread looks at the queue
 
 
 class DeriveQueue:
-    """Jobs by device (a newer job replaces a waiting one), run one at a time by one worker thread.
+    """The bank's derivation jobs, run by one thread of this process.
 
     A device's next derivation starts at least ``min_interval`` seconds after its last one ended.
     ``run`` exports (``torch.onnx.export`` is not re-entrant: every export holds :attr:`export_lock`);
     a job that raises is passed to ``on_failure`` with the reason and the worker goes on. If the
-    worker loop itself dies, :meth:`alive` turns False and :attr:`error` says why.
+    worker loop itself dies, :meth:`alive` turns False and :attr:`error` says why. Without ``jobs`` the
+    queue lives in an in-memory database (one process).
     """
 
     def __init__(self, run: Callable[[DeriveJob], list[Publication]], publish: Callable[[list[Publication]], None],
-                 on_failure: Callable[[DeriveJob, str], None], min_interval: float = 60.0) -> None:
+                 on_failure: Callable[[DeriveJob, str], None], min_interval: float = 60.0,
+                 jobs: JobQueue | None = None, owner: str = "local") -> None:
         self._run_job = run
         self.publish = publish
         self._on_failure = on_failure
-        self.min_interval = min_interval
-        self._jobs: dict[str, DeriveJob] = {}
-        self._last: dict[str, float] = {}
+        self.jobs = jobs if jobs is not None else JobQueue(SqliteDatabase(Path(":memory:")))
+        self.jobs.min_interval = min_interval
+        self.owner = owner
         self._cond = threading.Condition()
         self.export_lock = threading.Lock()
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def min_interval(self) -> float:
+        return self.jobs.min_interval
+
     def submit(self, job: DeriveJob) -> None:
+        self.jobs.submit(job)
         with self._cond:
-            self._jobs[job.device] = job
             self._cond.notify()
 
     def __len__(self) -> int:
-        with self._cond:
-            return len(self._jobs)
-
-    def _take(self, now: float) -> tuple[DeriveJob | None, float]:
-        """The oldest-waiting job whose device may derive again, or None and how long to wait."""
-        with self._cond:
-            self._last = {d: t for d, t in self._last.items() if now - t < self.min_interval}
-            wait = self.min_interval
-            for device, job in self._jobs.items():
-                ready_at = self._last.get(device, now - self.min_interval) + self.min_interval
-                if ready_at <= now:
-                    del self._jobs[device]
-                    return job, 0.0
-                wait = min(wait, ready_at - now)
-            return None, wait
+        """Jobs waiting (not being run by a worker)."""
+        return self.jobs.counts()["queued"]
 
     def run_once(self, now: float | None = None) -> bool:
         """Run the next ready job in this thread; False when none is ready."""
-        job, _ = self._take(time.time() if now is None else now)
+        job = self.jobs.take(self.owner, time.time() if now is None else now)
         if job is None:
             return False
         self._execute(job)
@@ -79,9 +73,8 @@ class DeriveQueue:
     def _execute(self, job: DeriveJob) -> None:
         try:
             self._run_and_publish(job)
-        finally:
-            with self._cond:  # the interval counts from the end of the device's last derivation
-                self._last[job.device] = time.time()
+        finally:  # the interval counts from the end of the device's last derivation
+            self.jobs.finish(job, time.time())
 
     def _run_and_publish(self, job: DeriveJob) -> None:
         try:
@@ -99,12 +92,9 @@ class DeriveQueue:
     def _loop(self) -> None:
         try:
             while not self.stop.is_set():
-                job, wait = self._take(time.time())
-                if job is None:
+                if not self.run_once():
                     with self._cond:
-                        self._cond.wait(timeout=min(max(wait, 0.05), 1.0))
-                    continue
-                self._execute(job)
+                        self._cond.wait(timeout=POLL_SECONDS)
         except BaseException as exc:  # noqa: BLE001 - recorded; the daemon sees alive() False and exits
             self.error = exc
             log.critical("the derivation worker died: %s", exc, exc_info=True)

@@ -41,8 +41,11 @@ class SyncCollector(Collector):
         versions = self.core.ledger.versions()
         yield GaugeMetricFamily("eclm_sync_module_versions_total", "Sum of all part versions (grows with merges)",
                                 value=sum(versions.values()))
-        yield GaugeMetricFamily("eclm_sync_derive_queue", "Bundle derivations waiting for the worker (one per device)",
-                                value=len(self.core.derivations))
+        jobs = self.core.derivations.jobs.counts()
+        yield GaugeMetricFamily("eclm_sync_derive_queue", "Bundle derivations waiting for a worker (one per device; "
+                                "the bank's queue, shared by all workers)", value=jobs["queued"])
+        yield GaugeMetricFamily("eclm_sync_derive_running", "Bundle derivations being run by workers",
+                                value=jobs["running"])
         yield GaugeMetricFamily("eclm_sync_quarantined", "Deltas, messages and jobs set aside with a reason",
                                 value=len(self.core.ledger.quarantined()))
         yield GaugeMetricFamily("eclm_sync_gate_unavailable", "1 while the validation gate cannot run (nothing "

@@ -80,14 +80,19 @@ class JobQueue:
                        (job.device, job.profile, json.dumps(job.importance), job.reason[:200], now, now))
 
     def take(self, owner: str, now: float | None = None) -> Job | None:
-        """Lease the oldest job whose device may derive again (its last one finished ``min_interval`` ago)."""
+        """Lease the oldest job whose device may derive again (its last one finished ``min_interval`` ago).
+
+        A job leased by ``owner`` itself is taken again: a worker restarted under its old name is not
+        running it any more.
+        """
         now = time.time() if now is None else now
         lock = " FOR UPDATE OF j SKIP LOCKED" if self.db.dialect == "postgresql" else ""
         with self.db.transaction() as tx:
             rows = tx.query("SELECT j.device_id, j.profile, j.importance, j.reason, j.enqueued FROM jobs j "
                             "LEFT JOIN job_done d ON d.device_id = j.device_id WHERE j.not_before <= ? "
-                            "AND (j.owner = '' OR j.until < ?) AND (d.finished IS NULL OR d.finished <= ?) "
-                            "ORDER BY j.enqueued LIMIT 1" + lock, (now, now, now - self.min_interval))
+                            "AND (j.owner = '' OR j.owner = ? OR j.until < ?) "
+                            "AND (d.finished IS NULL OR d.finished <= ?) ORDER BY j.enqueued LIMIT 1" + lock,
+                            (now, owner, now, now - self.min_interval))
             if not rows:
                 return None
             device, profile, importance, reason, enqueued = rows[0]
