@@ -144,7 +144,21 @@ def sync(
     derive_interval: float = typer.Option(60.0, "--derive-interval", min=0, envvar="ECLM_SYNC_DERIVE_INTERVAL",
                                           help="At most one bundle derivation per device per this many seconds."),
     metrics_port: int = typer.Option(9464, "--metrics-port", envvar="ECLM_SYNC_METRICS_PORT",
-                                     help="Prometheus /metrics on 127.0.0.1 at this port (0: off)."),
+                                     help="Prometheus /metrics on 127.0.0.1 at this port (0: off); worker i of "
+                                          "--workers uses port + i."),
+    workers: int = typer.Option(1, "--workers", min=1, max=64, envvar="ECLM_SYNC_WORKERS",
+                                help="Merger processes on this machine, supervised and sharing the device topics "
+                                     "(MQTT 5 shared subscriptions; a PostgreSQL bank for more than one machine)."),
+    share_group: str = typer.Option("", "--share-group", envvar="ECLM_SYNC_SHARE_GROUP",
+                                    show_default="none; eclm-sync with --workers > 1",
+                                    help="Subscribe as $share/GROUP/... so that workers (on any machine) with the "
+                                         "same group split the deltas; needs an MQTT 5 broker."),
+    claim_seconds: float = typer.Option(120.0, "--claim-seconds", min=1, envvar="ECLM_SYNC_CLAIM_SECONDS",
+                                        help="A worker's hold on the merge round lapses after this long (a killed "
+                                             "worker's round is taken over then)."),
+    client_id: str = typer.Option("", "--client-id", envvar="ECLM_SYNC_CLIENT_ID",
+                                  show_default="eclm-sync-<random, kept with the bank>",
+                                  help="MQTT client id (each worker needs its own)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="ECLM_SYNC_VERBOSE", show_default="off",
                                  help="Debug logging."),
 ) -> None:
@@ -165,13 +179,18 @@ def sync(
     from eclm.signing import load_signer
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {client_id + ' ' if client_id else ''}%(name)s: "
+                               "%(message)s")
+    if workers > 1:
+        _supervise(workers, bank, share_group or "eclm-sync", client_id, metrics_port)
+        return
     settings = SyncSettings(
         bank_dir=bank, broker=broker, round_deltas=round_deltas, round_seconds=round_seconds,
         max_payload=max_payload, signing_key=signing_key, tls_dir=tls_dir, derive_interval=derive_interval,
         merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, gate=not no_gate,
                             limits=Limits(max_staleness=max_staleness), min_devices=min_devices,
                             support_max_age=support_max_age, support_max_rounds=support_max_rounds),
+        share_group=share_group, claim_seconds=claim_seconds, client_id=client_id,
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None,
                         build_hooks(bank, signing_key, gate=not no_gate))
@@ -187,6 +206,22 @@ def sync(
         daemon.run()
     except KeyboardInterrupt:
         daemon.stop.set()
+
+
+def _supervise(workers: int, bank: str, group: str, client_id: str, metrics_port: int) -> None:
+    """Run ``workers`` worker processes of this command until SIGTERM or Ctrl-C."""
+    import sys
+
+    from cloud_sync.daemon import client_id_for
+    from cloud_sync.workers import Supervisor
+    from module_bank import open_bank
+
+    opened = open_bank(bank)  # fails now, with a hint, when the bank is not there
+    try:
+        base = client_id or client_id_for(bank, opened.ledger)
+    finally:
+        opened.close()
+    Supervisor(workers, sys.argv[1:], base, group, metrics_port).run()
 
 
 @app.command()
@@ -289,3 +324,6 @@ def _status_text(report: dict[str, Any]) -> str:
 
 
 register_pki(app)  # `pki ...` and `broker-config`, listed after the commands above
+
+if __name__ == "__main__":
+    main()

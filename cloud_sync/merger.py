@@ -168,7 +168,11 @@ class Merger:
         return current
 
     def check(self, msg: wire.DeltaMessage) -> Verdict:
-        """Check a delta against the versions and parameters this worker holds (see :meth:`refresh`)."""
+        """Check a delta against the versions and parameters this worker holds (see :meth:`refresh`); a delta
+        trained from a version another worker merged since makes this one load it first.
+        """
+        if any(isinstance(v, int) and v > self._loaded.get(pid, v) for pid, v in msg.base_versions.items()):
+            self.refresh()
         return check_delta(msg, self.bank_id, self._loaded, self.params, self.settings.limits, self.layer_sizes)
 
     def validation_accuracy(self, params: Params) -> float:
