@@ -16,6 +16,7 @@ import numpy as np
 from cloud_sync.derive import DeriveJob, DeriveQueue, Publication
 from cloud_sync.merger import Merger, MergeSettings, RoundResult
 from cloud_sync.ports import SyncHooks
+from cloud_sync.redistribute import module_update, support_note
 from cloud_sync.validation import check_profile
 from eclm import topics, wire
 from eclm.errors import DataError, EclmError
@@ -247,18 +248,9 @@ class SyncCore:
                    if self.settings.merge.min_devices > 1 else {})
         for d, new in zip(valid, stored, strict=True):
             self._count("stored" if new else "duplicate")
-            out.append(self._ack(d.device, d.msg.delta_id, "stored" if new else "duplicate",
-                                 self._support_note(list(d.msg.parts), support) if new else ""))
+            note = support_note(list(d.msg.parts), support, self.settings.merge.min_devices) if new else ""
+            out.append(self._ack(d.device, d.msg.delta_id, "stored" if new else "duplicate", note))
         return out
-
-    def _support_note(self, parts: list[str], support: dict[str, int]) -> str:
-        """What the ack of a stored delta says when some of its parts wait for more devices (empty otherwise)."""
-        needed = self.settings.merge.min_devices
-        short = {pid: support.get(pid, 0) for pid in parts if support.get(pid, 0) < needed}
-        if needed <= 1 or not short:
-            return ""
-        return "waits for support: " + ", ".join(f"{pid} has {n} of {needed} devices" for pid, n in
-                                                  sorted(short.items()))
 
     def _on_profile(self, device: str, msg: wire.ProfileMessage) -> None:
         verdict = check_profile(msg, device, self.merger.bank_id, self.merger.versions(), self.merger.layer_sizes,
@@ -384,17 +376,10 @@ class SyncCore:
             if dev["profile"]:
                 self.request_bundle(dev["device_id"], dev["profile"], dev["importance"], "modules merged")
             return []
-        # Float tensors only: integer buffers (BatchNorm's num_batches_tracked) are not in the exported graphs.
-        parts = {pid: sorted(n for n, a in self.merger.params[pid].items() if a.dtype.kind == "f")
-                 for pid in sorted(held)}
-        tensors = {n: self.merger.params[pid][n] for pid, names in parts.items() for n in names}
-        msg = wire.ModuleUpdateMessage(uuid.uuid4().hex, self.merger.bank_id,
-                                       {pid: versions[pid] for pid in held}, parts, tensors,
-                                       device_id=dev["device_id"])
-        data = wire.encode(msg, codec=self.settings.update_codec, signer=self.signer)
-        topic = topics.update(dev["device_id"])
+        assert self.signer is not None  # module_updates sends nothing without one
         self._count("module_updates_sent")
-        return [(topic, p) for p in wire.chunk(data, self.settings.chunk_bytes)]
+        return module_update(dev["device_id"], held, versions, self.merger.params, self.merger.bank_id, self.signer,
+                             self.settings.update_codec, self.settings.chunk_bytes)
 
     def close(self) -> None:
         self.derivations.close()
