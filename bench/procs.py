@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -163,22 +162,25 @@ class Edge:
         raise TimeoutError(f"outbox of {self.device_id} not acknowledged:\n{self.proc.tail()}")
 
 
-def _read_ledger(bank: Path, sql: str) -> list[tuple[Any, ...]]:
-    """Rows of a read-only query on the bank's ledger (it may be open in a running daemon)."""
-    db = sqlite3.connect(f"file:{bank / 'sync.sqlite'}?mode=ro", uri=True, timeout=30)
+def ledger_rows(bank: Path | str) -> list[tuple[str, str, str, str]]:
+    """(delta_id, device_id, status, reason) of every delta the ledger knows, read beside the running daemon."""
+    from module_bank import read_ledger
+
+    ledger = read_ledger(bank)
     try:
-        return [tuple(r) for r in db.execute(sql)]
+        return ledger.delta_rows()
     finally:
-        db.close()
+        ledger.close()
 
 
-def ledger_rows(bank: Path) -> list[tuple[str, str, str, str]]:
-    """(delta_id, device_id, status, reason) of every delta the ledger knows, read-only."""
-    return _read_ledger(bank, "SELECT delta_id, device_id, status, reason FROM deltas")
+def ledger_versions(bank: Path | str) -> dict[str, int]:
+    from module_bank import read_ledger
 
-
-def ledger_versions(bank: Path) -> dict[str, int]:
-    return {r[0]: int(r[1]) for r in _read_ledger(bank, "SELECT part_id, MAX(version) FROM versions GROUP BY part_id")}
+    ledger = read_ledger(bank)
+    try:
+        return ledger.versions()
+    finally:
+        ledger.close()
 
 
 def wait_until(cond: Any, timeout: float, what: str, interval: float = 0.25) -> None:

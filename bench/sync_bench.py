@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -209,12 +208,12 @@ def part_b(bank: Path, work: Path, template: Any, n_devices: int, codec: str, ti
             with lock:
                 sent[delta_id] = time.perf_counter()
             client.publish(topics.delta(dev), data, qos=1)
+        from module_bank import read_ledger
+
+        ledger = read_ledger(fleet_bank)
+
         def pending() -> int:
-            db = sqlite3.connect(f"file:{fleet_bank / 'sync.sqlite'}?mode=ro", uri=True, timeout=30)
-            try:
-                return int(db.execute("SELECT COUNT(*) FROM deltas WHERE status = 'pending'").fetchone()[0])
-            finally:
-                db.close()
+            return ledger.pending_count()
 
         deadline = time.time() + timeout
         while time.time() < deadline and (len(acked) < n_devices or len(updated) < n_devices or pending()):
@@ -223,10 +222,9 @@ def part_b(bank: Path, work: Path, template: Any, n_devices: int, codec: str, ti
         device_of = {delta_id: dev for dev, delta_id, _ in payloads}
         ack_ms = [(acked[d] - sent[d]) * 1e3 for d in sent if d in acked]
         upd_ms = [(updated[device_of[d]] - sent[d]) * 1e3 for d in sent if device_of[d] in updated]
-        db = sqlite3.connect(f"file:{fleet_bank / 'sync.sqlite'}?mode=ro", uri=True)
-        rounds = [__import__("json").loads(r[0]) for r in db.execute("SELECT metrics FROM rounds")]
-        statuses = dict(db.execute("SELECT status, COUNT(*) FROM deltas GROUP BY status").fetchall())
-        db.close()
+        rounds = ledger.round_metrics()
+        statuses = ledger.summary()["deltas"]
+        ledger.close()
         merge_s = sum(r.get("seconds", 0.0) for r in rounds)
         merged = sum(r.get("deltas", 0) for r in rounds)
         return {

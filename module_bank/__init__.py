@@ -32,7 +32,7 @@ LEDGER_FILE = "sync.sqlite"
 __all__ = [
     "BANK_FILE", "BANK_SCHEMA_VERSION", "LEDGER_FILE", "SECRET_BYTES", "VALIDATION_SECRET_FILE", "Bank", "BankInfo",
     "BankStore", "ClaimLost", "Database", "DirectoryBank", "Job", "JobQueue", "Ledger", "PartRecord", "StoredDelta",
-    "bank_id_for", "copy_bank", "is_postgres", "open_bank", "open_store", "redact",
+    "bank_id_for", "copy_bank", "is_postgres", "open_bank", "open_store", "read_ledger", "redact",
 ]
 
 
@@ -58,6 +58,15 @@ def copy_bank(source: str | Path, dest: str | Path) -> BankInfo:
     secret, _ = src.validation_secret()
     dst.set_validation_secret(secret)
     return info
+
+
+def read_ledger(location: str | Path) -> Ledger:
+    """The ledger of the bank at ``location`` for reading beside running workers (SQLite: read-only)."""
+    if is_postgres(location):
+        return Ledger(connect(location))
+    from module_bank.db import SqliteDatabase
+
+    return Ledger(SqliteDatabase(Path(location) / LEDGER_FILE, readonly=True))
 
 
 @dataclass

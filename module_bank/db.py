@@ -81,13 +81,18 @@ class SqliteDatabase:
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.location = str(path)
+        self.readonly = readonly
         self._lock = threading.RLock()
         try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            if readonly:  # a reader beside a running daemon: never writes, never takes the write lock
+                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                                           isolation_level=None, timeout=30)
+            else:
+                self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             raise BankError(f"cannot open the ledger {path}: {exc}",
                             hint="check that the bank directory exists and is writable") from exc

@@ -43,7 +43,8 @@ class Ledger:
         self.path = self.db.location
         # (claim, owner): round commits check in their transaction that ``owner`` still holds ``claim``.
         self.fence: tuple[str, str] | None = None
-        migrate(self.db)
+        if not getattr(self.db, "readonly", False):
+            migrate(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -337,6 +338,15 @@ class Ledger:
         return int(self._one("SELECT COUNT(*) FROM devices"))
 
     # reports
+    def delta_rows(self) -> list[tuple[str, str, str, str]]:
+        """(delta id, device id, status, reason) of every delta the ledger knows."""
+        return [(str(r[0]), str(r[1]), str(r[2]), str(r[3]))
+                for r in self.db.query("SELECT delta_id, device_id, status, reason FROM deltas")]
+
+    def round_metrics(self) -> list[dict[str, Any]]:
+        """Every round's recorded figures, oldest first."""
+        return [json.loads(r[0]) for r in self.db.query("SELECT metrics FROM rounds ORDER BY round")]
+
     def delta_states(self) -> dict[str, tuple[str, int | None]]:
         """Every delta id with its status and the round that merged or held it (for reports and tests)."""
         rows = self.db.query("SELECT delta_id, status, merged_round FROM deltas")

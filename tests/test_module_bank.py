@@ -200,3 +200,20 @@ def test_open_bank_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(BankError, match="start PostgreSQL"):
         open_bank("postgresql://postgres@127.0.0.1:1/none?connect_timeout=1")
     assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
+
+
+def test_read_ledger_reads_beside_a_writer_without_writing(location: str) -> None:
+    from module_bank import read_ledger
+
+    writer = Ledger(connect(location))
+    writer.store_delta("a", "dev", b"p", ["l0m0"])
+    reader = read_ledger(location)
+    with writer.transaction() as tx:  # a writer holds its transaction open: the reader still reads
+        tx.execute("UPDATE deltas SET reason = 'x' WHERE delta_id = 'a'")
+        assert reader.delta_rows() == [("a", "dev", "pending", "")]
+    assert reader.delta_rows() == [("a", "dev", "pending", "x")]
+    if not location.startswith("postgresql"):
+        with pytest.raises(Exception, match="readonly"):
+            reader.store_delta("b", "dev", b"p", [])
+    reader.close()
+    writer.close()
