@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from module_bank import Ledger, is_postgres
 
 __all__ = ["LEDGER", "CLIENT_ID_FILE", "SyncCore", "SyncDaemon", "SyncHooks", "SyncSettings", "client_id_for"]
 log = logging.getLogger("eclm.sync")
+QUEUE_FULL = 15  # paho's MQTT_ERR_QUEUE_SIZE: publish() refused the message, nothing is queued
 CLIENT_ID_FILE = "sync-client-id"
 
 
@@ -70,7 +72,24 @@ class SyncDaemon:
 
     def _publish(self, pubs: list[Publication]) -> None:
         for topic, data in pubs:
-            self.client.publish(topic, data, qos=1)
+            self._publish_one(topic, data)
+
+    def _publish_one(self, topic: str, data: bytes) -> None:
+        """Hand one QoS 1 message to the client, waiting while its queue is full (65,535 unacknowledged
+        messages: a round's updates to a large fleet reach that); never drops it silently.
+        """
+        waited = 0.0
+        while True:
+            rc = getattr(self.client.publish(topic, data, qos=1), "rc", 0)
+            if rc != QUEUE_FULL:
+                return
+            if self.stop.is_set() or self.dead.is_set():
+                log.error("not sent (the client's queue is full and the daemon stops): %s", topic[:200])
+                return
+            if waited == 0.0 or int(waited) % 30 == 0 and waited == int(waited):
+                log.warning("the MQTT client's queue is full: waiting for the broker to take messages")
+            time.sleep(0.01)
+            waited = round(waited + 0.01, 2)
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         # Queued for the ingest thread, which stores it and only then sends the broker's PUBACK.

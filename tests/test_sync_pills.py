@@ -350,3 +350,35 @@ def test_dead_worker_stops_acks_and_the_loop_exits(bank: Path, tmp_path: Path) -
         assert d.core.ledger.pending_count() == 1
     finally:
         d.core.close()
+
+
+def test_a_full_client_queue_delays_publications_and_never_drops_them(bank: Path, tmp_path: Path) -> None:
+    """paho refuses a publish while 65,535 messages are unacknowledged (MQTT_ERR_QUEUE_SIZE); the daemon waits
+    and sends again instead of losing the ack or update (before: the refusal was ignored)."""
+    from cloud_sync.daemon import QUEUE_FULL, SyncDaemon
+
+    class Info:
+        def __init__(self, rc: int) -> None:
+            self.rc = rc
+
+    class FullThenFree:
+        def __init__(self) -> None:
+            self.refusals = 5
+            self.sent: list[str] = []
+
+        def publish(self, topic: str, data: bytes, qos: int = 0) -> Info:
+            if self.refusals:
+                self.refusals -= 1
+                return Info(QUEUE_FULL)
+            self.sent.append(topic)
+            return Info(0)
+
+    priv, _ = generate_keys(tmp_path / "keys")
+    d = SyncDaemon(SyncSettings(bank_dir=bank, signing_key=priv, client_id="eclm-sync-test"), load_signer(priv),
+                   exporter_hooks(bank, priv))
+    d.client = FullThenFree()
+    try:
+        d._publish([(topics.ack("a"), b"1"), (topics.ack("b"), b"2")])
+        assert d.client.sent == [topics.ack("a"), topics.ack("b")]
+    finally:
+        d.core.close()
