@@ -299,7 +299,9 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
         end = merged_at[0] or time.perf_counter()
         out["merged_per_s"] = counts.get("merged", 0) / max(1e-9, end - t0)
         out["all_merged_after_s"] = end - t0 if merged_at[0] else None
-        out["exactly_once"] = exactly_once(view, [d for d, (_t, st) in fleet.record.acks.items() if st == "stored"])
+        # A delta stored just before a kill is acked "duplicate" when its device resends it: it counts too.
+        out["exactly_once"] = exactly_once(view, [d for d, (_t, st) in fleet.record.acks.items()
+                                                  if st in ("stored", "duplicate")])
         out["available"] = True
     except NotAvailable as exc:
         out.update(available=False, error=str(exc))
@@ -323,7 +325,9 @@ def _not_stored(fleet: Fleet) -> int:
 
 
 def exactly_once(view: LedgerView, stored: list[str]) -> dict[str, Any]:
-    """Every delta acknowledged as stored is merged, and sits in exactly one version's lineage per part."""
+    """Every delta acknowledged as stored (or duplicate) is merged, and sits in exactly one version's lineage
+    per part it carries.
+    """
     seen: dict[str, int] = {}
     for part in PARTS:
         for version in view.lineage(part):

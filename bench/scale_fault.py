@@ -46,7 +46,7 @@ def kill_mid_round(rig: Rig, fleet: Fleet, sent: list[Sent], timeout: float = 30
         out["restarted_by"] = "the benchmark (same command line)"
     else:
         back = _wait(lambda: len(worker_procs(rig.sync)) >= len(procs) and victim not in
-                     {p.pid for p in worker_procs(rig.sync)}, 30)  # type: ignore[arg-type]
+                     {p.pid for p in worker_procs(rig.sync)}, 30)
         out["restarted_by"] = "the supervisor" if back else "nobody (the supervisor did not replace it in 30 s)"
     out["restart_s"] = time.perf_counter() - t
     resent = 0
