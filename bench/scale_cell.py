@@ -60,9 +60,13 @@ class Backend:
         from bench.procs import _cmd
 
         done = subprocess.run(_cmd("cloud_sync.cli", "eclm-cloud", "train", "--bank", self.location, "--epochs", "3",
-                                   "--enhance-epochs", "1", "--quiet"), capture_output=True, text=True, timeout=600)
+                                   "--enhance-epochs", "1", "--quiet"), capture_output=True, text=True, timeout=600,
+                              cwd=self.work)
         if done.returncode != 0:
             raise NotAvailable(cli_error(done.stdout + done.stderr))
+        if (self.work / "postgresql:").exists():  # a CLI without PostgreSQL banks made a folder of that name
+            raise NotAvailable("eclm-cloud train --bank postgresql://... wrote a local folder named like the URL "
+                               "(no PostgreSQL bank support)")
 
     def drop(self) -> None:
         if self.dbname:
@@ -177,6 +181,7 @@ class Cell:
     spread: float = 0.0  # seconds over which the deltas are published (0: as fast as possible)
     connections: int = 0  # 0: one per 50 devices, 1..200
     round_deltas: int = 0  # 0: a quarter of the fleet
+    round_seconds: float = 5.0
     timeout: float = 600.0
     extra: list[str] = field(default_factory=list)
 
@@ -199,7 +204,7 @@ class Rig:
     def daemon_args(self) -> list[str]:
         c = self.cell
         rd = c.round_deltas or max(10, c.devices // 4)
-        args = ["--round-deltas", str(rd), "--round-seconds", "1", "--max-staleness", "1000",
+        args = ["--round-deltas", str(rd), "--round-seconds", f"{c.round_seconds:g}", "--max-staleness", "1000",
                 "--derive-interval", "3600", *c.extra]
         return args + (["--workers", str(c.workers)] if c.workers != 1 else [])
 
@@ -277,10 +282,11 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
         out["profiles_s"] = time.perf_counter() - t
         sent = delta_messages(shapes, ids)
         say(f"  {cell.name}: {conns} connections; profiles known after {out['profiles_s']:.1f} s; publishing")
-        t0 = fleet.publish(sent, cell.spread)
+        # A fault run publishes half here and the rest once a round has merged (see bench.scale_fault).
+        t0 = fleet.publish(sent if fault is None else sent[: len(sent) // 2], cell.spread)
         out["publish_s"] = time.perf_counter() - t0
         if fault is not None:
-            out["fault"] = fault(rig, fleet, sent)
+            out["fault"] = fault(rig, fleet, sent[len(sent) // 2:])
         merged_at = [0.0]
 
         def settled() -> bool:

@@ -18,18 +18,24 @@ from bench.scale_fleet import Fleet, Sent
 RESEND_AFTER = 5.0  # seconds without an ack before a simulated device resends its delta
 
 
-def kill_mid_round(rig: Rig, fleet: Fleet, sent: list[Sent], timeout: float = 300) -> dict[str, Any]:
-    """Kill one worker once some deltas are merged and some still pending; restart it; resend until all acked."""
+def kill_mid_round(rig: Rig, fleet: Fleet, rest: list[Sent], timeout: float = 120) -> dict[str, Any]:
+    """Once a round has merged the first half, publish ``rest`` and kill one worker while its deltas are
+    pending or merging; restart it; resend until every delta is acknowledged.
+    """
     assert rig.view is not None and rig.sync is not None and rig.sync.proc is not None
     view = rig.view
     out: dict[str, Any] = {}
     deadline = time.time() + timeout
-    counts = view.counts()
-    while time.time() < deadline:
-        counts = view.counts()
-        if counts.get("merged", 0) and counts.get("pending", 0):
-            break
+    while time.time() < deadline and not view.counts().get("merged", 0):
         time.sleep(0.05)
+    fleet.publish(rest)
+    half = max(1, min(len(rest), rig.cell.round_deltas or max(10, rig.cell.devices // 4)) // 2)
+    counts = view.counts()
+    while time.time() < deadline:  # enough of the rest stored that a round is due or running
+        counts = view.counts()
+        if counts.get("pending", 0) >= half:
+            break
+        time.sleep(0.02)
     out["ledger_at_kill"] = counts
     out["mid_round"] = bool(counts.get("merged", 0) and counts.get("pending", 0))
     procs = worker_procs(rig.sync)
