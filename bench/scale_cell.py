@@ -296,8 +296,9 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
                 merged_at[0] = time.perf_counter()
             return done and len(fleet.record.updates) >= len(fleet.record.acks) - _not_stored(fleet)
 
-        fleet.wait(settled, cell.timeout, 0.5)
-        out["settled"] = settled()
+        out["settled"] = _wait_settled(settled, fleet, view, cell, say)
+        missing = fleet.unacked()
+        out["unacked_sample"] = {s.delta_id: view.status(s.delta_id) for s in missing[:5]}
         out.update(_latencies(fleet, t0))
         counts = view.counts()
         out["ledger"] = counts
@@ -322,7 +323,40 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
         if fleet is not None:
             fleet.close()
         rig.stop()
+        out["daemon_disconnects"] = _count_lines(work / "sync.log", "disconnected from")
+        out["broker_keepalive_kicks"] = _count_lines(work / "broker" / "mosquitto.log", "exceeded timeout")
     return out
+
+
+STALL_S = 60.0  # nothing new acked, updated or merged for this long: stop waiting and report what is missing
+
+
+def _wait_settled(settled: Callable[[], bool], fleet: Fleet, view: LedgerView, cell: Cell, say: Say) -> bool:
+    deadline = time.time() + cell.timeout
+    last: tuple[Any, ...] = ()
+    changed = told = time.time()
+    while time.time() < deadline:
+        if settled():
+            return True
+        now = time.time()
+        seen = (len(fleet.record.acks), len(fleet.record.updates), tuple(sorted(view.counts().items())))
+        if seen != last:
+            last, changed = seen, now
+        elif now - changed > STALL_S:
+            say(f"  stalled for {STALL_S:.0f} s: acked {seen[0]}, updated {seen[1]}, ledger {dict(seen[2])}")
+            return False
+        if now - told > 30:
+            told = now
+            say(f"  acked {seen[0]}, updated {seen[1]}, ledger {dict(seen[2])}")
+        time.sleep(0.5)
+    return settled()
+
+
+def _count_lines(path: Path, text: str) -> int:
+    try:
+        return sum(1 for ln in path.read_text(errors="replace").splitlines() if text in ln)
+    except OSError:
+        return 0
 
 
 def _not_stored(fleet: Fleet) -> int:

@@ -191,7 +191,9 @@ class Fleet:
         return cond()
 
     def close(self) -> None:
+        """Disconnect every client first (their network loops then end at once), then join their threads."""
+        for c in self.clients:
+            c.disconnect()
         for c in self.clients:
             c.loop_stop()
-            c.disconnect()
         self.clients = []
