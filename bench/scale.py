@@ -130,15 +130,28 @@ def _row(c: dict[str, Any]) -> list[Any]:
     if not c.get("available"):
         return head + [f"not available: {c.get('error', '?')}"] + ["-"] * 8
     once = c.get("exactly_once") or {}
-    return head + [_f(c["stored_per_s"]), _f(c["merged_per_s"]),
+    return head + [f"{_f(c['stored_per_s'])} ({_f(c.get('ledger_stored_per_s'))})", _f(c["merged_per_s"]),
                    f"{_f(c['ack_ms_p50'])} / {_f(c['ack_ms_p99'])}",
                    f"{_f(c['update_ms_p50'], '{:.0f}')} / {_f(c['update_ms_p99'], '{:.0f}')}",
                    _f(c.get("broker_rss_mib")), _f(c.get("workers_rss_mib")), c.get("rounds", "-"),
                    f"{c['acked']}/{c['devices']} acked, {once.get('stored', 0) - once.get('not_merged', 0)} merged"
-                   + (", exactly once" if once.get("ok") else ", **not exactly once**")]
+                   + (", exactly once" if once.get("ok") else ", **not exactly once**")
+                   + _all_sent(c, once)
+                   + f"; {c.get('update_messages', 0):,} updates received"
+                   + (f"; daemon dropped by the broker {c['broker_keepalive_kicks']}x (keepalive)"
+                      if c.get("broker_keepalive_kicks") else "")]
 
 
-HEADERS = ["devices", "workers", "backend", "stored/s", "merged/s", "publish->ack p50 / p99 (ms)",
+def _all_sent(c: dict[str, Any], once: dict[str, Any]) -> str:
+    """For a cell whose acks did not all come back: what the ledger says of every delta sent."""
+    all_sent = c.get("exactly_once_all_sent") or {}
+    if not all_sent or once.get("stored") == c["devices"]:
+        return ""
+    return f"; of all {c['devices']} sent: " + ("every one merged exactly once" if all_sent.get("ok")
+                                                 else "**not all merged exactly once**")
+
+
+HEADERS = ["devices", "workers", "backend", "stored/s: acks (ledger)", "merged/s", "publish->ack p50 / p99 (ms)",
            "publish->update p50 / p99 (ms)", "broker RSS (MiB)", "workers RSS (MiB)", "rounds", "counts"]
 
 
@@ -175,7 +188,8 @@ Each cell starts a private mosquitto (no ACLs, anonymous, loopback), a fresh cop
 merged round sends a signed module update to every device holding `head`). The devices are real MQTT
 clients multiplexed over one connection per 50 devices (at most 200): each sends a valid profile
 (pi4, holds `head`), then one `int8+zlib` delta of `head` with real shapes, all at once. stored/s:
-acks "stored" over the time from the first publish to the last such ack; merged/s: deltas merged
+acks "stored" over the time from the first publish to the last such ack (in brackets: every delta in
+the ledger, polled every 0.5 s, which does not depend on acks coming back); merged/s: deltas merged
 over the time until the ledger had none pending (polled every 0.5 s); RSS: peak over the cell.
 With `--workers N` the workers' RSS is the sum over the sync process and its children.
 

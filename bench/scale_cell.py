@@ -288,9 +288,12 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
         if fault is not None:
             out["fault"] = fault(rig, fleet, sent[len(sent) // 2:])
         merged_at = [0.0]
+        in_ledger_at = [0.0]
 
         def settled() -> bool:
             counts = view.counts()
+            if not in_ledger_at[0] and sum(counts.values()) >= len(sent):
+                in_ledger_at[0] = time.perf_counter()
             done = len(fleet.record.acks) >= len(sent) and not counts.get("pending", 0)
             if done and not merged_at[0]:
                 merged_at[0] = time.perf_counter()
@@ -306,9 +309,14 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
         end = merged_at[0] or time.perf_counter()
         out["merged_per_s"] = counts.get("merged", 0) / max(1e-9, end - t0)
         out["all_merged_after_s"] = end - t0 if merged_at[0] else None
+        # The store rate from the ledger (polled every 0.5 s), whether or not every ack came back.
+        out["ledger_stored_per_s"] = len(sent) / (in_ledger_at[0] - t0) if in_ledger_at[0] else None
+        out["payload_bytes"] = len(sent[0].payload) if sent else 0
         # A delta stored just before a kill is acked "duplicate" when its device resends it: it counts too.
         out["exactly_once"] = exactly_once(view, [d for d, (_t, st) in fleet.record.acks.items()
                                                   if st in ("stored", "duplicate")])
+        # Every delta sent, acked or not (an ack can be lost on the way back): the ledger's view.
+        out["exactly_once_all_sent"] = exactly_once(view, sorted(fleet.sent))
         out["available"] = True
     except NotAvailable as exc:
         out.update(available=False, error=str(exc))
@@ -323,7 +331,7 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
         if fleet is not None:
             fleet.close()
         rig.stop()
-        out["daemon_disconnects"] = _count_lines(work / "sync.log", "disconnected from")
+        out["daemon_disconnects"] = _count_lines(work / "sync.log", "); reconnecting")  # not the final stop
         out["broker_keepalive_kicks"] = _count_lines(work / "broker" / "mosquitto.log", "exceeded timeout")
     return out
 

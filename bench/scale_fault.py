@@ -15,7 +15,7 @@ from typing import Any
 from bench.scale_cell import Rig, worker_procs
 from bench.scale_fleet import Fleet, Sent
 
-RESEND_AFTER = 5.0  # seconds without an ack before a simulated device resends its delta
+RESEND_AFTER = 15.0  # seconds without an ack before a simulated device resends its delta
 
 
 def kill_mid_round(rig: Rig, fleet: Fleet, rest: list[Sent], timeout: float = 120) -> dict[str, Any]:
