@@ -233,7 +233,8 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> Path | None:
         cs = sorted((c for c in ok if (c["workers"], c["backend"]) == key), key=lambda c: c["devices"])
         x = [c["devices"] for c in cs]
         label = f"{key[0]} worker(s), {key[1]}"
-        a.plot(x, [c["stored_per_s"] for c in cs], marker="o", label=f"stored, {label}")
+        a.plot(x, [c.get("ledger_stored_per_s") or c["stored_per_s"] for c in cs], marker="o",
+               label=f"stored (ledger), {label}")
         a.plot(x, [c["merged_per_s"] for c in cs], marker="s", linestyle="--", label=f"merged, {label}")
         b.plot(x, [c["ack_ms_p99"] for c in cs], marker="o", label=f"ack, {label}")
         b.plot(x, [c["update_ms_p99"] for c in cs], marker="s", linestyle="--", label=f"update, {label}")
@@ -246,6 +247,14 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rerender(out: Path) -> None:
+    """Redraw ``scale.md`` and ``scale.png`` from ``scale.json`` (after a change to the report only)."""
+    import json
+
+    results = json.loads((out / "scale.json").read_text())
+    write_results(out, "scale", results, render(results, _plot(results["cells"], out / "scale.png")))
 
 
 def ints(text: str) -> list[int]:
@@ -271,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="sqlite,postgresql", help="sqlite and/or postgresql")
     ap.add_argument("--no-rate", action="store_true", help="skip the rate-limited run")
     ap.add_argument("--no-fault", action="store_true", help="skip the fault run")
+    ap.add_argument("--render-only", action="store_true", help="redraw scale.md and scale.png from scale.json")
     args = ap.parse_args(argv)
+    if args.render_only:
+        rerender(args.out)
+        print((args.out / "scale.md").read_text())
+        return 0
     scale_suite(args.out, args.quick, ints(args.workers), names(args.backends), lambda m: print(m, flush=True),
                 ints(args.devices) or None, not args.no_rate, not args.no_fault)
     print((args.out / "scale.md").read_text())

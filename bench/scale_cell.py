@@ -294,9 +294,9 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
             counts = view.counts()
             if not in_ledger_at[0] and sum(counts.values()) >= len(sent):
                 in_ledger_at[0] = time.perf_counter()
+            if in_ledger_at[0] and not counts.get("pending", 0) and not merged_at[0]:
+                merged_at[0] = time.perf_counter()  # every delta in the ledger and none pending, acked or not
             done = len(fleet.record.acks) >= len(sent) and not counts.get("pending", 0)
-            if done and not merged_at[0]:
-                merged_at[0] = time.perf_counter()
             return done and len(fleet.record.updates) >= len(fleet.record.acks) - _not_stored(fleet)
 
         out["settled"] = _wait_settled(settled, fleet, view, cell, say)
