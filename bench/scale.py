@@ -191,7 +191,10 @@ clients multiplexed over one connection per 50 devices (at most 200): each sends
 acks "stored" over the time from the first publish to the last such ack (in brackets: every delta in
 the ledger, polled every 0.5 s, which does not depend on acks coming back); merged/s: deltas merged
 over the time until the ledger had none pending (polled every 0.5 s); RSS: peak over the cell.
-With `--workers N` the workers' RSS is the sum over the sync process and its children.
+With `--workers N` the workers' RSS is the sum over the sync process and its children. What these
+figures mean for 100,000 and 1,000,000 devices, and why acks and updates go missing in the largest
+cells (a paho client holds at most 65,535 unacknowledged messages; the daemon ignores `publish()`'s
+refusal), is in [docs/scale.md](../scale.md).
 
 {md_table(HEADERS, [_row(c) for c in results['cells']])}
 
