@@ -60,7 +60,7 @@ def command(quick: bool, devices: list[int], workers: list[int], backends: list[
 
 def scale_suite(out: Path, quick: bool, workers: list[int], backends: list[str], say: Say,
                 devices: list[int] | None = None, rate_run: bool = True, fault_run: bool = True,
-                cache: Path | None = None, timeout: float = 900.0) -> dict[str, Any]:
+                cache: Path | None = None, timeout: float = 900.0, stage_deltas: int = 300) -> dict[str, Any]:
     """Every cell, the rate-limited run and the fault run; writes the JSON, the markdown table and the plot."""
     import signal
     import threading
@@ -82,7 +82,7 @@ def scale_suite(out: Path, quick: bool, workers: list[int], backends: list[str],
         key, _ = generate_keys(work / "keys")
         from bench.scale_profile import describe, stage_costs
 
-        results["stages"] = stage_costs(bank, key)  # the SQLite ledger, in-process
+        results["stages"] = stage_costs(bank, key, stage_deltas)  # the SQLite ledger, in-process
         describe(results["stages"], say)
         n = 0
         for backend in backends:
@@ -104,7 +104,7 @@ def scale_suite(out: Path, quick: bool, workers: list[int], backends: list[str],
             say(f"fault run: kill -9 of one worker mid-round, {fw} workers, {backends[0]}")
             fault = run_cell(Cell(min(devices[-1], 2000), fw, backends[0], timeout=timeout), bank, key,
                              work / "fault", say, fault=kill_mid_round)
-            if not fault.get("available") and fw != 1:
+            if not fault.get("available") and not fault.get("failed") and fw != 1:
                 say("fault run: falling back to 1 worker (kill -9 of the sync process and a restart)")
                 fault = run_cell(Cell(min(devices[-1], 2000), 1, backends[0], timeout=timeout), bank, key,
                                  work / "fault-1", say, fault=kill_mid_round) | {"fell_back_from": fault}
@@ -128,7 +128,8 @@ def _f(v: Any, fmt: str = "{:.1f}") -> str:
 def _row(c: dict[str, Any]) -> list[Any]:
     head = [c["devices"], c["workers"], c["backend"]]
     if not c.get("available"):
-        return head + [f"not available: {c.get('error', '?')}"] + ["-"] * 8
+        why = "**failed**" if c.get("failed") else "not available"
+        return head + [f"{why}: {c.get('error', '?')}"] + ["-"] * 8
     once = c.get("exactly_once") or {}
     return head + [f"{_f(c['stored_per_s'])} ({_f(c.get('ledger_stored_per_s'))})", _f(c["merged_per_s"]),
                    f"{_f(c['ack_ms_p50'])} / {_f(c['ack_ms_p99'])}",
@@ -161,12 +162,12 @@ def render(results: dict[str, Any], plot: Path | None) -> str:
     goal = [f"- {r['workers']} worker(s), {r['backend']}: " + (
         f"p99 {r['ack_ms_p99']:.1f} ms, p50 {r['ack_ms_p50']:.1f} ms: "
         + ("**met**" if r["ack_ms_p99"] <= ACK_GOAL_MS else "**not met**") if r.get("available")
-        else f"not available: {r.get('error')}") for r in rate]
+        else f"{'failed' if r.get('failed') else 'not available'}: {r.get('error')}") for r in rate]
     f = results.get("fault") or {}
     fault_md = "not run"
     if f:
         if not f.get("available"):
-            fault_md = f"not available: {f.get('error')}"
+            fault_md = f"{'failed' if f.get('failed') else 'not available'}: {f.get('error')}"
         else:
             d, once = f.get("fault", {}), f.get("exactly_once", {})
             fault_md = (f"{f['devices']} devices, {f['workers']} worker(s), {f['backend']}: killed {d.get('killed')} "

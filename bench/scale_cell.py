@@ -321,6 +321,9 @@ def run_cell(cell: Cell, cached_bank: Path, key: Path, work: Path, say: Say,
     except NotAvailable as exc:
         out.update(available=False, error=str(exc))
         say(f"  {cell.name}: not available: {exc}")
+    except Exception as exc:  # one failed cell is reported and the grid goes on
+        out.update(available=False, failed=True, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        say(f"  {cell.name}: FAILED: {out['error']}")
     finally:
         if sampler is not None:
             sampler.stop()

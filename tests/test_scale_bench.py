@@ -20,10 +20,13 @@ from eclm.errors import ConfigError
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="needs mosquitto")
 
 
-def test_fifty_devices_and_a_kill_are_merged_exactly_once(tmp_path: Path) -> None:
+def test_fifty_devices_and_a_kill_are_merged_exactly_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.scale_fault
+
+    monkeypatch.setattr(bench.scale_fault, "RESEND_AFTER", 3.0)  # the simulated outboxes retry sooner
     out = tmp_path / "out"
     res = scale_suite(out, False, [1], ["sqlite"], lambda m: None, devices=[50], rate_run=False,
-                      cache=tmp_path / "cache", timeout=60)
+                      cache=tmp_path / "cache", timeout=60, stage_deltas=50)
     cell = res["cells"][0]
     assert cell["available"], cell
     assert cell["acked"] == 50 and cell["ack_statuses"] == {"stored": 50}
@@ -45,6 +48,7 @@ def test_fifty_devices_and_a_kill_are_merged_exactly_once(tmp_path: Path) -> Non
     assert "`eclm bench --suite scale --devices 50 --workers 1 --backends sqlite`" in md
     assert "50/50 acked, 50 merged, exactly once" in md and "every stored delta merged exactly once" in md
     assert (out / "scale.png").exists()
+    assert saved["stages"]["acks"] == 50 and saved["stages"]["handle_ms_per_delta"] > 0
 
 
 def test_a_refused_flag_is_reported_by_its_error_line() -> None:
