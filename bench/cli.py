@@ -63,7 +63,7 @@ def demo(
     typer.echo(f"logs: {workdir / 'logs'}; finished in {result.seconds:.0f} s, nothing left running")
 
 
-SUITES = ("export", "edge", "sync", "adapt", "paper", "soak", "attack")
+SUITES = ("export", "edge", "sync", "adapt", "paper", "soak", "attack", "scale")
 
 
 @app.command()
@@ -74,7 +74,9 @@ def bench(
                               "adaptation with shifts; export, edge, sync: the component benchmarks; soak: hostile "
                               "messages while honest devices train (exits 1 if a criterion fails); attack: poisoned "
                               "deltas against every merge strategy and fuzzed messages against a running daemon "
-                              "(exits 1 if a goal is missed)."),
+                              "(exits 1 if a goal is missed); scale: the merger daemon under 1,000-10,000 simulated "
+                              "devices per worker count and ledger backend, a rate-limited run and a kill -9 "
+                              "mid-round."),
     quick: bool = typer.Option(False, "--quick", envvar="ECLM_BENCH_QUICK", show_default="off",
                                help="A small version that finishes in minutes (CI)."),
     seeds: int = typer.Option(3, "--seeds", min=1, envvar="ECLM_BENCH_SEEDS",
@@ -101,6 +103,14 @@ def bench(
     fuzz_messages: int = typer.Option(None, "--fuzz-messages", min=0, envvar="ECLM_BENCH_FUZZ_MESSAGES",
                                       show_default="100000, 10000 with --quick",
                                       help="attack suite: fuzzed messages to send (0: skip the fuzz)."),
+    workers: str = typer.Option("1,2,4", "--workers", envvar="ECLM_BENCH_WORKERS",
+                                help="scale suite: comma-separated worker counts (`eclm-cloud sync --workers N`)."),
+    backends: str = typer.Option("sqlite,postgresql", "--backends", envvar="ECLM_BENCH_BACKENDS",
+                                 help="scale suite: ledger backends, sqlite and/or postgresql (a fresh database on "
+                                 "127.0.0.1:5432 as user postgres, dropped after)."),
+    devices: str = typer.Option("", "--devices", envvar="ECLM_BENCH_DEVICES",
+                                show_default="1000,2000,5000,10000; 200,1000 with --quick",
+                                help="scale suite: comma-separated fleet sizes."),
 ) -> None:
     """Run a benchmark suite; results go to OUT as JSON plus a markdown table (and plots)."""
     from eclm.errors import ConfigError
@@ -125,6 +135,11 @@ def bench(
         passed = attack_suite(out, quick, merge_options, attacks, fuzz_messages, say)
         typer.echo((out / "attack.md").read_text())
         raise typer.Exit(0 if passed else 1)
+    elif suite == "scale":
+        from bench.scale import ints, names, scale_suite
+
+        scale_suite(out, quick, ints(workers), names(backends), say, ints(devices) or None)
+        typer.echo((out / "scale.md").read_text())
     elif suite == "paper":
         from bench.suites import paper_suite
 
