@@ -361,14 +361,16 @@ class SyncCore:
         if self.signer is None:
             log.warning("no signing key: merged modules are not sent to devices (start with --signing-key)")
             return out
+        bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]] = {}  # compressed once per set of parts
         for dev in self.ledger.devices():
             try:
-                out += self._update_for(dev, versions)
+                out += self._update_for(dev, versions, bodies)
             except Exception as exc:  # one device's update never stops the others (or the daemon)
                 self._quarantine("update", str(dev["device_id"]), f"{type(exc).__name__}: {str(exc)[:300]}")
         return out
 
-    def _update_for(self, dev: dict[str, Any], versions: dict[str, int]) -> list[Publication]:
+    def _update_for(self, dev: dict[str, Any], versions: dict[str, int],
+                    bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]]) -> list[Publication]:
         held = set(dev["modules"]) & set(versions)
         if not held:
             return []
@@ -379,7 +381,7 @@ class SyncCore:
         assert self.signer is not None  # module_updates sends nothing without one
         self._count("module_updates_sent")
         return module_update(dev["device_id"], held, versions, self.merger.params, self.merger.bank_id, self.signer,
-                             self.settings.update_codec, self.settings.chunk_bytes)
+                             self.settings.update_codec, self.settings.chunk_bytes, bodies)
 
     def close(self) -> None:
         self.derivations.close()

@@ -178,13 +178,23 @@ def _split_fields(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray] |
     return fields, tensors, blob
 
 
-def encode(msg: Message, codec: str = "fp32+zlib", signer: Signer | None = None) -> bytes:
-    """Serialise a message; update messages must be given a signer."""
+def encode_tensors(tensors: dict[str, np.ndarray], codec: str = "fp32+zlib") -> tuple[bytes, dict[str, Any]]:
+    """A message body of ``tensors`` and its header entries, for :func:`encode` to reuse across messages."""
+    return compress.encode(tensors, compress.Codec.parse(codec))
+
+
+def encode(msg: Message, codec: str = "fp32+zlib", signer: Signer | None = None,
+           body_of_tensors: tuple[bytes, dict[str, Any]] | None = None) -> bytes:
+    """Serialise a message; update messages must be given a signer.
+
+    ``body_of_tensors`` is :func:`encode_tensors` of the message's own tensors, made once when the same
+    tensors go to many devices (a round's module updates); it is not checked against them.
+    """
     fields, tensors, blob = _split_fields(msg)
     header: dict[str, Any] = {"type": msg.TYPE, "schema_version": SCHEMA_VERSION, "fields": fields}
     body = b""
     if tensors is not None:
-        body, header["tensors"] = compress.encode(tensors, compress.Codec.parse(codec))
+        body, header["tensors"] = body_of_tensors or compress.encode(tensors, compress.Codec.parse(codec))
     elif blob is not None:
         body = blob
     if isinstance(msg, SIGNED) and signer is None:
