@@ -66,6 +66,13 @@ def demo(
 SUITES = ("export", "edge", "sync", "adapt", "paper", "soak", "attack", "scale")
 
 
+def paper_seeds(quick: bool, seeds: int | None) -> int:
+    """The paper suite's number of seeds: as asked, else 3 (1 with --quick)."""
+    if seeds is not None:
+        return seeds
+    return 1 if quick else 3
+
+
 @app.command()
 @reports_errors
 def bench(
@@ -79,12 +86,15 @@ def bench(
                               "mid-round."),
     quick: bool = typer.Option(False, "--quick", envvar="ECLM_BENCH_QUICK", show_default="off",
                                help="A small version that finishes in minutes (CI)."),
-    seeds: int = typer.Option(3, "--seeds", min=1, envvar="ECLM_BENCH_SEEDS",
-                              help="Seeds for the paper suite (spread over seeds)."),
+    seeds: int = typer.Option(None, "--seeds", min=1, envvar="ECLM_BENCH_SEEDS",
+                              show_default="3, 1 with --quick",
+                              help="paper suite: the number of seeds to run (0, 1, ...; mean and spread over "
+                              "them). Exactly this many are run, with or without --quick."),
     out: Path = typer.Option(Path("docs/benchmarks"), "--out", envvar="ECLM_BENCH_OUT",
                              help="Where JSON, markdown and PNG plots go."),
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
-                                help="paper and adapt suites: 'digits' or an .npz with X and y (docs/data.md)."),
+                                help="paper and adapt suites: 'digits' (8x8 images), 'signals' (generated 1-D "
+                                "waveforms) or an .npz with X and y (docs/data.md)."),
     duration: float = typer.Option(None, "--duration", min=1, envvar="ECLM_BENCH_DURATION",
                                    show_default="120 s, 40 s with --quick",
                                    help="soak suite: seconds of attack while honest devices train."),
@@ -117,6 +127,9 @@ def bench(
 
     if suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r}; available: {', '.join(SUITES)}", hint="use --suite paper")
+    if seeds is not None and suite != "paper":
+        raise ConfigError(f"--seeds is for the paper suite; the {suite} suite runs one fixed seed",
+                          hint="drop --seeds (or unset ECLM_BENCH_SEEDS) for this suite")
     say = lambda m: typer.echo(m, err=True)  # noqa: E731
     if suite == "adapt":
         from bench.suites import adapt_suite
@@ -143,7 +156,7 @@ def bench(
     elif suite == "paper":
         from bench.suites import paper_suite
 
-        paper_suite(out, quick, 1 if quick and seeds == 3 else seeds, say, dataset)
+        paper_suite(out, quick, paper_seeds(quick, seeds), say, dataset)
         typer.echo((out / "paper.md").read_text())
     else:
         module = {"export": "bench.export_bench", "edge": "bench.edge_bench", "sync": "bench.sync_bench"}[suite]

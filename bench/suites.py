@@ -22,7 +22,7 @@ from bench.fleet import FleetConfig, Pool, Shift, make_fleet, run
 
 Say = Callable[[str], None]
 
-# METHOD.md section 5, Table 1 (the paper's numbers on its data; ours are measured on digits).
+# METHOD.md section 5, Table 1 (the paper's numbers on its data; ours are measured on the data set run).
 PAPER_TABLE = {
     "CIFAR-10 m=2, ResNet18": {"none": 73.55, "local": 84.19, "fedavg": 73.68, "heterofl": 70.19, "eclm": 90.86},
     "CIFAR-10 m=5": {"none": 73.55, "local": 73.56, "fedavg": 76.12, "heterofl": 77.32, "eclm": 85.76},
@@ -91,8 +91,27 @@ def recovery(history: list[dict[str, Any]], arm: str, tolerance: float = 0.02, w
     return out
 
 
+def command_line(suite: str, quick: bool, dataset: str, seeds: int | None = None) -> str:
+    """The `eclm bench` command that reproduces a run: every option that changes the result, defaults too."""
+    import shlex
+
+    return " ".join(["eclm bench --suite", suite, *(["--quick"] if quick else []),
+                     *(["--seeds", str(seeds)] if seeds is not None else []), "--dataset", shlex.quote(dataset)])
+
+
+def _corruptions(dataset: str) -> tuple[str, ...]:
+    from bench.corruptions import kinds_for
+    from exporter.data import load_dataset
+
+    return kinds_for(load_dataset(dataset).input_shape)
+
+
 def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits") -> dict[str, Any]:
     """20 adaptation steps of 6 devices with scheduled shifts: no adaptation, local only, ECLM."""
+    from bench.corruptions import ADAPT_SHIFTS, family
+    from exporter.data import load_dataset
+
+    geometric, noise = ADAPT_SHIFTS[family(load_dataset(dataset).input_shape)]
     work = Path(tempfile.mkdtemp(prefix="eclm-adapt-"))
     t0 = time.time()
     try:
@@ -101,9 +120,9 @@ def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits") -> di
         s = steps // 4
         cfg = FleetConfig(devices=6, per_round=6, classes_per_device=3, steps=steps, corruptions=("none",),
                           test_samples=100, seed=0, shifts=(
-                              Shift(s, (0, 1), corruption="rotation"),
+                              Shift(s, (0, 1), corruption=geometric),
                               Shift(2 * s, (2, 3), classes=SHIFTED_CLASSES),
-                              Shift(3 * s, (4, 5), corruption="noise")))
+                              Shift(3 * s, (4, 5), corruption=noise)))
         res = _run_arms(["none", "local", "eclm"], bank, work, cfg, say, dataset)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -115,38 +134,48 @@ def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits") -> di
                      if any(r is not None for r in rec[arm]) else None,
                      "never_recovered": sum(r is None for r in rec[arm]),
                      "seconds_per_step": secs[arm]} for arm, v in acc.items()}
-    results = {"machine": machine_info(), "config": _cfg_dict(cfg), "summary": summary,
-               "accuracy_per_step": acc, "seconds": time.time() - t0, "failed_devices": res["failed_devices"]}
+    results = {"machine": machine_info(), "quick": quick, "dataset": dataset, "config": _cfg_dict(cfg),
+               "summary": summary, "accuracy_per_step": acc, "seconds": time.time() - t0,
+               "failed_devices": res["failed_devices"]}
     plot = _plot_steps(acc, out / "adapt_accuracy.png", [sh.step for sh in cfg.shifts],
                        "Continuous adaptation: mean accuracy of the fleet per step")
-    rows = [[ARM_NAMES[a], s["mean_accuracy"], s["mean_recovery_steps"] if s["mean_recovery_steps"] is not None
-             else "-", s["never_recovered"], s["seconds_per_step"]] for a, s in summary.items()]
-    md = f"""# Continuous adaptation: {steps} steps with shifts
-
-Command: `eclm bench --suite adapt{' --quick' if quick else ''}`; {results['machine']['cpu']},
-{results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s.
-
-Six devices (3 classes each, 50-150 digits samples) adapt every step; half of each device's samples is
-replaced by fresh ones each step. Shifts: at step {s + 1} devices 0 and 1 see rotated inputs, at step
-{2 * s + 1} devices 2 and 3 see another class mix (0, 5, 6, 8), at step {3 * s + 1} devices 4 and 5 see
-noisy inputs. Accuracy is measured after each step on fresh held-out samples of each device's current
-environment. Recovery: steps from a shift until the shifted device is back within 2 points of its
-level before the shift (0: it already is right after adapting in the shift's step).
-
-{md_table(["arm", "accuracy averaged over the steps", "mean steps to recover", "never recovered",
-           "seconds per step"], rows)}
-{_failed_md({"": res["failed_devices"]})}
-![accuracy per step]({plot.name})
-"""
-    write_results(out, "adapt", results, md)
+    write_results(out, "adapt", results, _adapt_md(results, plot))
     return results
 
 
+def _adapt_md(results: dict[str, Any], plot: Path) -> str:
+    summary, c = results["summary"], results["config"]
+    shifts = {(sh["corruption"] or "classes"): sh["step"] for sh in c["shifts"]}
+    geometric, noise = (sh["corruption"] for sh in c["shifts"] if sh["corruption"])
+    rows = [[ARM_NAMES[a], s["mean_accuracy"], s["mean_recovery_steps"] if s["mean_recovery_steps"] is not None
+             else "-", s["never_recovered"], s["seconds_per_step"]] for a, s in summary.items()]
+    return f"""# Continuous adaptation on {results['dataset']}: {c['steps']} steps with shifts
+
+Command: `{command_line("adapt", results["quick"], results["dataset"])}`; {results['machine']['cpu']},
+{results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s.
+
+Six devices (3 classes each, 50-150 samples of {results['dataset']}) adapt every step; half of each
+device's samples is replaced by fresh ones each step. Shifts: at step {shifts[geometric] + 1} devices 0
+and 1 see the corruption "{geometric}", at step {shifts['classes'] + 1} devices 2 and 3 see another
+class mix ({', '.join(map(str, SHIFTED_CLASSES))}), at step {shifts[noise] + 1} devices 4 and 5 see
+"{noise}" (docs/data.md). Accuracy is measured after each step on fresh held-out samples of each
+device's current environment, never ones a device trains on. Recovery: steps from a shift until the
+shifted device is back within 2 points of its level before the shift (0: it already is right after
+adapting in the shift's step).
+
+{md_table(["arm", "accuracy averaged over the steps", "mean steps to recover", "never recovered",
+           "seconds per step"], rows)}
+{_failed_md({"": results["failed_devices"]})}
+![accuracy per step]({plot.name})
+"""
+
+
 def paper_suite(out: Path, quick: bool, seeds: int, say: Say, dataset: str = "digits") -> dict[str, Any]:
-    """METHOD.md section 5 on digits: m = 2 and m = 5, all arms, accuracy over steps and bytes."""
+    """METHOD.md section 5 on ``dataset``: m = 2 and m = 5, all arms, accuracy over steps and bytes."""
     t0 = time.time()
     arms = ["none", "local", "fedavg", "heterofl", "eclm"]
     base = FleetConfig(devices=20, per_round=5, steps=3, seed=0) if quick else FleetConfig()
+    base = replace(base, corruptions=_corruptions(dataset))
     settings = {"m=2": replace(base, classes_per_device=2), "m=5": replace(base, classes_per_device=5)}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in settings}
     work = Path(tempfile.mkdtemp(prefix="eclm-paper-"))
@@ -198,7 +227,6 @@ def _paper_md(results: dict[str, Any], plots: list[Path], bytes_plot: Path, quic
         return f"{100 * v[0]:.2f} ± {100 * v[1]:.2f}"
 
     data = results.get("dataset", "digits")
-    flags = (" --quick" if quick else "") + ("" if data == "digits" else f" --dataset {data}")
     table1 = [[f"{data} {k}, modular CNN (ours, after one step)"] + [cell(s[k][a]["after_one_step"]) for a in arms]
               for k in s]
     table1 += [[f"{data} {k} (ours, averaged over the steps)"] + [cell(s[k][a]["averaged"]) for a in arms] for k in s]
@@ -231,15 +259,16 @@ def _paper_md(results: dict[str, Any], plots: list[Path], bytes_plot: Path, quic
             f"{r['latency_ratio']:.1f}x).")
     return f"""# The paper's protocol on {data}
 
-Command: `eclm bench --suite paper{flags}`; {results['machine']['cpu']},
+Command: `{command_line("paper", quick, data, results["seeds"])}`; {results['machine']['cpu']},
 {results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s;
 {results['seeds']} seeds (mean ± standard deviation over seeds).
 
 Protocol (METHOD.md section 5 on the data we have): {c['devices']} devices, {c['per_round']} per round,
-50-150 samples each of m classes from the devices' 70% of the data, a per-device corruption (none,
-rotation, noise, contrast, blur), half of each device's samples replaced at every step, {c['steps']}
-steps. Accuracy is that of the devices of the round after adapting, on fresh held-out samples of
-their environment. The paper's figures are on CIFAR-10 with ResNet18, shown for shape only.
+50-150 samples each of m classes from the devices' 70% of the data, a per-device corruption
+({', '.join(c['corruptions'])}: docs/data.md), half of each device's samples replaced at every step,
+{c['steps']} steps. Accuracy is that of the devices of the round after adapting, on fresh samples of
+their environment from a held-out 30% of the devices' data that no device ever trains on. The
+paper's figures are on CIFAR-10 with ResNet18, shown for shape only.
 
 {md_table(["setting", *[ARM_NAMES[a] for a in arms]], table1)}
 
@@ -316,7 +345,7 @@ def add_resources(out: Path, say: Say) -> None:
     results = json.loads(path.read_text())
     work = Path(tempfile.mkdtemp(prefix="eclm-cost-"))
     try:
-        results["resources"] = measure(_bank(work, 0, say), work)
+        results["resources"] = measure(_bank(work, 0, say, results.get("dataset", "digits")), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     plots = sorted(out.glob("paper_accuracy_*.png"))

@@ -27,7 +27,8 @@ def _root() -> None:
 @reports_errors
 def train(
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
-                                help="'digits' (ships with scikit-learn) or an .npz with arrays X and y."),
+                                help="'digits' (ships with scikit-learn), 'signals' (generated 1-D waveforms, "
+                                "docs/data.md) or an .npz with arrays X and y."),
     bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=BANK_HELP + " Written."),
     seed: int = typer.Option(0, "--seed", envvar="ECLM_SEED",
                              help="Seed for the data split, initialisation and order."),

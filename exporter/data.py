@@ -1,4 +1,6 @@
-"""Data sets for cloud training: scikit-learn's digits, or the user's own ``.npz`` (``X``, ``y``)."""
+"""Data sets for cloud training: scikit-learn's digits, the generated 1-D ``signals``, or the user's own ``.npz``
+(``X``, ``y``).
+"""
 
 from __future__ import annotations
 
@@ -51,10 +53,12 @@ def _as_images(x: np.ndarray) -> np.ndarray:
 
 
 SYNTHETIC = "synthetic-cifar"
+BUILTIN = ("digits", "signals")  # the named data sets `--dataset` accepts besides an .npz path
 
 
 def load_dataset(name_or_path: str) -> Dataset:
-    """``digits`` (shipped with scikit-learn, no download), ``synthetic-cifar`` (seeded noise of
+    """``digits`` (8x8 images, shipped with scikit-learn, no download), ``signals`` (1-D waveforms of
+    64 steps, generated from a fixed seed: exporter/signals.py), ``synthetic-cifar`` (seeded noise of
     CIFAR's shape, for sizing and speed only), or a path to an ``.npz`` with X and y.
     """
     if name_or_path == SYNTHETIC:
@@ -67,6 +71,11 @@ def load_dataset(name_or_path: str) -> Dataset:
         raw = load_digits()
         x = raw.data.reshape(-1, 1, 8, 8).astype(np.float32)
         return Dataset("digits", x, raw.target.astype(np.int64), tuple(str(t) for t in raw.target_names))
+    if name_or_path == "signals":
+        from exporter import signals
+
+        x, y, names = signals.generate()
+        return Dataset(signals.NAME, x, y, names)
     path = Path(name_or_path)
     if path.suffix == ".npz" and not path.is_file():
         raise DataError(f"file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""),
@@ -74,7 +83,7 @@ def load_dataset(name_or_path: str) -> Dataset:
     if path.suffix != ".npz":
         raise DataError(
             f"unknown data set {name_or_path!r}",
-            hint="use 'digits', 'synthetic-cifar' or an .npz file holding arrays X and y (see docs/data.md)",
+            hint="use 'digits', 'signals', 'synthetic-cifar' or an .npz file holding arrays X and y (see docs/data.md)",
         )
     # allow_pickle=False: an .npz from elsewhere must never run code when loaded.
     try:
