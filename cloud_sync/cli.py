@@ -269,6 +269,7 @@ def status(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=B
                   "best_released_accuracy": ledger.best_released(),
                   "gate_problem": ledger.meta("gate_problem") or "",
                   "derive_queue": JobQueue(opened.db).counts(),
+                  "merge_claim": _claim_text(opened.db),
                   "quarantined": len(ledger.quarantined()),
                   "waiting_support": ledger.waiting(), "expired_parts": ledger.expired_parts(),
                   "devices": [{k: d[k] for k in ("device_id", "online", "last_seen", "bundle", "profile")}
@@ -281,6 +282,18 @@ def status(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=B
         typer.echo(dumps(report, indent=2))
         return
     typer.echo(_status_text(report))
+
+
+def _claim_text(db: Any) -> str:
+    """Which worker merges now ("" when none holds the round)."""
+    import time
+
+    from module_bank.work import holder
+
+    held = holder(db, "merge")
+    if held is None or held[1] < time.time():
+        return ""
+    return f"{held[0]} (for {held[1] - time.time():.0f} s more)"
 
 
 def _status_text(report: dict[str, Any]) -> str:
@@ -303,6 +316,8 @@ def _status_text(report: dict[str, Any]) -> str:
               + (f"{report['best_released_accuracy']:.4f}" if report["best_released_accuracy"] is not None else "-"))]
     if report.get("gate_problem"):
         out.insert(1, f"MERGING STOPPED: {report['gate_problem']}")
+    if report.get("merge_claim"):
+        out.append(f"merging now: {report['merge_claim']}")
     if report["module_versions"]:
         out += ["", text_table(["part", "version"], [[k, v] for k, v in report["module_versions"].items()])]
     if report["rejected_by_reason"]:

@@ -41,6 +41,8 @@ def test_a_bank_copied_into_postgresql_merges_reports_and_exports(digits_bank, p
     assert status.exit_code == 0, status.output
     report = json.loads(status.output)
     assert report["module_versions"] == {"head": 2} and report["deltas"] == {"merged": 2}
+    assert report["merge_claim"].startswith("local ")  # the round's updates were not published: still held
+    assert report["derive_queue"] == {"queued": 0, "running": 0}
     out = tmp_path / "bundle"
     export_bundle(ExportRequest(bank_dir=pg_url, profile="pi4", out_dir=out, measure=False))
     manifest = read_manifest(out)
