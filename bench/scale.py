@@ -192,10 +192,9 @@ clients multiplexed over one connection per 50 devices (at most 200): each sends
 acks "stored" over the time from the first publish to the last such ack (in brackets: every delta in
 the ledger, polled every 0.5 s, which does not depend on acks coming back); merged/s: deltas merged
 over the time until the ledger had none pending (polled every 0.5 s); RSS: peak over the cell.
-With `--workers N` the workers' RSS is the sum over the sync process and its children. What these
-figures mean for 100,000 and 1,000,000 devices, and why acks and updates go missing in the largest
-cells (a paho client holds at most 65,535 unacknowledged messages; the daemon ignores `publish()`'s
-refusal), is in [docs/scale.md](../scale.md).
+With `--workers N` the workers' RSS is the sum over the sync process and its children (each worker
+loads torch for the validation gate). The simulator, the broker and every worker share the machine's
+cores. What these figures mean for 100,000 and 1,000,000 devices is in [docs/scale.md](../scale.md).
 
 {md_table(HEADERS, [_row(c) for c in results['cells']])}
 
@@ -220,9 +219,10 @@ def _stages_md(p: dict[str, Any] | None) -> str:
     from bench.scale_profile import describe
 
     return (f"The daemon's decision code (`SyncCore`) fed the same messages in-process, without a broker, on the "
-            f"SQLite ledger: {describe(p)}. A worker handles messages one at a time in its network thread (the "
-            f"broker's PUBACK follows the ledger commit), so one worker stores at most about "
-            f"{1e3 / p['handle_ms_per_delta']:.0f} deltas/s here, and each merged round costs "
+            f"SQLite ledger, in batches as the ingest thread hands them over: {describe(p)}. A worker's ingest "
+            f"thread stores a batch in one transaction and sends the broker's PUBACKs after it, so one worker's "
+            f"decision code stores at most about {1e3 / p['handle_ms_per_delta']:.0f} deltas/s on one core "
+            f"here (over MQTT the broker, the simulator and paho share the cores), and each merged round costs "
             f"{p['update_ms_per_device']:.2f} ms per device holding a changed module (one signed update each).")
 
 
