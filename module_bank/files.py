@@ -10,10 +10,10 @@ import numpy as np
 from eclm.errors import BankError
 from eclm.hashing import atomic_write_bytes, atomic_write_json, sha256_file
 from eclm.tensors import encode_tensors, read_tensors
-from module_bank.info import BANK_FILE, SECRET_BYTES, VALIDATION_SECRET_FILE, BankInfo
+from module_bank.info import BANK_FILE, SECRET_BYTES, VALIDATION_SECRET_FILE, BankInfo, StoreBase
 
 
-class DirectoryBank:
+class DirectoryBank(StoreBase):
     """A bank in a directory: ``bank.json`` plus ``parts/<id>/v<version>.safetensors``."""
 
     def __init__(self, root: str | Path) -> None:
@@ -50,13 +50,6 @@ class DirectoryBank:
         if version == rec.version and sha256_file(path) != rec.sha256:
             raise BankError(f"bank file {path} does not match its recorded sha256", hint="restore it")
         return read_tensors(path)
-
-    def read_all(self) -> dict[str, np.ndarray]:
-        """Every current tensor, keyed by its full state-dict name."""
-        out: dict[str, np.ndarray] = {}
-        for part_id in self.info().parts:
-            out.update(self.read_part(part_id))
-        return out
 
     def write_part_version(self, part_id: str, version: int, tensors: dict[str, np.ndarray]) -> str:
         """Write one part's tensors at ``version`` (atomically); returns the file's sha256."""
@@ -119,12 +112,3 @@ class DirectoryBank:
         """Replace ``bank.json`` atomically."""
         atomic_write_json(self.root / BANK_FILE, info.to_dict())
 
-    def write(self, info: BankInfo, tensors: dict[str, dict[str, np.ndarray]]) -> None:
-        """Write parts (at their recorded versions) and then ``bank.json``, each atomically."""
-        for part_id, named in tensors.items():
-            rec = info.parts[part_id]
-            path = self._part_path(part_id, rec.version)
-            atomic_write_bytes(path, encode_tensors(named))
-            rec.sha256 = sha256_file(path)
-        self.validation_secret()
-        atomic_write_json(self.root / BANK_FILE, info.to_dict())

@@ -137,3 +137,37 @@ def bank_id_for(config: dict[str, Any], part_hashes: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
+class StoreBase:
+    """What both stores do the same way, through their own :meth:`read_part`, :meth:`write_part_version`,
+    :meth:`validation_secret` and :meth:`write_info`.
+    """
+
+    def info(self) -> BankInfo:
+        raise NotImplementedError
+
+    def read_part(self, part_id: str, version: int | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def write_part_version(self, part_id: str, version: int, tensors: dict[str, np.ndarray]) -> str:
+        raise NotImplementedError
+
+    def validation_secret(self) -> tuple[bytes, bool]:
+        raise NotImplementedError
+
+    def write_info(self, info: BankInfo) -> None:
+        raise NotImplementedError
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every current tensor, keyed by its full state-dict name."""
+        out: dict[str, np.ndarray] = {}
+        for part_id in self.info().parts:
+            out.update(self.read_part(part_id))
+        return out
+
+    def write(self, info: BankInfo, tensors: dict[str, dict[str, np.ndarray]]) -> None:
+        """Write parts (at their recorded versions, recording their hashes), the secret, then the description."""
+        for part_id, named in tensors.items():
+            rec = info.parts[part_id]
+            rec.sha256 = self.write_part_version(part_id, rec.version, named)
+        self.validation_secret()
+        self.write_info(info)

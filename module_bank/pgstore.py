@@ -16,11 +16,11 @@ import numpy as np
 from eclm.errors import BankError
 from eclm.tensors import decode_tensors, encode_tensors
 from module_bank.db import PostgresDatabase, redact
-from module_bank.info import SECRET_BYTES, BankInfo
+from module_bank.info import SECRET_BYTES, BankInfo, StoreBase
 from module_bank.migrations import migrate
 
 
-class PostgresBank:
+class PostgresBank(StoreBase):
     """The bank's parts and description in the same PostgreSQL database as its ledger."""
 
     def __init__(self, db: PostgresDatabase) -> None:
@@ -60,12 +60,6 @@ class PostgresBank:
                             hint="restore the bank database")
         return decode_tensors(data)
 
-    def read_all(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for part_id in self.info().parts:
-            out.update(self.read_part(part_id))
-        return out
-
     def write_part_version(self, part_id: str, version: int, tensors: dict[str, np.ndarray]) -> str:
         """Store one part's tensors at ``version``; returns their sha256.
 
@@ -93,14 +87,6 @@ class PostgresBank:
         with self.db.transaction() as tx:
             tx.execute("INSERT INTO bank_info (id, info) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET info = "
                        "excluded.info", (json.dumps(info.to_dict(), sort_keys=True),))
-
-    def write(self, info: BankInfo, tensors: dict[str, dict[str, np.ndarray]]) -> None:
-        """Store parts (at their recorded versions) and then the description."""
-        for part_id, named in tensors.items():
-            rec = info.parts[part_id]
-            rec.sha256 = self.write_part_version(part_id, rec.version, named)
-        self.validation_secret()
-        self.write_info(info)
 
     def validation_secret(self) -> tuple[bytes, bool]:
         """The bank's validation secret (made once, by whichever worker comes first); and whether it was made now."""
