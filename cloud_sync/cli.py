@@ -209,6 +209,23 @@ def sync(
         daemon.stop.set()
 
 
+@app.command("copy-bank")
+@reports_errors
+def copy_bank_command(
+    source: str = typer.Option("bank", "--from", envvar="ECLM_BANK",
+                               help="The bank to copy: a directory or postgresql://USER@HOST[:PORT]/DB."),
+    dest: str = typer.Option(..., "--to", envvar="ECLM_BANK_COPY_TO", show_default="required",
+                             help="Where to: an empty directory or an empty PostgreSQL database."),
+) -> None:
+    """Copy a bank (description, current module versions, validation secret) to another place, e.g. a lab's
+    directory bank into PostgreSQL for several workers. The ledger starts empty there; stop the daemon first.
+    """
+    from module_bank import copy_bank, redact
+
+    info = copy_bank(source, dest)
+    typer.echo(f"copied bank {info.bank_id} ({len(info.parts)} parts) from {redact(source)} to {redact(dest)}")
+
+
 def _supervise(workers: int, bank: str, group: str, client_id: str, metrics_port: int) -> None:
     """Run ``workers`` worker processes of this command until SIGTERM or Ctrl-C."""
     import sys

@@ -49,3 +49,11 @@ def test_a_bank_copied_into_postgresql_merges_reports_and_exports(digits_bank, p
     assert manifest.bank_id == info.bank_id
     versions = {m.get("part_id", m.get("id")): m.get("version") for m in manifest.modules + manifest.fixed_parts}
     assert versions.get("head") == 2, versions
+
+
+def test_copy_bank_command_moves_a_lab_bank_into_postgresql_once(digits_bank, pg_url: str) -> None:  # noqa: F811
+    done = CliRunner().invoke(app, ["copy-bank", "--from", str(digits_bank[0]), "--to", pg_url])
+    assert done.exit_code == 0, done.output
+    assert open_store(pg_url).info().bank_id == open_store(digits_bank[0]).info().bank_id
+    again = CliRunner().invoke(app, ["copy-bank", "--from", str(digits_bank[0]), "--to", pg_url])
+    assert again.exit_code != 0 and "already holds a bank" in again.output
