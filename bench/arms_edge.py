@@ -94,7 +94,7 @@ class EclmArm(LocalArm):
 
     name = "eclm"
 
-    def __init__(self, bank: Path, work: Path, devices: list[Device]) -> None:
+    def __init__(self, bank: Path, work: Path, devices: list[Device], daemon_args: tuple[str, ...] = ()) -> None:
         import shutil
 
         from bench.broker import start_broker
@@ -110,7 +110,8 @@ class EclmArm(LocalArm):
         self.daemon = daemon(self.cloud_bank, self.broker.url, self.priv, work / "sync.log",
                              "--round-deltas", "1000", "--round-seconds", "1",
                              # The paper's merge: every device's module in, plain weighted mean.
-                             "--min-devices", "1", "--strategy", "weighted")
+                             "--min-devices", "1", "--strategy", "weighted",
+                             *daemon_args)  # an ablation's flags come last and win
         self.daemon.start()
         wait_connected(self.daemon)
         self.syncs: dict[int, Any] = {}

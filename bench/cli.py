@@ -118,6 +118,10 @@ def bench(
     backends: str = typer.Option("sqlite,postgresql", "--backends", envvar="ECLM_BENCH_BACKENDS",
                                  help="scale suite: ledger backends, sqlite and/or postgresql (a fresh database on "
                                  "127.0.0.1:5432 as user postgres, dropped after)."),
+    ablation: str = typer.Option("", "--ablation", envvar="ECLM_BENCH_ABLATION", show_default="none",
+                                 help="adapt suite: run the ECLM arm with one mechanism changed: no-gate (merges "
+                                 "not judged on the cloud's validation split) or robust-merge (the product's "
+                                 "robust strategy and --min-devices 2 instead of the paper's weighted mean)."),
     devices: str = typer.Option("", "--devices", envvar="ECLM_BENCH_DEVICES",
                                 show_default="1000,2000,5000,10000; 200,1000 with --quick",
                                 help="scale suite: comma-separated fleet sizes."),
@@ -130,11 +134,17 @@ def bench(
     if seeds is not None and suite != "paper":
         raise ConfigError(f"--seeds is for the paper suite; the {suite} suite runs one fixed seed",
                           hint="drop --seeds (or unset ECLM_BENCH_SEEDS) for this suite")
+    if ablation and suite != "adapt":
+        raise ConfigError(f"--ablation is for the adapt suite, not {suite}", hint="drop --ablation")
+    if ablation:
+        from bench.suites import ablation_args
+
+        ablation_args(ablation)  # an unknown name fails now, not after the bank is trained
     say = lambda m: typer.echo(m, err=True)  # noqa: E731
     if suite == "adapt":
         from bench.suites import adapt_suite
 
-        adapt_suite(out, quick, say, dataset)
+        adapt_suite(out, quick, say, dataset, ablation)
         typer.echo((out / "adapt.md").read_text())
     elif suite == "soak":
         from bench.soak_report import soak_suite

@@ -49,8 +49,23 @@ def _pool(seed: int, dataset: str = "digits") -> Pool:
     return Pool(pool.x, pool.y, seed)
 
 
+# Ablations of the ECLM arm (issue 14): merger flags that switch one mechanism off or change it.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "no-gate": ("--no-gate",),  # merges are not judged on the cloud's clean validation split
+    "robust-merge": ("--strategy", "robust", "--min-devices", "2"),  # the product's defaults, not the paper's mean
+}
+
+
+def ablation_args(name: str) -> tuple[str, ...]:
+    from eclm.errors import ConfigError
+
+    if name and name not in ABLATIONS:
+        raise ConfigError(f"unknown ablation {name!r}", hint=f"use one of {', '.join(ABLATIONS)}")
+    return ABLATIONS.get(name, ())
+
+
 def _run_arms(names: list[str], bank: Path, work: Path, cfg: FleetConfig, say: Say,
-              dataset: str = "digits") -> dict[str, Any]:
+              dataset: str = "digits", eclm_args: tuple[str, ...] = ()) -> dict[str, Any]:
     pool = _pool(cfg.seed, dataset)
     devices = make_fleet(cfg, pool.num_classes)
     arms: list[Any] = []
@@ -65,7 +80,7 @@ def _run_arms(names: list[str], bank: Path, work: Path, cfg: FleetConfig, say: S
             elif name == "local":
                 arms.append(LocalArm(bank, work, devices))
             elif name == "eclm":
-                arms.append(EclmArm(bank, work, devices))
+                arms.append(EclmArm(bank, work, devices, eclm_args))
         return run(arms, cfg, pool, devices,
                    lambda step, accs: say(f"  step {step + 1}/{cfg.steps}: " +
                                           ", ".join(f"{k} {v:.3f}" for k, v in accs.items())))
@@ -91,12 +106,13 @@ def recovery(history: list[dict[str, Any]], arm: str, tolerance: float = 0.02, w
     return out
 
 
-def command_line(suite: str, quick: bool, dataset: str, seeds: int | None = None) -> str:
+def command_line(suite: str, quick: bool, dataset: str, seeds: int | None = None, ablation: str = "") -> str:
     """The `eclm bench` command that reproduces a run: every option that changes the result, defaults too."""
     import shlex
 
     return " ".join(["eclm bench --suite", suite, *(["--quick"] if quick else []),
-                     *(["--seeds", str(seeds)] if seeds is not None else []), "--dataset", shlex.quote(dataset)])
+                     *(["--seeds", str(seeds)] if seeds is not None else []), "--dataset", shlex.quote(dataset),
+                     *(["--ablation", ablation] if ablation else [])])
 
 
 def _corruptions(dataset: str) -> tuple[str, ...]:
@@ -106,7 +122,7 @@ def _corruptions(dataset: str) -> tuple[str, ...]:
     return kinds_for(load_dataset(dataset).input_shape)
 
 
-def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits") -> dict[str, Any]:
+def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits", ablation: str = "") -> dict[str, Any]:
     """20 adaptation steps of 6 devices with scheduled shifts: no adaptation, local only, ECLM."""
     from bench.corruptions import ADAPT_SHIFTS, family
     from exporter.data import load_dataset
@@ -123,7 +139,7 @@ def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits") -> di
                               Shift(s, (0, 1), corruption=geometric),
                               Shift(2 * s, (2, 3), classes=SHIFTED_CLASSES),
                               Shift(3 * s, (4, 5), corruption=noise)))
-        res = _run_arms(["none", "local", "eclm"], bank, work, cfg, say, dataset)
+        res = _run_arms(["none", "local", "eclm"], bank, work, cfg, say, dataset, ablation_args(ablation))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     acc = res["accuracy_per_step"]
@@ -134,7 +150,8 @@ def adapt_suite(out: Path, quick: bool, say: Say, dataset: str = "digits") -> di
                      if any(r is not None for r in rec[arm]) else None,
                      "never_recovered": sum(r is None for r in rec[arm]),
                      "seconds_per_step": secs[arm]} for arm, v in acc.items()}
-    results = {"machine": machine_info(), "quick": quick, "dataset": dataset, "config": _cfg_dict(cfg),
+    results = {"machine": machine_info(), "quick": quick, "dataset": dataset, "ablation": ablation,
+               "config": _cfg_dict(cfg),
                "summary": summary, "accuracy_per_step": acc, "seconds": time.time() - t0,
                "failed_devices": res["failed_devices"]}
     plot = _plot_steps(acc, out / "adapt_accuracy.png", [sh.step for sh in cfg.shifts],
@@ -149,9 +166,11 @@ def _adapt_md(results: dict[str, Any], plot: Path) -> str:
     geometric, noise = (sh["corruption"] for sh in c["shifts"] if sh["corruption"])
     rows = [[ARM_NAMES[a], s["mean_accuracy"], s["mean_recovery_steps"] if s["mean_recovery_steps"] is not None
              else "-", s["never_recovered"], s["seconds_per_step"]] for a, s in summary.items()]
-    return f"""# Continuous adaptation on {results['dataset']}: {c['steps']} steps with shifts
+    ablated = f" (ECLM ablation: {results['ablation']})" if results.get("ablation") else ""
+    return f"""# Continuous adaptation on {results['dataset']}: {c['steps']} steps with shifts{ablated}
 
-Command: `{command_line("adapt", results["quick"], results["dataset"])}`; {results['machine']['cpu']},
+Command: `{command_line("adapt", results["quick"], results["dataset"], ablation=results.get("ablation", ""))}`;
+{results['machine']['cpu']},
 {results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s.
 
 Six devices (3 classes each, 50-150 samples of {results['dataset']}) adapt every step; half of each

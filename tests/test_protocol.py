@@ -218,3 +218,17 @@ def test_a_bank_can_be_trained_on_signals(tmp_path: Path) -> None:
     train_bank(TrainOptions(dataset="signals", bank_dir=tmp_path / "bank", seed=0, epochs=1, enhance_epochs=1))
     meta = json.loads((tmp_path / "bank" / "bank.json").read_text())
     assert meta["config"]["input_shape"] == [1, 1, 64] and meta["dataset"] == "signals"
+
+
+def test_ablations_are_named_reproducible_and_refused_where_they_do_not_apply() -> None:
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.suites import ablation_args, command_line
+
+    assert ablation_args("no-gate") == ("--no-gate",) and ablation_args("") == ()
+    assert command_line("adapt", False, "digits", ablation="no-gate").endswith("--dataset digits --ablation no-gate")
+    wrong = CliRunner().invoke(app, ["bench", "--suite", "adapt", "--ablation", "no-such", "--out", "/nonexistent"])
+    assert wrong.exit_code != 0 and "unknown ablation" in wrong.output
+    elsewhere = CliRunner().invoke(app, ["bench", "--suite", "paper", "--ablation", "no-gate", "--out", "/nonexistent"])
+    assert elsewhere.exit_code != 0 and "adapt suite" in elsewhere.output
