@@ -120,8 +120,9 @@ def bench(
                                  "127.0.0.1:5432 as user postgres, dropped after)."),
     ablation: str = typer.Option("", "--ablation", envvar="ECLM_BENCH_ABLATION", show_default="none",
                                  help="adapt suite: run the ECLM arm with one mechanism changed: no-gate (merges "
-                                 "not judged on the cloud's validation split) or robust-merge (the product's "
-                                 "robust strategy and --min-devices 2 instead of the paper's weighted mean)."),
+                                 "not judged on the cloud's validation split), robust-merge (the product's robust "
+                                 "strategy and --min-devices 2 instead of the paper's weighted mean) or "
+                                 "any-staleness (deltas more than 10 versions behind merged, not rejected)."),
     devices: str = typer.Option("", "--devices", envvar="ECLM_BENCH_DEVICES",
                                 show_default="1000,2000,5000,10000; 200,1000 with --quick",
                                 help="scale suite: comma-separated fleet sizes."),

@@ -53,6 +53,7 @@ def _pool(seed: int, dataset: str = "digits") -> Pool:
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "no-gate": ("--no-gate",),  # merges are not judged on the cloud's clean validation split
     "robust-merge": ("--strategy", "robust", "--min-devices", "2"),  # the product's defaults, not the paper's mean
+    "any-staleness": ("--max-staleness", "1000"),  # deltas trained from old versions are merged, not rejected
 }
 
 
