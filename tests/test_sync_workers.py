@@ -47,17 +47,39 @@ def _pids_of(client_id: str) -> list[int]:
 
 def test_two_workers_one_killed_mid_round_every_acked_delta_merged_once(digits_bank, pg_url: str,  # noqa: F811
                                                                          tmp_path: Path) -> None:
-    import paho.mqtt.client as mqtt
 
     copy_bank(digits_bank[0], pg_url)
     broker = Mosquitto(tmp_path / "broker")
     broker.start()
     log = (tmp_path / "workers.log").open("wb")
+    try:
+        _run(broker, log, pg_url, tmp_path)
+    finally:
+        broker.stop()
+        log.close()
+
+
+def _run(broker: Mosquitto, log: object, pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+    import paho.mqtt.client as mqtt
+
     sup = subprocess.Popen([sys.executable, "-m", "cloud_sync.cli", "sync", "--bank", pg_url, "--broker",
                             broker.url, "--workers", "2", "--min-devices", "1", "--round-deltas", "8",
                             "--round-seconds", "1", "--claim-seconds", "5", "--no-gate", "--metrics-port", "0",
                             "--client-id", "eclm-sync-test"], stdout=log, stderr=subprocess.STDOUT,
                            env=subprocess_env(), start_new_session=True)
+    try:
+        _drive(sup, broker, log, pg_url, tmp_path, mqtt)
+    finally:
+        if sup.poll() is None:
+            os.killpg(sup.pid, signal.SIGTERM)
+            try:
+                sup.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(sup.pid, signal.SIGKILL)
+
+
+def _drive(sup: subprocess.Popen[bytes], broker: Mosquitto, log: object, pg_url: str, tmp_path: Path,  # noqa: F811
+           mqtt: object) -> None:
     acks: dict[str, str] = {}
     lock = threading.Lock()
 
