@@ -78,7 +78,7 @@ class SyncDaemon:
         """Hand one QoS 1 message to the client, waiting while its queue is full (65,535 unacknowledged
         messages: a round's updates to a large fleet reach that); never drops it silently.
         """
-        waited = 0.0
+        next_warning = 0.0
         while True:
             rc = getattr(self.client.publish(topic, data, qos=1), "rc", 0)
             if rc != QUEUE_FULL:
@@ -86,10 +86,10 @@ class SyncDaemon:
             if self.stop.is_set() or self.dead.is_set():
                 log.error("not sent (the client's queue is full and the daemon stops): %s", topic[:200])
                 return
-            if waited == 0.0 or int(waited) % 30 == 0 and waited == int(waited):
+            if time.monotonic() >= next_warning:  # once, then every 30 s while it stays full
                 log.warning("the MQTT client's queue is full: waiting for the broker to take messages")
+                next_warning = time.monotonic() + 30.0
             time.sleep(0.01)
-            waited = round(waited + 0.01, 2)
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         # Queued for the ingest thread, which stores it and only then sends the broker's PUBACK.

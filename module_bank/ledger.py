@@ -65,12 +65,7 @@ class Ledger:
 
     def store_delta(self, delta_id: str, device_id: str, payload: bytes, parts: list[str] | None = None) -> bool:
         """Record a valid delta (and the parts it carries) as pending, once; False if its id was seen before."""
-        with self.transaction() as db:
-            n = db.execute(
-                "INSERT INTO deltas (delta_id, device_id, received, status, payload, bytes, parts) "
-                "VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (delta_id) DO NOTHING",
-                (delta_id, device_id, time.time(), payload, len(payload), json.dumps(sorted(parts or []))))
-            return n == 1
+        return self.store_deltas([(delta_id, device_id, payload, parts or [])])[0]
 
     def store_deltas(self, items: list[tuple[str, str, bytes, list[str]]]) -> list[bool]:
         """Store valid deltas ``(id, device, payload, parts)`` as pending in one transaction (one sync to disk for
