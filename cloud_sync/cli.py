@@ -138,6 +138,13 @@ def sync(
     no_gate: bool = typer.Option(False, "--no-gate", envvar="ECLM_SYNC_NO_GATE", show_default="off (gated)",
                                  help="Merge without the validation gate. Gated, a bank whose data set cannot be "
                                       "loaded merges nothing (said in status and metrics)."),
+    no_environments: bool = typer.Option(False, "--no-environments", envvar="ECLM_SYNC_NO_ENVIRONMENTS",
+                                         show_default="off (environment lines)",
+                                         help="Merge every delta into the one shared line, whatever environment its "
+                                              "device reports (by default each environment has its own line of "
+                                              "each module: docs/method.md)."),
+    weighting: str = typer.Option("importance", "--weighting", envvar="ECLM_SYNC_WEIGHTING",
+                                  help="Merge weights: importance (module importance x samples), samples, equal."),
     max_staleness: int = typer.Option(10, "--max-staleness", envvar="ECLM_SYNC_MAX_STALENESS",
                                       help="Versions a delta's base may lag behind (stale deltas weigh less)."),
     max_payload: int = typer.Option(4 * 2**20, "--max-payload", envvar="ECLM_SYNC_MAX_PAYLOAD",
@@ -190,7 +197,8 @@ def sync(
         max_payload=max_payload, signing_key=signing_key, tls_dir=tls_dir, derive_interval=derive_interval,
         merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, gate=not no_gate,
                             limits=Limits(max_staleness=max_staleness), min_devices=min_devices,
-                            support_max_age=support_max_age, support_max_rounds=support_max_rounds),
+                            support_max_age=support_max_age, support_max_rounds=support_max_rounds,
+                            environments=not no_environments, weighting=weighting),
         share_group=share_group, claim_seconds=claim_seconds, client_id=client_id,
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None,

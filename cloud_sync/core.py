@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from cloud_sync.derive import DeriveJob, DeriveQueue, Publication
+from cloud_sync.lines import of_environment, view
 from cloud_sync.merger import Merger, MergeSettings, RoundResult
 from cloud_sync.ports import SyncHooks
 from cloud_sync.redistribute import module_update, support_note
@@ -172,8 +173,7 @@ class SyncCore:
                     deltas.append(_Delta(device, msg, payload))
                 return []
             if isinstance(msg, wire.ProfileMessage):
-                self._on_profile(device, msg)
-                return []
+                return self._on_profile(device, msg)
             if isinstance(msg, wire.StatusMessage):
                 self._on_status(device, msg)
                 return []
@@ -252,16 +252,19 @@ class SyncCore:
             out.append(self._ack(d.device, d.msg.delta_id, "stored" if new else "duplicate", note))
         return out
 
-    def _on_profile(self, device: str, msg: wire.ProfileMessage) -> None:
-        verdict = check_profile(msg, device, self.merger.bank_id, self.merger.versions(), self.merger.layer_sizes,
-                                profile_known, self.settings.merge.limits)
+    def _on_profile(self, device: str, msg: wire.ProfileMessage) -> list[Publication]:
+        lines = self.settings.merge.environments
+        verdict = check_profile(msg, device, self.merger.bank_id, view(self.merger.versions(), msg.line if lines
+                                                                        else ""),
+                                self.merger.layer_sizes, profile_known, self.settings.merge.limits)
         if not verdict.ok:
             self._reject(verdict.reason, f"profile from {device}: {verdict.detail}")
-            return
+            return []
         known = self.ledger.device(device)
         self.ledger.touch_device(device, online=1, bundle=msg.bundle[:128], modules=msg.modules,
                                  importance=msg.importance, trainable=int(bool(msg.trainable)),
-                                 profile=msg.profile_name, profiled=1)
+                                 profile=msg.profile_name, profiled=1, environment=msg.environment,
+                                 line_env=msg.line)
         # Drift signal (METHOD.md section 4): the measured importance has moved away from the one the
         # device's sub-model was derived for (or from what we last derived for it).
         reference = json.loads(known["last_derived"]) if known and known.get("last_derived") else msg.derived_for
@@ -276,6 +279,15 @@ class SyncCore:
         if (msg.want_bundle or moved) and msg.profile_name:
             self.request_bundle(device, msg.profile_name, msg.importance,
                                 "requested" if msg.want_bundle else "importance profile moved")
+        entered = lines and msg.environment and (known is None or known.get("environment") != msg.environment)
+        if not entered or not msg.trainable or self.signer is None:
+            return []
+        # A device entering an environment gets that environment's lines of its modules now, trained by the
+        # devices there before it (docs/method.md, "Environment lines").
+        dev = {"device_id": device, "modules": msg.modules, "trainable": 1, "environment": msg.environment}
+        out = self._update_for(dev, self.merger.versions(), {})
+        self._count("line_pushes" if out else "line_pushes_none")
+        return out
 
     def request_bundle(self, device: str, profile_name: str, importance: list[list[float]], reason: str) -> None:
         """Queue a re-derivation of the device's sub-model (one waiting job per device; the newest wins)."""
@@ -371,7 +383,10 @@ class SyncCore:
 
     def _update_for(self, dev: dict[str, Any], versions: dict[str, int],
                     bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]]) -> list[Publication]:
-        held = set(dev["modules"]) & set(versions)
+        """The update of what ``versions`` (part or line keys) holds for the device's environment."""
+        env = str(dev.get("environment") or "") if self.settings.merge.environments else ""
+        mine = of_environment(versions, env)
+        held = set(dev["modules"]) & set(mine)
         if not held:
             return []
         if not dev["trainable"]:
@@ -380,8 +395,8 @@ class SyncCore:
             return []
         assert self.signer is not None  # module_updates sends nothing without one
         self._count("module_updates_sent")
-        return module_update(dev["device_id"], held, versions, self.merger.params, self.merger.bank_id, self.signer,
-                             self.settings.update_codec, self.settings.chunk_bytes, bodies)
+        return module_update(dev["device_id"], held, mine, view(self.merger.params, env), self.merger.bank_id,
+                             self.signer, self.settings.update_codec, self.settings.chunk_bytes, bodies, env)
 
     def close(self) -> None:
         self.derivations.close()

@@ -11,20 +11,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cloud_sync.pipeline import Aggregate, Decision, GateResult, aggregate, check, decide, gather, weight
+from cloud_sync.lines import is_line, rekey, view
+from cloud_sync.pipeline import Aggregate, Decision, Decoded, GateResult, aggregate, check, decide, gather, weight
 from cloud_sync.ports import Evaluate, EvaluatorFactory, Params
 from cloud_sync.strategies import STRATEGIES, Contribution
 from cloud_sync.support import SupportRules, Waiting, book, plan
 from cloud_sync.validation import Limits, Verdict, check_delta
-from cloud_sync.weights import held_importance, module_weight
+from cloud_sync.weights import WEIGHTINGS, held_importance, module_weight
 from eclm import wire
 from eclm.errors import BankError, ConfigError, EclmError
+from eclm.parts import split_line_key
 from module_bank import BankStore, ClaimLost, Ledger
+from module_bank.info import PartRecord
 
 log = logging.getLogger("eclm.sync.merge")
+
+
+def new_line_record(part: PartRecord, key: str) -> PartRecord:
+    """The bank record of a new environment line of ``part`` (costs and place are the part's)."""
+    return PartRecord(key, part.kind, part.version, part.sha256, dict(part.costs), part.layer, part.index, part.width)
 __all__ = ["MergeSettings", "Merger", "RoundResult", "module_weight"]
 
 
@@ -40,6 +48,8 @@ class MergeSettings:
     min_devices: int = 2  # distinct devices a part needs in a round; also caps a device's share at 1/min_devices
     support_max_age: float = 6 * 3600.0  # seconds a delta may wait for support before its waiting parts expire
     support_max_rounds: int = 10  # merge rounds a delta may wait for support before its waiting parts expire
+    environments: bool = True  # deltas merge into their environment's line (False: every one into the shared line)
+    weighting: str = "importance"  # merge weights: importance x samples, samples only, or equal (cloud_sync.weights)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -47,6 +57,8 @@ class MergeSettings:
         if not isinstance(self.min_devices, int) or self.min_devices < 1:
             raise ConfigError(f"min devices must be at least 1, not {self.min_devices!r}",
                               hint="pass --min-devices 1 to let one device merge alone, 2 or more otherwise")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown weighting {self.weighting!r}", hint=f"use one of {', '.join(WEIGHTINGS)}")
         if self.support_max_age <= 0 or self.support_max_rounds < 1:
             raise ConfigError("support expiry must be positive", hint="pass --support-max-age > 0 and "
                               "--support-max-rounds >= 1")
@@ -101,8 +113,10 @@ class Merger:
         self.reconcile()
         info = self.bank.info()
         self.bank_id: str = info.bank_id
-        self.params: Params = {pid: self.bank.read_part(pid) for pid in info.parts}
-        self._loaded = {pid: rec.version for pid, rec in info.parts.items()}  # the versions ``params`` hold
+        records = {**info.parts, **info.lines}  # the shared parts and their environment lines
+        self.params: Params = {pid: self.bank.read_part(pid) for pid in records}
+        self._loaded = {pid: rec.version for pid, rec in records.items()}  # the versions ``params`` hold
+        self._born: dict[str, int] = {}  # lines a round opened, not committed yet: the version they start from
         self.layer_sizes = [len(layer["widths"]) for layer in info.config["layers"]]
         self.gate_problem = ""  # why the gate cannot run ("" when it can, or when it is switched off)
         self._evaluate = self._gate_evaluation(info, evaluator) if self.settings.gate else None
@@ -117,7 +131,9 @@ class Merger:
             return
         changed = False
         for pid, version in recorded.items():
-            rec = info.parts.get(pid)
+            if is_line(pid) and pid not in info.lines and split_line_key(pid)[0] in info.parts:
+                info.lines[pid] = new_line_record(info.parts[split_line_key(pid)[0]], pid)  # crashed at its birth
+            rec = info.record(pid)
             sha = self.bank.version_sha256(pid, version) if rec is not None and rec.version != version else None
             if rec is not None and sha is not None:
                 rec.version = version
@@ -162,7 +178,7 @@ class Merger:
         """Load the parts another worker merged since this one last looked; returns the versions now current."""
         current = self.ledger.versions()
         for pid, version in current.items():
-            if pid in self.params and self._loaded.get(pid) != version:
+            if (pid in self.params or is_line(pid)) and self._loaded.get(pid) != version:
                 self.params[pid] = self.bank.read_part(pid, version)
         self._loaded = dict(current)
         return current
@@ -171,9 +187,12 @@ class Merger:
         """Check a delta against the versions and parameters this worker holds (see :meth:`refresh`); a delta
         trained from a version another worker merged since makes this one load it first.
         """
-        if any(isinstance(v, int) and v > self._loaded.get(pid, v) for pid, v in msg.base_versions.items()):
+        base_env, env = ((msg.base_environment, msg.environment) if self.settings.environments else ("", ""))
+        if any(isinstance(v, int) and v > view(self._loaded, base_env).get(pid, v)
+               for pid, v in msg.base_versions.items()):
             self.refresh()
-        return check_delta(msg, self.bank_id, self._loaded, self.params, self.settings.limits, self.layer_sizes)
+        return check_delta(msg, self.bank_id, view(self._loaded, base_env), view(self.params, env),
+                           self.settings.limits, self.layer_sizes)
 
     def validation_accuracy(self, params: Params) -> float:
         """The gate's evaluation of full parameters (NaN while the gate is off or cannot run)."""
@@ -195,9 +214,12 @@ class Merger:
         current = self.versions()
         round_no = self.ledger.next_round()
         gathered = gather(stored)
+        if self.settings.environments:
+            gathered.decoded = [Decoded(d.stored, rekey(d.msg, current)) for d in gathered.decoded]
+            self._open_lines([k for d in gathered.decoded for k in d.msg.parts if is_line(k)], current)
         importance = {d.stored.device_id: held_importance(self.ledger.device(d.stored.device_id))
                       for d in gathered.decoded}
-        weighted = weight(gathered.decoded, set(self.params), current, importance)
+        weighted = weight(gathered.decoded, set(self.params), current, importance, self.settings.weighting)
         pending = weighted.waiting
         bad = {**gathered.bad, **weighted.bad}
         self._commit_quarantine(bad)
@@ -259,6 +281,15 @@ class Merger:
         result.quarantined.update(bad)
         return result
 
+    def _open_lines(self, keys: list[str], current: dict[str, int]) -> None:
+        """Start the environment lines ``keys`` names that do not exist yet: the shared part, at its version."""
+        for key in keys:
+            if key not in self._loaded:  # not committed yet: a fresh copy of the shared part, every round
+                pid = split_line_key(key)[0]
+                self.params[key] = dict(self.params[pid])
+                self._born[key] = self._loaded[pid]
+            current.setdefault(key, self._loaded.get(key, self._born.get(key, 0)))
+
     def bank_fault(self, parts: list[str]) -> str:
         """Why the bank cannot take a new version of ``parts`` (empty when it can)."""
         return self.bank.fault(parts)
@@ -269,8 +300,13 @@ class Merger:
         round_no = self.ledger.next_round()
         s = self.settings
         agg = aggregate(contribs, self.params, s.strategy, s.max_share, s.server_lr)
-        gate = check(self.params, agg.updated, agg.candidates, self.validation_accuracy if s.gate else None,
-                     s.gate_margin, self.ledger.best_released())
+        # The gate judges the shared line on the cloud's clean validation split. An environment line is
+        # judged where its data is: each device of the environment keeps it only if its holdout does not
+        # get worse (edge_runtime/updates.py); clean data would take environment-specific gains for losses.
+        shared = {pid: v for pid, v in self.params.items() if not is_line(pid)}
+        gate = check(shared, agg.updated, [p for p in agg.candidates if not is_line(p)],
+                     self.validation_accuracy if s.gate else None, s.gate_margin, self.ledger.best_released())
+        gate = replace(gate, kept=gate.kept + [p for p in agg.candidates if is_line(p)])
         if dry_run:
             return RoundResult(round_no, [], [], {}, gate.before, gate.after, time.perf_counter() - t0, "dry run")
         return self._commit_round(round_no, agg, gate, decide(agg, gate, s.gate_margin), len(contribs), t0)
@@ -301,7 +337,7 @@ class Merger:
         if decision.dropped:
             log.warning("round %d: left out deltas pointing against the others: %s", round_no, decision.dropped)
         current = self.versions()
-        new_versions = {pid: current[pid] + 1 for pid in gate.kept}
+        new_versions = {pid: (current[pid] if pid in current else self._born[pid]) + 1 for pid in gate.kept}
         shas = {pid: self.bank.write_part_version(pid, v, agg.updated[pid]) for pid, v in new_versions.items()}
         released = decision.released
         self.ledger.commit_round(round_no, {pid: (v, agg.lineage[pid]) for pid, v in new_versions.items()},
@@ -314,7 +350,10 @@ class Merger:
                                  best_released=released if released == released else None, **books)
         info = self.bank.info()
         for pid, v in new_versions.items():
-            rec = info.parts[pid]
+            if is_line(pid) and pid not in info.lines:
+                info.lines[pid] = new_line_record(info.parts[split_line_key(pid)[0]], pid)
+            rec = info.record(pid)
+            assert rec is not None
             rec.version, rec.sha256 = v, shas[pid]
             rec.lineage.append({"version": v, "round": round_no, "deltas": agg.lineage[pid]})
         self.bank.write_info(info)

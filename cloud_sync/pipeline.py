@@ -69,7 +69,7 @@ class Weighted:
 
 
 def weight(decoded: list[Decoded], parts: set[str], current: dict[str, int],
-           importance: dict[str, Importance]) -> Weighted:
+           importance: dict[str, Importance], weighting: str = "importance") -> Weighted:
     """Weights from what the cloud holds for each device (``importance`` by device id), samples and staleness.
 
     ``parts`` are the bank's part ids, ``current`` their versions. A delta naming a part the bank does not
@@ -84,7 +84,7 @@ def weight(decoded: list[Decoded], parts: set[str], current: dict[str, int],
             for part_id, names in msg.parts.items():
                 if part_id not in parts:
                     raise DataError(f"part {part_id!r} is not in the bank")
-                w = module_weight(msg, part_id, current.get(part_id), importance.get(s.device_id))
+                w = module_weight(msg, part_id, current.get(part_id), importance.get(s.device_id), weighting)
                 if part_id in s.done:
                     continue
                 contribs[part_id] = [Contribution(msg.delta_id, {n: msg.tensors[n] for n in names}, w, s.device_id)]

@@ -15,8 +15,10 @@ Publication = tuple[str, bytes]
 
 def module_update(device_id: str, held: set[str], versions: dict[str, int], params: dict[str, dict[str, np.ndarray]],
                   bank_id: str, signer: Signer, codec: str, chunk_bytes: int,
-                  bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]] | None = None) -> list[Publication]:
-    """The signed update of the parts ``held`` by a device at ``versions``, chunked for its update topic.
+                  bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]] | None = None,
+                  environment: str = "") -> list[Publication]:
+    """The signed update of the parts ``held`` by a device at ``versions`` of ``environment``'s lines ("": the
+    shared parts; ``versions`` and ``params`` keyed by part id), chunked for its update topic.
 
     Float tensors only: integer buffers (BatchNorm's num_batches_tracked) are not in the exported graphs.
     ``bodies`` caches the compressed tensors per set of parts across the devices of one round (each
@@ -24,12 +26,12 @@ def module_update(device_id: str, held: set[str], versions: dict[str, int], para
     """
     parts = {pid: sorted(n for n, a in params[pid].items() if a.dtype.kind == "f") for pid in sorted(held)}
     tensors = {n: params[pid][n] for pid, names in parts.items() for n in names}
-    key = tuple(sorted(held))
+    key = (environment, *sorted(held))
     body = None if bodies is None else bodies.get(key)
     if bodies is not None and body is None:
         body = bodies[key] = wire.encode_tensors(tensors, codec)
     msg = wire.ModuleUpdateMessage(uuid.uuid4().hex, bank_id, {pid: versions[pid] for pid in held}, parts, tensors,
-                                   device_id=device_id)
+                                   device_id=device_id, environment=environment)
     data = wire.encode(msg, codec=codec, signer=signer, body_of_tensors=body)
     return [(topics.update(device_id), p) for p in wire.chunk(data, chunk_bytes)]
 

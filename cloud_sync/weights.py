@@ -15,7 +15,9 @@ from typing import Any
 from cloud_sync.validation import MAX_SAMPLES
 from eclm import wire
 from eclm.errors import DataError
-from eclm.parts import is_module_id, parse_module_id
+from eclm.parts import LINE_SEPARATOR, is_module_id, parse_module_id
+
+WEIGHTINGS = ("importance", "samples", "equal")  # what a merge weight counts besides staleness
 
 
 def held_importance(device: dict[str, Any] | None) -> list[list[float]] | None:
@@ -36,6 +38,7 @@ def relative_importance(importance: list[list[float]] | None, part_id: str) -> f
     Bounded by the layer's module count whatever the raw values are; 1.0 for fixed parts, for a device the
     cloud holds no importance for, and for a layer whose importance is all zero.
     """
+    part_id = part_id.partition(LINE_SEPARATOR)[0]  # an environment line weighs as its part
     if not importance or not is_module_id(part_id):
         return 1.0
     layer, index = parse_module_id(part_id)
@@ -48,18 +51,20 @@ def relative_importance(importance: list[list[float]] | None, part_id: str) -> f
 
 
 def module_weight(msg: wire.DeltaMessage, part_id: str, current_version: int | None = None,
-                  importance: list[list[float]] | None = None) -> float:
+                  importance: list[list[float]] | None = None, weighting: str = "importance") -> float:
     """Importance of the module for the sending device x its sample count (METHOD.md section 4),
     divided by 1 + staleness (versions its base lags behind), as asynchronous federated learning does.
 
     ``importance`` is what the cloud holds for the device (:func:`held_importance`), never the delta's
-    header. Raises :class:`DataError` for a weight that is not a finite positive number (a forged header).
+    header. ``weighting`` ``samples`` drops the importance, ``equal`` the sample count too (ablations).
+    Raises :class:`DataError` for a weight that is not a finite positive number (a forged header).
     """
     rel = relative_importance(importance, part_id)
     staleness = max(0, (current_version or 0) - msg.base_versions.get(part_id, current_version or 0))
     if not isinstance(msg.sample_count, int) or not 0 <= msg.sample_count <= MAX_SAMPLES:
         raise DataError(f"sample count {str(msg.sample_count)[:20]} is out of range", hint=f"at most {MAX_SAMPLES}")
-    samples = max(1, msg.sample_count)
+    samples = max(1, msg.sample_count) if weighting != "equal" else 1
+    rel = rel if weighting == "importance" else 1.0
     weight = max(rel, 1e-6) * samples / (1 + staleness)
     if not math.isfinite(weight) or weight <= 0:
         raise DataError(f"merge weight of {part_id} is {weight!r}", hint="importance values must be finite")

@@ -26,3 +26,25 @@ def check_delta_id(value: object) -> str:
         raise DataError(f"delta id {shown} is not 1-{MAX_DELTA_ID} characters of A-Z a-z 0-9 _ -",
                         hint="a delta id names exactly one delta; patterns and wildcards are refused")
     return str(value)
+
+
+# The grammar of environment names: where a device works (a line, a site, a camera's scene). Devices that
+# share one merge into the same environment line of each module (docs/method.md, "Environment lines").
+# "" is the shared line. A name is used in part keys, file names and log lines: no separators or wildcards.
+ENVIRONMENT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_ENVIRONMENT = 64
+
+
+def is_environment(value: object) -> bool:
+    """True for "" (the shared line) and for a name of the environment grammar."""
+    return value == "" or (isinstance(value, str) and ENVIRONMENT.fullmatch(value) is not None
+                           and value not in (".", ".."))
+
+
+def check_environment(value: object) -> str:
+    """``value`` if it is an environment name (or "", the shared line), else :class:`DataError` saying what one is."""
+    if not is_environment(value):
+        shown = repr(value)[:80]
+        raise DataError(f"environment {shown} is not 1-{MAX_ENVIRONMENT} characters of A-Z a-z 0-9 _ . -",
+                        hint="name the environment a device works in, e.g. line-3 or site_a.cam2; '' is shared")
+    return str(value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from eclm.errors import DataError
+from eclm.ids import check_environment
 
 HEAD = "head"
 STEM = "stem"
@@ -113,6 +114,25 @@ def part_of(name: str) -> str:
         if n.startswith(part_id + "."):
             return part_id
     raise DataError(f"parameter {name!r} belongs to no bank part", hint=_HINT)
+
+
+LINE_SEPARATOR = "@"  # a part's environment line: ``L0M2@line-3`` (the shared line is the part id itself)
+
+
+def line_key(part_id: str, environment: str) -> str:
+    """The key of ``part_id``'s line in ``environment`` (the part id itself for the shared line "")."""
+    check_part_id(part_id)
+    env = check_environment(environment)
+    return f"{part_id}{LINE_SEPARATOR}{env}" if env else part_id
+
+
+def split_line_key(key: str) -> tuple[str, str]:
+    """(part id, environment) of a line key; a plain part id is the shared line ("")."""
+    part_id, sep, env = key.partition(LINE_SEPARATOR)
+    check_part_id(part_id)
+    if sep and not env:
+        raise DataError(f"{key!r} names no environment after {LINE_SEPARATOR!r}", hint="line keys are PART@ENV")
+    return part_id, check_environment(env)
 
 
 def onnx_name(bank: str) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 from eclm import compress
 from eclm.errors import DataError
 from eclm.hashing import canonical_json
-from eclm.ids import check_delta_id
+from eclm.ids import check_delta_id, check_environment
 from eclm.reassembly import ChunkRefused, Reassembler
 from eclm.signing import Signer, Verifier
 
@@ -52,6 +52,8 @@ class ProfileMessage:
     measured: bool = False  # importance measured on local samples (else: the bundle's own)
     derived_for: list[list[float]] | None = None  # the importance the serving bundle was derived for
     resources: dict[str, float] = field(default_factory=dict)
+    environment: str = ""  # where the device works now ("": the shared line; eclm.ids)
+    line: str = ""  # the environment whose line ``modules``' versions come from
     created: float = field(default_factory=time.time)
 
 
@@ -71,6 +73,8 @@ class DeltaMessage:
     importance: list[list[float]] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     accepted_locally: bool = True
+    environment: str = ""  # the environment the training samples came from: the line this delta merges into
+    base_environment: str = ""  # the environment whose line ``base_versions`` count in
     created: float = field(default_factory=time.time)
 
 
@@ -103,6 +107,7 @@ class ModuleUpdateMessage:
     parts: dict[str, list[str]]
     tensors: dict[str, np.ndarray]
     device_id: str = ""  # the device it is addressed to; a device refuses updates for another
+    environment: str = ""  # the environment line these versions belong to; a device in another refuses them
     created: float = field(default_factory=time.time)
 
 
@@ -253,6 +258,9 @@ def decode(data: bytes, verifier: Verifier | None = None, max_bytes: int | None 
     except TypeError as exc:
         raise DataError(f"{cls.TYPE} message fields are wrong: {exc}", hint="resend the message") from exc
     _check_types(msg)
+    for name in ("environment", "base_environment", "line"):
+        if name in names:
+            check_environment(getattr(msg, name))
     if isinstance(msg, AckMessage):
         check_delta_id(msg.delta_id)
         if msg.status not in AckMessage.STATUSES:

@@ -71,6 +71,10 @@ def serve(
     port: int = _setting("port", "--port", min=0, max=65535, help="HTTP port (0: any free port)."),
     host: str = _setting("host", "--host", help="HTTP address; 127.0.0.1 answers this machine only."),
     device_id: str = _setting("device_id", "--device-id", help="This device's id."),
+    environment: str = _setting("environment", "--environment",
+                                help="Where the device works (e.g. line-3): devices that share one merge into and "
+                                     "receive that environment's modules; '' is the shared line. Unset: the last "
+                                     "one recorded (POST /v1/environment)."),
     config: Path = typer.Option(None, "--config", "-c", envvar="ECLM_EDGE_CONFIG", exists=True, dir_okay=False,
                                 show_default="none",
                                 help="TOML config file (keys as in edge_runtime/config.py, optionally under [edge])."),
@@ -131,6 +135,7 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(config, {
         "bundle": bundle, "state_dir": state_dir, "port": port, "host": host, "device_id": device_id,
+        "environment": environment,
         "train_every_samples": train_every, "train_interval_s": train_interval, "train_pause": train_pause,
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "broker": broker,
         "tls_dir": tls_dir, "trust_key": trust_key, "api_token_file": api_token_file, "api_tls_cert": api_tls_cert,

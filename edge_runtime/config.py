@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from eclm.errors import ConfigError
+from eclm.ids import is_environment
 
 ENV_PREFIX = "ECLM_EDGE_"
 
@@ -44,6 +45,10 @@ class EdgeConfig:
     resend_s: float = 30.0  # resend an unacknowledged delta after this long
     max_reassembly_bytes: int = 16 * 2**20  # incomplete chunked messages from the broker held at most
     profile_name: str = ""  # the device profile the cloud derives bundles for (default: the bundle's)
+    # Where the device works (a line, a site, a camera's scene; eclm.ids): devices that share one merge into
+    # that environment's line of each module and receive it (docs/method.md). Unset: what the device last
+    # recorded (POST /v1/environment, or an earlier setting); "" is the shared line.
+    environment: str | None = None
     drift: bool = True  # watch importance and accuracy drift and act on it
     resource_interval_s: float = 1.0  # how often free memory, CPU and latency are read (0: never)
     min_free_memory_mb: float = 64.0  # below this: step down to a cheaper variant
@@ -127,6 +132,9 @@ TRAIN_PAUSE_POLICIES = ("headroom", "variant", "never")
 
 def check_config(cfg: EdgeConfig) -> None:
     """Values in range; a setting out of range is a :class:`ConfigError` naming it."""
+    if cfg.environment is not None and not is_environment(cfg.environment):
+        raise ConfigError(f"environment {cfg.environment[:80]!r} is not a name of 1-64 characters of A-Z a-z 0-9 _ . -",
+                          hint="e.g. line-3 or site_a.cam2; '' is the shared line")
     if not 0 <= cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} is out of range", hint="use 1..65535 (0: any free port)")
     if cfg.train_pause not in TRAIN_PAUSE_POLICIES:

@@ -108,7 +108,7 @@ class Generations:
                 return self._checked(ServingModel(
                     manifest, bundle_dir, pointer.bundle, gen, bundle_dir / "model.onnx", {**base, **own},
                     frozenset(own), {k: int(v) for k, v in versions.items()} if versions else None,
-                    copy_max_bytes=self.copy_max_bytes))
+                    str(info.get("line", "")), copy_max_bytes=self.copy_max_bytes))
             except BundleError as exc:
                 log.error("cannot serve generation %d (%s); falling back to its parent", gen, exc.message)
                 gen = int(self._parent_of(gen))
@@ -222,6 +222,7 @@ class Generations:
                 self.state.commit_generation(work, n, {
                     "bundle": serving.digest, "parent": serving.generation, **record,
                     "holdout_before": before, "holdout_after": after, "module_versions": candidate.module_versions,
+                    "line": candidate.line,
                 })
                 candidate.generation = n
             if keep is not None:

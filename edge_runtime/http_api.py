@@ -31,7 +31,8 @@ from edge_runtime.config import EdgeConfig
 from edge_runtime.service import EdgeService
 
 log = logging.getLogger("eclm.edge.http")
-ROUTES = {"/v1/predict": "POST", "/v1/samples": "POST", "/v1/train": "POST", "/v1/status": "GET",
+ROUTES = {"/v1/predict": "POST", "/v1/samples": "POST", "/v1/train": "POST", "/v1/environment": "POST",
+          "/v1/status": "GET",
           "/metrics": "GET", "/healthz": "GET"}
 KNOWN_PATHS = tuple(ROUTES)
 
@@ -282,6 +283,12 @@ def make_handler(idle_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
                 self._send(HTTPStatus.ACCEPTED if started else HTTPStatus.CONFLICT,
                            {"started": started, "running": service.training_now,
                             **({} if started else {"error": "a training run is already running"})})
+            elif path == "/v1/environment":
+                name = self._body().get("environment")
+                if not isinstance(name, str):
+                    raise ApiError(HTTPStatus.BAD_REQUEST, "missing 'environment' string",
+                                   "send {\"environment\": \"line-3\"} ('' for the shared line)")
+                self._send(HTTPStatus.OK, service.set_environment(name))
             else:
                 known = ", ".join(f"{m} {p}" for p, m in ROUTES.items())
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}", f"endpoints: {known}")

@@ -188,6 +188,8 @@ class Learning:
             "bundle": serving.digest,
             "local_generation": serving.generation,
             "parts": {pid: {"base_version": versions[pid], "params": sorted(t)} for pid, t in deltas.items()},
+            "environment": self.store.get_meta("environment", "") or "",  # where the samples came from
+            "base_environment": serving.line,
             "sample_count": outcome.samples,
             "importance": self._importance(),
             "metrics": {k: v for k, v in outcome.to_dict().items()

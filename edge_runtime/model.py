@@ -31,6 +31,7 @@ class ServingModel:
     weights: dict[str, np.ndarray]  # initializer values the session reads (every one, or a variant's shared ones)
     changed: frozenset[str] = frozenset()  # parameters whose values differ from the bundle's (a generation's own)
     versions: dict[str, int] | None = None  # module versions of this generation (default: the bundle's)
+    line: str = ""  # the environment whose lines ``versions`` count in ("": the shared parts; cloud_sync/lines.py)
     threads: int = 1
     # Weights of at most this many bytes in all: the session keeps its own, optimized copy (faster predictions,
     # weights held twice); larger ones are read in place from ``weights`` (held once). 0: always in place.

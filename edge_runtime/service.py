@@ -67,6 +67,8 @@ class EdgeService:
         self.learning = Learning(cfg, self.generations, self.store, self.outbox, self.metrics,
                                  importance=self.importance, pause=self.training_pause, after_run=self._refresh_gauges)
         self.updates = Updates(self.generations, self.store, self.metrics, self.events)
+        if cfg.environment is not None:
+            self.store.set_meta("environment", cfg.environment)
         self.started = time.time()
         self._stop = threading.Event()
         self.sync_report: Callable[[], dict[str, Any]] | None = None  # set by the MQTT side when a broker is used
@@ -131,9 +133,29 @@ class EdgeService:
         self._refresh_gauges()
         return result
 
-    def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    @property
+    def environment(self) -> str:
+        """Where this device works now ("": the shared line); its deltas merge into this environment's lines."""
+        return self.store.get_meta("environment", "") or ""
+
+    def set_environment(self, name: str) -> dict[str, Any]:
+        """Record that the device now works in ``name`` (kept across restarts); the cloud is told, and sends
+        the modules devices there trained (docs/method.md, "Environment lines").
+        """
+        from eclm.ids import check_environment
+
+        name = check_environment(name)
+        before = self.environment
+        if name != before:
+            self.store.set_meta("environment", name)
+            log.info("environment: %r -> %r", before, name)
+            self.events.notify("environment", {"from": before, "to": name})
+        return {"environment": name, "changed": name != before, "line": self.serving.line}
+
+    def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray],
+                            environment: str = "") -> dict[str, Any]:
         """Load new module versions into the serving weights; kept only if the holdout does not get worse."""
-        result = self.updates.apply_module_update(versions, tensors)
+        result = self.updates.apply_module_update(versions, tensors, environment)
         self._refresh_gauges()
         return result
 
@@ -291,6 +313,8 @@ class EdgeService:
         s = self.serving
         return {
             "device_id": self.cfg.device_id,
+            "environment": self.environment,
+            "line": s.line,
             "bundle": {"digest": s.digest, "bank_id": s.manifest.bank_id, "profile": s.manifest.profile["name"],
                        "generation": s.generation, "trainable": s.trainable,
                        "training_reason": s.training_reason},

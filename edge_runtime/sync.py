@@ -37,6 +37,8 @@ def delta_message(service: EdgeService, path: Path) -> wire.DeltaMessage:
         importance=meta.get("importance"),
         metrics={k: v for k, v in dict(meta.get("metrics", {})).items() if v is not None},
         accepted_locally=bool(meta.get("accepted_locally", True)),
+        environment=str(meta.get("environment", "")),
+        base_environment=str(meta.get("base_environment", "")),
         created=float(meta.get("created", time.time())),
     )
 
@@ -169,6 +171,8 @@ class EdgeSync:
         self._publish(topics.status(self.device), wire.encode(status))
         if event == "drift" and detail.get("kind") == "importance":
             self.publish_profile(want_bundle=True)
+        elif event == "environment":  # the cloud sends the lines of the environment entered
+            self.publish_profile()
 
     def publish_profile(self, want_bundle: bool = False) -> None:
         """Tell the cloud where this device's data routes, what it holds and what it is."""
@@ -183,7 +187,7 @@ class EdgeSync:
             sample_count=self.service.store.count(),
             profile_name=self.service.cfg.profile_name or s.manifest.profile["name"],
             modules=s.module_versions, trainable=s.trainable, want_bundle=want_bundle, measured=measured,
-            derived_for=derived_for)
+            derived_for=derived_for, environment=self.service.environment, line=s.line)
         self._last_profile = importance
         self._publish(topics.profile(self.device), wire.encode(msg))
 
@@ -297,7 +301,7 @@ class EdgeSync:
                 continue
             try:
                 if isinstance(msg, wire.ModuleUpdateMessage):
-                    result = self.service.apply_module_update(msg.versions, msg.tensors)
+                    result = self.service.apply_module_update(msg.versions, msg.tensors, msg.environment)
                 else:
                     assert isinstance(msg, wire.BundleUpdateMessage)
                     result = self.service.install_bundle_archive(msg.archive, self.verifier)

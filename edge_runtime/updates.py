@@ -32,16 +32,23 @@ class Updates:
         self.events.notify("rollback", result)
         return result
 
-    def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Load new module versions into the serving weights; kept only if the holdout does not get worse."""
+    def apply_module_update(self, versions: dict[str, int], tensors: dict[str, np.ndarray],
+                            environment: str = "") -> dict[str, Any]:
+        """Load new module versions of ``environment``'s lines into the serving weights; kept only if the
+        holdout does not get worse. Versions of another line than the serving one are all new here.
+        """
         gens = self.generations
+        here = self.store.get_meta("environment", "") or ""
+        if environment != here:
+            return {"applied": False, "reason": f"update for environment {environment!r}; this device works in "
+                                                f"{here!r}"}
         with gens.lock:
             serving = gens.serving
             if not serving.trainable:
                 raise TrainingUnavailableError(
                     f"module updates need a bundle this device can train: {serving.training_reason}",
                     hint="the cloud sends inference-only devices whole bundles")
-            current = serving.module_versions
+            current = serving.module_versions if serving.line == environment else {}
             fresh = {pid: v for pid, v in versions.items() if v > current.get(pid, 0)}
             if not fresh:
                 return {"applied": False, "reason": "already at these versions or newer"}
@@ -54,7 +61,8 @@ class Updates:
                 if serving.weights[name].shape != arr.shape:
                     raise DataError(f"update for {name} has shape {arr.shape}", hint="refused")
             candidate = with_values(serving, {n: np.array(a, dtype=np.float32) for n, a in wanted.items()})
-            candidate.versions = {**current, **fresh}
+            candidate.versions = {**serving.module_versions, **fresh}
+            candidate.line = environment
             trial = gens.trial(candidate, self.store.holdout_set(), record={"update": fresh}, unjudged_serves=True)
             reason = f"module update {trial.verdict.reason}" if trial.verdict else "no holdout samples yet"
             if not trial.served:

@@ -40,7 +40,7 @@ class DirectoryBank(StoreBase):
 
     def read_part(self, part_id: str, version: int | None = None) -> dict[str, np.ndarray]:
         """Tensors of a part at ``version`` (default: current), checked against the recorded hash."""
-        rec = self.info().parts.get(part_id)
+        rec = self.info().record(part_id)
         if rec is None:
             raise BankError(f"bank {self.root} has no part {part_id!r}", hint="check the module id")
         version = rec.version if version is None else version
@@ -70,7 +70,8 @@ class DirectoryBank(StoreBase):
         try:
             info = self.info()
             for pid in parts:
-                path = self._part_path(pid, info.parts[pid].version + 1)
+                rec = info.record(pid)
+                path = self._part_path(pid, (rec.version if rec is not None else 0) + 1)
                 if path.exists() and not path.is_file():
                     return f"{path} is not a regular file"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,13 @@ class BankInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     subtasks: list[list[int]] = field(default_factory=list)
     schema_version: int = BANK_SCHEMA_VERSION
+    # Environment lines (docs/method.md): a part's versions merged from the devices of one environment,
+    # keyed ``PART@ENV`` (eclm.parts.line_key). Not parts of the model: export and derivation never see them.
+    lines: dict[str, PartRecord] = field(default_factory=dict)
+
+    def record(self, key: str) -> PartRecord | None:
+        """The record of a part or of an environment line (None when the bank has neither)."""
+        return self.parts.get(key) or self.lines.get(key)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +86,7 @@ class BankInfo:
             "metrics": self.metrics,
             "subtasks": self.subtasks,
             "parts": {k: v.to_dict() for k, v in sorted(self.parts.items())},
+            **({"lines": {k: v.to_dict() for k, v in sorted(self.lines.items())}} if self.lines else {}),
         }
 
     @staticmethod
@@ -98,6 +106,7 @@ class BankInfo:
             parts={k: PartRecord.from_dict(v) for k, v in d["parts"].items()},
             metrics=d.get("metrics", {}),
             subtasks=d.get("subtasks", []),
+            lines={k: PartRecord.from_dict(v) for k, v in d.get("lines", {}).items()},
         )
 
 

@@ -100,6 +100,12 @@ def _pg_parts(tx: Tx, dialect: str) -> None:
             tx.execute(sql)
 
 
+def _environments(tx: Tx, dialect: str) -> None:
+    # Where each device works and which environment line its module versions come from (cloud_sync/lines.py).
+    for name in ("environment", "line_env"):
+        tx.execute(f"ALTER TABLE devices ADD COLUMN {name} TEXT NOT NULL DEFAULT ''")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -111,6 +117,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ledger: deltas, versions, rounds, rejects, quarantine, meta, devices", _base),
     Migration(2, "workers: merge claims and the derivation job queue", _workers),
     Migration(3, "bank parts and info in the database (PostgreSQL)", _pg_parts),
+    Migration(4, "devices: environment and the environment line of their versions", _environments),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -44,7 +44,7 @@ class PostgresBank(StoreBase):
 
     def read_part(self, part_id: str, version: int | None = None) -> dict[str, np.ndarray]:
         """Tensors of a part at ``version`` (default: current), checked against the recorded hash."""
-        rec = self.info().parts.get(part_id)
+        rec = self.info().record(part_id)
         if rec is None:
             raise BankError(f"bank {redact(self.location)} has no part {part_id!r}", hint="check the module id")
         version = rec.version if version is None else version

@@ -60,6 +60,7 @@ def build_profile(rng: np.random.Generator) -> wire.ProfileMessage:
         modules={f"L{int(rng.integers(0, 3))}M{i}": int(rng.integers(1, 9)) for i in range(4)},
         trainable=False, want_bundle=True, measured=True, derived_for=_matrix(rng, 3, 8),
         resources={"memory_mb": float(rng.uniform(100, 4000)), "cpu_load": float(rng.uniform())},
+        environment=f"line-{int(rng.integers(1, 9))}", line=f"site.{_hex(rng, 4)}",
         created=float(rng.uniform(1.6e9, 1.8e9)),
     )
 
@@ -73,7 +74,8 @@ def build_delta(rng: np.random.Generator) -> wire.DeltaMessage:
         tensors=tensors, sample_count=int(rng.integers(1, 10_000)), importance=_matrix(rng, 3, 8),
         metrics={"loss": float(rng.uniform()), "epochs": int(rng.integers(1, 9)), "note": _hex(rng),
                  "nested": {"acc": [float(rng.uniform()), float(rng.uniform())]}},
-        accepted_locally=False, created=float(rng.uniform(1.6e9, 1.8e9)),
+        accepted_locally=False, environment=f"line_{_hex(rng, 6)}", base_environment=f"cam-{_hex(rng, 4)}",
+        created=float(rng.uniform(1.6e9, 1.8e9)),
     )
 
 
@@ -89,7 +91,8 @@ def build_module_update(rng: np.random.Generator) -> wire.ModuleUpdateMessage:
         update_id=_hex(rng, 32), bank_id=_hex(rng),
         versions={"L0M1": int(rng.integers(1, 50)), "head": int(rng.integers(1, 50))},
         parts={"L0M1": sorted(n for n in tensors if n.startswith("layers.")), "head": ["head.fc.weight"]},
-        tensors=tensors, device_id=f"dev-{_hex(rng, 8)}", created=float(rng.uniform(1.6e9, 1.8e9)),
+        tensors=tensors, device_id=f"dev-{_hex(rng, 8)}", environment=f"line-{int(rng.integers(1, 9))}",
+        created=float(rng.uniform(1.6e9, 1.8e9)),
     )
 
 

@@ -1,0 +1,60 @@
+"""Environment lines: each part's versions merged from the devices of one environment (docs/method.md).
+
+A device says where it works (``environment``, a name of :mod:`eclm.ids`; "" is the shared line). Its
+deltas merge into its environment's line of each part it trained (key ``PART@ENV``, :func:`eclm.parts.line_key`),
+never into the shared line, so a merge never averages environments; and the cloud sends a device the
+lines of its environment, including one it has just entered (a newcomer gets what the devices there
+learned before it has labelled much). A line starts as a copy of the shared part at the shared version
+number and counts on from there. Pure functions over plain dicts; the merger holds the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TypeVar
+
+from eclm import wire
+from eclm.parts import LINE_SEPARATOR, line_key, split_line_key
+
+T = TypeVar("T")
+
+
+def is_line(key: str) -> bool:
+    """Whether ``key`` names an environment line (``PART@ENV``) rather than a shared part."""
+    return LINE_SEPARATOR in key
+
+
+def view(values: dict[str, T], environment: str) -> dict[str, T]:
+    """The shared parts' values as a device in ``environment`` sees them: its line's where there is one."""
+    shared = {k: v for k, v in values.items() if not is_line(k)}
+    if not environment:
+        return shared
+    return {pid: values.get(line_key(pid, environment), v) for pid, v in shared.items()}
+
+
+def of_environment(versions: dict[str, int], environment: str) -> dict[str, int]:
+    """The versions of ``environment``'s lines, keyed by part id ("": the shared parts)."""
+    out: dict[str, int] = {}
+    for key, v in versions.items():
+        pid, env = split_line_key(key)
+        if env == environment:
+            out[pid] = v
+    return out
+
+
+def rekey(msg: wire.DeltaMessage, current: dict[str, int]) -> wire.DeltaMessage:
+    """The delta with its parts keyed by its environment's lines (unchanged for the shared line).
+
+    A delta whose base versions count in another environment's line (the device has just moved) is
+    given the line's current version as its base: it is not stale there, it is new.
+    """
+    env = msg.environment
+    if not env:
+        return msg
+    parts = {line_key(pid, env): names for pid, names in msg.parts.items()}
+    base: dict[str, int] = {}
+    for pid in msg.parts:
+        key = line_key(pid, env)
+        now = current.get(key, current.get(pid, 0))
+        base[key] = now if msg.base_environment != env else msg.base_versions.get(pid, now)
+    return replace(msg, parts=parts, base_versions=base)

@@ -1,0 +1,214 @@
+"""Environment lines in the cloud (issue 14): deltas merge into their environment's line of each module, a
+device entering an environment gets that environment's lines, round updates follow each device's environment.
+
+Real parts: a copy of the trained digits bank, the SQLite ledger, the validation gate's torch forward passes,
+Ed25519 signatures; no broker (the core is driven with the bytes a broker would deliver).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_sync_core import Env, deliver, keys, one_ack, register, updates  # noqa: F401  (keys: a fixture)
+from tests_sync_env import make_profile_in
+
+from cloud_sync.lines import of_environment, rekey, view
+from cloud_sync.merger import MergeSettings
+from cloud_sync.validation import Limits
+from cloud_sync.weights import module_weight
+from eclm import topics, wire
+from eclm.errors import DataError
+from eclm.ids import check_environment, is_environment
+from eclm.parts import line_key, split_line_key
+from module_bank import DirectoryBank
+
+PARTS = ("L0M0", "head")
+
+
+@pytest.fixture
+def cloud(digits_bank: Any, tmp_path: Path, keys: Any) -> Iterator[Env]:  # noqa: F811
+    """A private copy of the digits bank and the cores opened on it (closed at teardown)."""
+    e = Env(Path(shutil.copytree(digits_bank[0], tmp_path / "bank")), keys)
+    yield e
+    for core in e.cores:
+        try:
+            core.close()
+        except Exception:  # already closed
+            pass
+
+
+def test_environment_and_line_key_grammar() -> None:
+    assert is_environment("") and is_environment("line-3") and is_environment("site_a.cam2")
+    for bad in ("a/b", "+", "#", "x" * 65, "..", "a b", "@x", 3, None):
+        assert not is_environment(bad), bad
+    with pytest.raises(DataError, match="environment"):
+        check_environment("a/b")
+    assert line_key("L0M2", "line-3") == "L0M2@line-3" and line_key("L0M2", "") == "L0M2"
+    assert split_line_key("L0M2@line-3") == ("L0M2", "line-3") and split_line_key("head") == ("head", "")
+    for bad in ("L0M2@", "L0M2@a/b", "nope@line-3"):
+        with pytest.raises(DataError):
+            split_line_key(bad)
+
+
+def test_line_views_and_rekeying() -> None:
+    versions = {"L0M0": 5, "head": 3, "L0M0@a": 8, "head@b": 9}
+    assert view(versions, "") == {"L0M0": 5, "head": 3}
+    assert view(versions, "a") == {"L0M0": 8, "head": 3}
+    assert of_environment(versions, "a") == {"L0M0": 8} and of_environment(versions, "") == {"L0M0": 5, "head": 3}
+    msg = wire.DeltaMessage("d1", "dev", "bank", "b", {"L0M0": 7, "head": 3}, {"L0M0": ["x"], "head": ["y"]},
+                            {}, 10, environment="a", base_environment="a")
+    keyed = rekey(msg, versions)
+    assert keyed.parts == {"L0M0@a": ["x"], "head@a": ["y"]}
+    assert keyed.base_versions == {"L0M0@a": 7, "head@a": 3}  # counted in line a: L0M0@a lags by one
+    moved = rekey(msg.__class__(**{**msg.__dict__, "base_environment": "b"}), versions)
+    assert moved.base_versions == {"L0M0@a": 8, "head@a": 3}  # new to line a: not stale there
+    assert rekey(wire.DeltaMessage("d2", "dev", "bank", "b", {"head": 3}, {"head": ["y"]}, {}, 1), versions).parts \
+        == {"head": ["y"]}
+
+
+@pytest.mark.parametrize("weighting,expected", [("importance", 1.5 * 30 / 2), ("samples", 30 / 2), ("equal", 1 / 2)])
+def test_weighting_ablations(weighting: str, expected: float) -> None:
+    """importance x samples / (1 + staleness); ``samples`` drops the importance, ``equal`` the samples too."""
+    msg = wire.DeltaMessage("d1", "dev", "bank", "b", {"L0M1@a": 4}, {"L0M1@a": ["x"]}, {}, 30)
+    importance = [[0.5, 1.0, 0.5]]  # L0M1 holds 1.0 of 2.0 over 3 modules: relative importance 1.5
+    assert module_weight(msg, "L0M1@a", 5, importance, weighting) == pytest.approx(expected)  # staleness 1
+    with pytest.raises(Exception, match="weighting"):
+        MergeSettings(weighting="loudest")
+
+
+def _deliver_in(core: Any, env: Env, device: str, environment: str, *, base_environment: str | None = None,
+                seed: int = 0, scale: float = 1e-3, **overrides: Any) -> wire.DeltaMessage:
+    msg = env.delta(device, PARTS, seed=seed, scale=scale, environment=environment,
+                    base_environment=environment if base_environment is None else base_environment, **overrides)
+    pubs, _ = deliver(core, msg)
+    one_ack(pubs, device, msg.delta_id, "stored")
+    return msg
+
+
+def test_deltas_merge_into_their_environment_line_not_the_shared_one(cloud: Env) -> None:
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1))
+    info = env.info()
+    before = {pid: env.params(pid) for pid in PARTS}
+    v0 = {pid: info.parts[pid].version for pid in PARTS}
+    a = _deliver_in(core, env, "dev-a", "line-a", seed=1)
+    b = _deliver_in(core, env, "dev-b", "line-b", seed=2)
+    result, _ = core.run_round()
+    assert result is not None and sorted(result.merged) == sorted([a.delta_id, b.delta_id])
+    assert result.versions == {f"{pid}@{e}": v0[pid] + 1 for pid in PARTS for e in ("line-a", "line-b")}
+    after = env.info()
+    assert {pid: after.parts[pid].version for pid in PARTS} == v0  # the shared line did not move
+    for pid in PARTS:
+        for n, arr in before[pid].items():
+            np.testing.assert_array_equal(env.params(pid)[n], arr)
+    bank = DirectoryBank(env.bank)
+    for msg, e in ((a, "line-a"), (b, "line-b")):
+        for pid in PARTS:
+            line = bank.read_part(f"{pid}@{e}")  # checked against the hash bank.json records for the line
+            for n in msg.parts[pid]:
+                np.testing.assert_allclose(line[n] - before[pid][n], msg.tensors[n], atol=1e-6)
+    assert set(after.lines) == {f"{pid}@{e}" for pid in PARTS for e in ("line-a", "line-b")}
+    # A restarted daemon holds the lines it merged.
+    again = env.reopen(core, merge=MergeSettings(min_devices=1))
+    np.testing.assert_array_equal(again.merger.params["head@line-a"]["head.fc.bias"],
+                                  bank.read_part("head@line-a")["head.fc.bias"])
+
+
+def test_the_clean_gate_holds_the_shared_line_but_not_an_environment_line(cloud: Env) -> None:
+    env = cloud
+    # A margin below zero: no change can pass the clean-data gate (the floor is above the best accuracy).
+    core = env.core(merge=MergeSettings(min_devices=1, gate_margin=-1.0))
+    v0 = env.info().parts["head"].version
+    shared = _deliver_in(core, env, "dev-s", "", seed=3)
+    line = _deliver_in(core, env, "dev-a", "line-a", seed=4)
+    result, _ = core.run_round()
+    assert result is not None
+    assert shared.delta_id in result.held and line.delta_id in result.merged
+    assert result.versions == {"L0M0@line-a": env.info().parts["L0M0"].version + 1, "head@line-a": v0 + 1}
+
+
+def test_a_device_entering_an_environment_receives_its_lines(cloud: Env) -> None:
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1))
+    _deliver_in(core, env, "dev-a", "line-a", seed=5)
+    result, _ = core.run_round()
+    assert result is not None and result.versions
+    info = env.info()
+    held = {pid: info.parts[pid].version for pid in PARTS}
+    pubs = core.handle(topics.profile("dev-n"), wire.encode(make_profile_in(env.bank, "dev-n", "line-a", held)))
+    got = updates(pubs, env.verifier)["dev-n"]
+    assert len(got) == 1 and got[0].environment == "line-a" and got[0].device_id == "dev-n"
+    assert got[0].versions == {pid: info.lines[f"{pid}@line-a"].version for pid in PARTS}
+    line = DirectoryBank(env.bank).read_part("head@line-a")
+    np.testing.assert_array_equal(got[0].tensors["head.fc.weight"], line["head.fc.weight"])
+    assert core.counters.get("line_pushes") == 1
+    # Already there: the next profile brings nothing (round updates carry what changes later).
+    assert core.handle(topics.profile("dev-n"), wire.encode(make_profile_in(env.bank, "dev-n", "line-a", held))) \
+        == []
+    # An environment nobody has trained in yet: nothing to send.
+    assert core.handle(topics.profile("dev-m"), wire.encode(make_profile_in(env.bank, "dev-m", "line-z", held))) \
+        == []
+
+
+def test_round_updates_go_to_the_devices_of_the_environment_only(cloud: Env) -> None:
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1))
+    info = env.info()
+    held = {pid: info.parts[pid].version for pid in PARTS}
+    for device, e in (("dev-x", "line-a"), ("dev-y", ""), ("dev-z", "line-b")):
+        core.handle(topics.profile(device), wire.encode(make_profile_in(env.bank, device, e, held)))
+    _deliver_in(core, env, "dev-a", "line-a", seed=6)
+    _, pubs = core.run_round()
+    by_device = updates(pubs, env.verifier)
+    assert set(by_device) == {"dev-x", "dev-a"} or set(by_device) == {"dev-x"}
+    assert all(m.environment == "line-a" for ms in by_device.values() for m in ms)
+
+
+def test_without_environments_every_delta_merges_into_the_shared_line(cloud: Env) -> None:
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1, environments=False))
+    v0 = env.info().parts["head"].version
+    _deliver_in(core, env, "dev-a", "line-a", seed=7)
+    result, _ = core.run_round()
+    assert result is not None and result.versions["head"] == v0 + 1 and not env.info().lines
+
+
+def test_a_device_new_to_a_line_is_not_stale_there(cloud: Env) -> None:
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1, limits=Limits(max_staleness=1)))
+    for i in range(3):  # line-a moves 3 versions past the shared one; dev-a trains from its newest each time
+        base = {pid: view(core.merger.versions(), "line-a")[pid] for pid in PARTS}
+        _deliver_in(core, env, "dev-a", "line-a", seed=10 + i, base_versions=base)
+        assert core.run_round()[0] is not None
+    assert view(core.merger.versions(), "line-a")["head"] == env.info().parts["head"].version + 3
+    # From the shared line (its versions count there): new to line-a, stored.
+    _deliver_in(core, env, "dev-n", "line-a", base_environment="", seed=20)
+    # Claiming line-a's counting with the shared base: three behind, over the limit of 1.
+    stale = env.delta("dev-n", PARTS, seed=21, environment="line-a", base_environment="line-a")
+    pubs, _ = deliver(core, stale)
+    assert one_ack(pubs, "dev-n", stale.delta_id, "rejected").reason.startswith("stale")
+
+
+def test_a_bad_environment_name_is_a_malformed_message(cloud: Env) -> None:
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1))
+    register(core, "dev-a")
+    msg = env.delta("dev-a", PARTS, environment="../etc")
+    assert core.handle(topics.delta("dev-a"), wire.encode(msg)) == []
+    assert core.ledger.summary()["rejected_by_reason"] == {"malformed": 1}
+
+
+def test_module_bank_lines_survive_a_fresh_open(cloud: Env, tmp_path: Path) -> None:
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1))
+    _deliver_in(core, env, "dev-a", "line-a", seed=8)
+    core.run_round()
+    info = DirectoryBank(env.bank).info()
+    rec = info.record("head@line-a")
+    assert rec is not None and rec.layer == info.parts["head"].layer and rec.lineage
+    assert "head@line-a" not in info.parts  # export and derivation see the shared parts only
