@@ -14,7 +14,7 @@ import numpy as np
 
 from bench.common import machine_info, md_table, write_results
 from bench.fleet import FleetConfig, Shift
-from bench.stats import goal_text, interval_text, mean_std, paired, paired_diffs, shift_step_accuracy
+from bench.stats import goal_text, interval_text, mean_std, paired, paired_diffs, seeds_text, shift_step_accuracy
 from bench.suites import (
     ARM_NAMES,
     FEW_SHOT_SAMPLES,
@@ -177,7 +177,7 @@ def adapt_md(results: dict[str, Any], plot: Path) -> str:
 Command: `{cmd}`;
 {results['machine']['cpu']},
 {results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s;
-{results.get('seeds', 1)} seeds (each its own cloud bank and fleet; mean ± standard deviation over seeds).
+{seeds_text(results.get('seeds', 1))} (each its own cloud bank and fleet; mean ± standard deviation over seeds).
 {what}{lines_note(results.get('lines'))}
 Six devices (3 classes each, {c['min_samples']}-{c['max_samples']} samples of {results['dataset']}) adapt every
 step; half of each device's samples is replaced by fresh ones each step. Shifts: at step {sh[0]['step'] + 1}

@@ -15,7 +15,7 @@ import numpy as np
 
 from bench.common import machine_info, md_table, write_results
 from bench.fleet import FleetConfig
-from bench.stats import goal_text, interval_text, paired, paired_diffs
+from bench.stats import goal_text, interval_text, paired, paired_diffs, seeds_text
 from bench.suites import (
     ARM_NAMES,
     FEW_SHOT_SAMPLES,
@@ -172,7 +172,7 @@ def paper_md(results: dict[str, Any], plots: list[Path], bytes_plot: Path, quick
 
 Command: `{command_line("paper", quick, data, results["seeds"], abl, few)}`; {results['machine']['cpu']},
 {results['machine']['cores']} cores, {results['machine']['date']}; run time {results['seconds']:.0f} s;
-{results['seeds']} seeds (mean ± standard deviation over seeds).
+{seeds_text(results['seeds'])} (mean ± standard deviation over seeds).
 {what}{lines_note(results.get('lines'))}
 Protocol (METHOD.md section 5 on the data we have): {c['devices']} devices, {c['per_round']} per round,
 {c['min_samples']}-{c['max_samples']} samples each of m classes from the devices' 70% of the data, a

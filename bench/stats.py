@@ -80,6 +80,11 @@ def interval_text(p: Paired, scale: float = 100.0) -> str:
     return f"{head} (95% interval {scale * p.low:+.2f} to {scale * p.high:+.2f}, {p.n} seeds)"  # type: ignore[operator]
 
 
+def seeds_text(n: int) -> str:
+    """``1 seed``, ``3 seeds``."""
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def goal_text(p: Paired, points: float, scale: float = 100.0) -> str:
     """Whether the mean difference is at least ``points`` and its interval's lower bound above 0."""
     if p.n == 0:

@@ -106,6 +106,30 @@ def test_solo_environments_gives_every_device_its_own_line() -> None:
     assert arm.line(d) == "dev-000"
 
 
+def test_the_arm_declares_each_devices_environment_when_the_runtime_can() -> None:
+    from bench.arms_edge import EclmArm
+
+    class WithLines:
+        def __init__(self) -> None:
+            self.declared: list[str] = []
+
+        def set_environment(self, name: str) -> None:
+            self.declared.append(name)
+
+    arm = EclmArm.__new__(EclmArm)
+    arm.options, arm.lines = EclmOptions(), None
+    d = Device(0, "dev-000", (1, 2), "rotation", 1.0, 50, environment="rotation")
+    svc = WithLines()
+    arm.services = {0: svc}
+    arm._declare(d)
+    d.environment = ""
+    arm._declare(d)
+    assert svc.declared == ["rotation", ""] and arm.lines is True
+    arm.services = {0: object()}  # a runtime without environment lines: nothing to call, and the report says so
+    arm._declare(d)
+    assert arm.lines is False
+
+
 # --- seen / new shifts -------------------------------------------------------------------------------------------
 
 def _row(step: int, envs: list[str], shifted: list[int], acc: dict[int, float] | None = None) -> dict[str, Any]:
