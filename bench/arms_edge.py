@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.fleet import Device
+
+# Samples a device needs to train: the few-shot regime's smallest device holds 10, of which the store holds
+# out every 5th by id (2 of any 10 in a row), leaving 8 (tests/test_bench_stats.py checks this).
+MIN_TRAIN_SAMPLES = 8
 
 
 class LocalArm:
@@ -68,7 +73,7 @@ class LocalArm:
         if d.index not in self.services:
             self.services[d.index] = EdgeService(load_config(overrides={
                 "bundle": self.bundle(d.classes), "state_dir": self.work / self.name / d.name, "device_id": d.name,
-                "train_every_samples": 0, "max_samples": d.size, "min_train_samples": 8, "drift": False,
+                "train_every_samples": 0, "max_samples": d.size, "min_train_samples": MIN_TRAIN_SAMPLES, "drift": False,
                 "resource_interval_s": 0, "trust_key": self.trust_key}, environ={}))
         return self.services[d.index]
 
@@ -89,12 +94,22 @@ class LocalArm:
             svc.close()
 
 
+@dataclass(frozen=True)
+class EclmOptions:
+    """How the ECLM arm runs its rounds (the arm-level ablations of bench/suites.py ABLATIONS)."""
+
+    merges: bool = True  # False: the daemon never merges; the arm waits for acknowledgements only
+    downlink_same_round: bool = True  # False: devices leave once acknowledged, get updates when they next connect
+    solo_environments: bool = False  # True: each device's line is its own name, so no two devices share one
+
+
 class EclmArm(LocalArm):
     """``eclm``: the edge runtime plus deltas over a real broker to the real merger daemon, updates back."""
 
     name = "eclm"
 
-    def __init__(self, bank: Path, work: Path, devices: list[Device], daemon_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, bank: Path, work: Path, devices: list[Device], daemon_args: tuple[str, ...] = (),
+                 options: EclmOptions = EclmOptions()) -> None:
         import shutil
 
         from bench.broker import start_broker
@@ -114,7 +129,20 @@ class EclmArm(LocalArm):
                              *daemon_args)  # an ablation's flags come last and win
         self.daemon.start()
         wait_connected(self.daemon)
+        self.options = options
         self.syncs: dict[int, Any] = {}
+        self.lines: bool | None = None  # whether the runtime has environment lines (None: not asked yet)
+
+    def line(self, d: Device) -> str:
+        """The environment line the device declares: its environment, or its own name (solo-environments)."""
+        return d.name if self.options.solo_environments else d.environment
+
+    def _declare(self, d: Device) -> None:
+        """Tell the device's runtime which environment it works in (if this runtime has environment lines)."""
+        set_environment = getattr(self.service(d), "set_environment", None)
+        self.lines = set_environment is not None
+        if set_environment is not None:
+            set_environment(self.line(d))
 
     def _sync(self, d: Device) -> Any:
         from dataclasses import replace
@@ -136,16 +164,25 @@ class EclmArm(LocalArm):
         if not devices:
             return {"uplink": 0.0, "downlink": 0.0}
         up0 = {d.index: self._bytes(d) for d in devices}
+        for d in devices:
+            self._declare(d)  # before connecting and training: the round's deltas belong to this line
         syncs = [self._sync(d) for d in devices]
         wait_until(lambda: all(s.connected.is_set() for s in syncs), 120, "devices to connect")
+        opts = self.options
+        if opts.merges and not opts.downlink_same_round:
+            # The previous round's merge, whose updates the broker kept for these devices while they were away.
+            wait_until(lambda: all(r[2] != "pending" for r in ledger_rows(self.cloud_bank)), 120, "the merge")
+            time.sleep(1.0)
+            wait_until(lambda: all(s.updates.empty() for s in syncs), 60, "module updates to be applied")
         super().adapt(devices, fresh)
         for s in syncs:
             s.flush_once()
         wait_until(lambda: all(len(self.service(d).outbox) == 0 for d in devices), 120, "deltas to be acknowledged")
-        wait_until(lambda: all(r[2] != "pending" for r in ledger_rows(self.cloud_bank)), 120, "the merge")
-        time.sleep(1.0)
-        wait_until(lambda: all(s.updates.empty() for s in syncs), 60, "module updates to be applied")
-        time.sleep(0.5)
+        if opts.merges and opts.downlink_same_round:
+            wait_until(lambda: all(r[2] != "pending" for r in ledger_rows(self.cloud_bank)), 120, "the merge")
+            time.sleep(1.0)
+            wait_until(lambda: all(s.updates.empty() for s in syncs), 60, "module updates to be applied")
+            time.sleep(0.5)
         ups = [self._bytes(d)[0] - up0[d.index][0] for d in devices]
         downs = [self._bytes(d)[1] - up0[d.index][1] for d in devices]
         # Devices go offline after their round, as boards do; the broker keeps what the cloud sends

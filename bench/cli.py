@@ -66,13 +66,6 @@ def demo(
 SUITES = ("export", "edge", "sync", "adapt", "paper", "soak", "attack", "scale")
 
 
-def paper_seeds(quick: bool, seeds: int | None) -> int:
-    """The paper suite's number of seeds: as asked, else 3 (1 with --quick)."""
-    if seeds is not None:
-        return seeds
-    return 1 if quick else 3
-
-
 @app.command()
 @reports_errors
 def bench(
@@ -88,8 +81,9 @@ def bench(
                                help="A small version that finishes in minutes (CI)."),
     seeds: int = typer.Option(None, "--seeds", min=1, envvar="ECLM_BENCH_SEEDS",
                               show_default="3, 1 with --quick",
-                              help="paper suite: the number of seeds to run (0, 1, ...; mean and spread over "
-                              "them). Exactly this many are run, with or without --quick."),
+                              help="paper and adapt suites: the number of seeds to run (0, 1, ...; each its own "
+                              "cloud model and fleet; mean, spread and ECLM - LA's 95% interval over them). Exactly "
+                              "this many are run, with or without --quick."),
     out: Path = typer.Option(Path("docs/benchmarks"), "--out", envvar="ECLM_BENCH_OUT",
                              help="Where JSON, markdown and PNG plots go."),
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
@@ -119,10 +113,12 @@ def bench(
                                  help="scale suite: ledger backends, sqlite and/or postgresql (a fresh database on "
                                  "127.0.0.1:5432 as user postgres, dropped after)."),
     ablation: str = typer.Option("", "--ablation", envvar="ECLM_BENCH_ABLATION", show_default="none",
-                                 help="adapt suite: run the ECLM arm with one mechanism changed: no-gate (merges "
-                                 "not judged on the cloud's validation split), robust-merge (the product's robust "
-                                 "strategy and --min-devices 2 instead of the paper's weighted mean) or "
-                                 "any-staleness (deltas more than 10 versions behind merged, not rejected)."),
+                                 help="paper and adapt suites: run the ECLM arm with one mechanism changed: "
+                                 "no-gate, robust-merge, any-staleness, no-lines, equal-weights, samples-weights, "
+                                 "no-merge, downlink-next-round or solo-environments (bench/suites.py ABLATIONS "
+                                 "says what each changes)."),
+    few_shot: bool = typer.Option(False, "--few-shot", envvar="ECLM_BENCH_FEW_SHOT", show_default="off",
+                                  help="paper and adapt suites: devices hold 10-30 labelled samples, not 50-150."),
     devices: str = typer.Option("", "--devices", envvar="ECLM_BENCH_DEVICES",
                                 show_default="1000,2000,5000,10000; 200,1000 with --quick",
                                 help="scale suite: comma-separated fleet sizes."),
@@ -132,20 +128,28 @@ def bench(
 
     if suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r}; available: {', '.join(SUITES)}", hint="use --suite paper")
-    if seeds is not None and suite != "paper":
-        raise ConfigError(f"--seeds is for the paper suite; the {suite} suite runs one fixed seed",
+    fleet_suites = ("paper", "adapt")
+    if seeds is not None and suite not in fleet_suites:
+        raise ConfigError(f"--seeds is for the paper and adapt suites; the {suite} suite runs one fixed seed",
                           hint="drop --seeds (or unset ECLM_BENCH_SEEDS) for this suite")
-    if ablation and suite != "adapt":
-        raise ConfigError(f"--ablation is for the adapt suite, not {suite}", hint="drop --ablation")
+    if ablation and suite not in fleet_suites:
+        raise ConfigError(f"--ablation is for the paper and adapt suites, not {suite}", hint="drop --ablation")
+    if few_shot and suite not in fleet_suites:
+        raise ConfigError(f"--few-shot is for the paper and adapt suites, not {suite}", hint="drop --few-shot")
     if ablation:
-        from bench.suites import ablation_args
+        from bench.suites import ablation as find_ablation
 
-        ablation_args(ablation)  # an unknown name fails now, not after the bank is trained
+        find_ablation(ablation)  # an unknown name fails now, not after the bank is trained
     say = lambda m: typer.echo(m, err=True)  # noqa: E731
-    if suite == "adapt":
-        from bench.suites import adapt_suite
+    if suite in fleet_suites:
+        from bench.suites import suite_seeds
 
-        adapt_suite(out, quick, say, dataset, ablation)
+        n = suite_seeds(quick, seeds)
+    if suite == "adapt":
+        import bench.adapt_suite
+
+        bench.adapt_suite.adapt_suite(out=out, quick=quick, seeds=n, say=say, dataset=dataset,
+                                      ablation_name=ablation, few=few_shot)
         typer.echo((out / "adapt.md").read_text())
     elif suite == "soak":
         from bench.soak_report import soak_suite
@@ -165,9 +169,10 @@ def bench(
         scale_suite(out, quick, ints(workers), names(backends), say, ints(devices) or None)
         typer.echo((out / "scale.md").read_text())
     elif suite == "paper":
-        from bench.suites import paper_suite
+        import bench.paper_suite
 
-        paper_suite(out, quick, paper_seeds(quick, seeds), say, dataset)
+        bench.paper_suite.paper_suite(out=out, quick=quick, seeds=n, say=say, dataset=dataset,
+                                      ablation_name=ablation, few=few_shot)
         typer.echo((out / "paper.md").read_text())
     else:
         module = {"export": "bench.export_bench", "edge": "bench.edge_bench", "sync": "bench.sync_bench"}[suite]

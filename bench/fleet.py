@@ -43,6 +43,7 @@ class Shift:
     devices: tuple[int, ...] = ()
     classes: tuple[int, ...] | None = None
     corruption: str | None = None
+    environment: str | None = None  # the devices' environment label after it; None: derived (environment_after)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,28 @@ class Device:
     x: np.ndarray = field(default_factory=lambda: np.zeros((0,)))
     y: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
     idx: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))  # pool indices of x
+    environment: str = ""  # the environment line it works in ("": the shared line); see environment_of
+
+
+SHARED_LINE = ""  # the environment label of uncorrupted data: the cloud's shared line
+
+
+def environment_of(corruption: str) -> str:
+    """The environment label of a corruption: its name, the shared line for none."""
+    return SHARED_LINE if corruption == "none" else corruption
+
+
+def environment_after(shift: Shift, device: Device) -> str:
+    """The environment a shift puts a device in: the shift's own label if it has one, else the new
+    corruption's, else ``classes-<c>-<c>...`` for a new class mix, else the device's current one.
+    """
+    if shift.environment is not None:
+        return shift.environment
+    if shift.corruption is not None:
+        return environment_of(shift.corruption)
+    if shift.classes is not None:
+        return "classes-" + "-".join(map(str, shift.classes))
+    return device.environment
 
 
 class Pool:
@@ -116,10 +139,14 @@ class Pool:
 def make_fleet(cfg: FleetConfig, num_classes: int) -> list[Device]:
     rng = np.random.default_rng(cfg.seed)
     capacities = (1.0, 0.5, 0.25)
-    return [Device(i, f"dev-{i:03d}", tuple(sorted(int(c) for c in rng.choice(num_classes, cfg.classes_per_device,
-                                                                                  replace=False))),
-                   str(cfg.corruptions[i % len(cfg.corruptions)]), capacities[i % 3],
-                   int(rng.integers(cfg.min_samples, cfg.max_samples + 1))) for i in range(cfg.devices)]
+    fleet = []
+    for i in range(cfg.devices):
+        classes = tuple(sorted(int(c) for c in rng.choice(num_classes, cfg.classes_per_device, replace=False)))
+        corruption = str(cfg.corruptions[i % len(cfg.corruptions)])
+        fleet.append(Device(i, f"dev-{i:03d}", classes, corruption, capacities[i % 3],
+                            int(rng.integers(cfg.min_samples, cfg.max_samples + 1)),
+                            environment=environment_of(corruption)))
+    return fleet
 
 
 def apply_shifts(cfg: FleetConfig, devices: list[Device], step: int) -> list[int]:
@@ -130,6 +157,7 @@ def apply_shifts(cfg: FleetConfig, devices: list[Device], step: int) -> list[int
             continue
         for i in s.devices or range(len(devices)):
             d = devices[i]
+            d.environment = environment_after(s, d)
             if s.classes is not None:
                 d.classes = s.classes
             if s.corruption is not None:
@@ -188,7 +216,8 @@ def run(arms: list[Any], cfg: FleetConfig, pool: Pool, devices: list[Device],
         samples.append({i: (devices[i].idx.copy(), tests[i][2]) for i in chosen})
         _check_disjoint(samples[-1], step)
         tests_xy = {i: t[:2] for i, t in tests.items()}
-        row: dict[str, Any] = {"step": step, "devices": chosen, "shifted": shifted}
+        row: dict[str, Any] = {"step": step, "devices": chosen, "shifted": shifted,
+                               "environments": {i: d.environment for i, d in enumerate(devices)}}
         for arm in arms:
             t = time.perf_counter()
             b = arm.adapt([devices[i] for i in chosen], fresh)

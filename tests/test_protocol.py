@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import bench.adapt_suite
 import bench.cli
+import bench.paper_suite
 import bench.suites
+from bench.adapt_suite import adapt_md, summarize
 from bench.corruptions import IMAGE_KINDS, SIGNAL_KINDS, corrupt, kinds_for
 from bench.fleet import Device, FleetConfig, Pool, Shift, make_fleet, run
-from bench.suites import _adapt_md, _cfg_dict, _paper_md, command_line
+from bench.paper_suite import paper_md
+from bench.suites import _cfg_dict, command_line
 from eclm.errors import ConfigError
 from exporter.data import load_dataset, split
 
@@ -111,34 +115,43 @@ def test_the_fleet_draws_the_data_sets_own_corruptions(signals_pool: Pool) -> No
 
 # --- 3. the seeds run are the seeds asked ---------------------------------------------------------------------
 
-def _invoke_paper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str]) -> dict[str, Any]:
+def _invoke(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], suite: str = "paper") -> dict[str, Any]:
+    """Run `eclm bench --suite SUITE ARGS` with the suite replaced by one that records what it was asked."""
     seen: dict[str, Any] = {}
 
-    def fake_paper(out: Path, quick: bool, seeds: int, say: Any, dataset: str = "digits") -> dict[str, Any]:
-        seen.update(quick=quick, seeds=seeds, dataset=dataset)
+    def fake(out: Path, quick: bool, seeds: int, say: Any, dataset: str = "digits", ablation_name: str = "",
+             few: bool = False) -> dict[str, Any]:
+        seen.update(quick=quick, seeds=seeds, dataset=dataset, ablation=ablation_name, few_shot=few)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "paper.md").write_text("report\n")
+        (out / f"{suite}.md").write_text("report\n")
         return {}
 
-    monkeypatch.setattr(bench.suites, "paper_suite", fake_paper)
-    monkeypatch.delenv("ECLM_BENCH_SEEDS", raising=False)
-    monkeypatch.delenv("ECLM_DATASET", raising=False)
-    monkeypatch.delenv("ECLM_BENCH_QUICK", raising=False)
-    result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", "paper", "--out", str(tmp_path), *args])
+    module = {"paper": bench.paper_suite, "adapt": bench.adapt_suite}[suite]
+    monkeypatch.setattr(module, f"{suite}_suite", fake)
+    for var in ("ECLM_BENCH_SEEDS", "ECLM_DATASET", "ECLM_BENCH_QUICK", "ECLM_BENCH_FEW_SHOT", "ECLM_BENCH_ABLATION"):
+        monkeypatch.delenv(var, raising=False)
+    result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", suite, "--out", str(tmp_path), *args])
     assert result.exit_code == 0, result.output
     return seen
 
 
+def _invoke_paper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str]) -> dict[str, Any]:
+    return _invoke(monkeypatch, tmp_path, args, "paper")
+
+
 @pytest.mark.parametrize(("args", "seeds"), [(["--quick", "--seeds", "3"], 3), (["--quick", "--seeds", "2"], 2),
                                              (["--quick"], 1), ([], 3), (["--seeds", "1"], 1)])
+@pytest.mark.parametrize("suite", ["paper", "adapt"])
 def test_quick_never_reduces_the_seeds_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                             args: list[str], seeds: int) -> None:
-    assert _invoke_paper(monkeypatch, tmp_path, args)["seeds"] == seeds
+                                             args: list[str], seeds: int, suite: str) -> None:
+    assert _invoke(monkeypatch, tmp_path, args, suite)["seeds"] == seeds
 
 
-def test_seeds_for_a_suite_that_ignores_them_is_an_error(tmp_path: Path) -> None:
-    result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", "adapt", "--seeds", "3", "--out", str(tmp_path)])
-    assert result.exit_code == ConfigError.exit_code and "--seeds is for the paper suite" in result.output
+@pytest.mark.parametrize("option", [["--seeds", "3"], ["--few-shot"], ["--ablation", "no-gate"]])
+def test_fleet_options_for_a_suite_that_ignores_them_are_an_error(tmp_path: Path, option: list[str]) -> None:
+    result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", "sync", *option, "--out", str(tmp_path)])
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert f"{option[0]} is for the paper and adapt suites" in result.output
 
 
 # --- 4. the reports' command reproduces the run and names the data set ----------------------------------------
@@ -147,7 +160,7 @@ def _fake_paper_results(dataset: str, seeds: int, quick: bool) -> dict[str, Any]
     arm = {"after_one_step": (0.5, 0.01), "averaged": (0.6, 0.02), "uplink_bytes": 1000.0,
            "downlink_bytes": 2000.0, "seconds_per_step": 1.0}
     return {"machine": {"cpu": "test cpu", "cores": 2, "date": "2026-01-01"}, "quick": quick, "seeds": seeds,
-            "dataset": dataset, "seconds": 1.0, "resources": None, "failed_devices": {},
+            "dataset": dataset, "seconds": 1.0, "resources": None, "failed_devices": {}, "few_shot": False,
             "config": _cfg_dict(FleetConfig(corruptions=SIGNAL_KINDS)),
             "summary": {k: {a: dict(arm) for a in ("none", "local", "fedavg", "heterofl", "eclm")}
                         for k in ("m=2", "m=5")}}
@@ -159,32 +172,72 @@ def _command_of(md: str) -> str:
 
 
 def test_paper_report_command_reproduces_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    md = _paper_md(_fake_paper_results("signals", 2, True), [], tmp_path / "b.png", True)
+    md = paper_md(_fake_paper_results("signals", 2, True), [], tmp_path / "b.png", True)
     command = _command_of(md)
     assert command == "eclm bench --suite paper --quick --seeds 2 --dataset signals"
     assert md.startswith("# The paper's protocol on signals") and "time-shift" in md and "digits" not in md
     # the printed command, run, asks for exactly this run
     argv = shlex.split(command)[2:]
     seen = _invoke_paper(monkeypatch, tmp_path / "again", [a for a in argv if a not in ("--suite", "paper")])
-    assert seen == {"quick": True, "seeds": 2, "dataset": "signals"}
+    assert seen == {"quick": True, "seeds": 2, "dataset": "signals", "ablation": "", "few_shot": False}
     # defaults are written out too, and a path is quoted for the shell
-    full = _command_of(_paper_md(_fake_paper_results("/data/my set.npz", 3, False), [], tmp_path / "b.png", False))
+    full = _command_of(paper_md(_fake_paper_results("/data/my set.npz", 3, False), [], tmp_path / "b.png", False))
     assert shlex.split(full) == ["eclm", "bench", "--suite", "paper", "--seeds", "3", "--dataset", "/data/my set.npz"]
 
 
-def test_adapt_report_names_the_data_set_and_its_corruptions(tmp_path: Path) -> None:
-    cfg = FleetConfig(devices=6, per_round=6, classes_per_device=3, steps=8, corruptions=("none",), shifts=(
-        Shift(2, (0, 1), corruption="time-shift"), Shift(4, (2, 3), classes=(0, 5, 6, 8)),
-        Shift(6, (4, 5), corruption="noise")))
-    row = {"mean_accuracy": 0.5, "mean_recovery_steps": 1.0, "never_recovered": 0, "seconds_per_step": 1.0}
-    results = {"machine": {"cpu": "test cpu", "cores": 2, "date": "2026-01-01"}, "quick": True,
-               "dataset": "signals", "config": _cfg_dict(cfg), "seconds": 1.0, "failed_devices": {},
-               "summary": {a: dict(row) for a in ("none", "local", "eclm")}}
-    md = _adapt_md(results, tmp_path / "a.png")
-    assert _command_of(md) == "eclm bench --suite adapt --quick --dataset signals"
+class _ConstArm(_FakeArm):
+    """A fake arm of a given name whose accuracy is a fixed number."""
+
+    def __init__(self, name: str, acc: float) -> None:
+        self.name, self.acc = name, acc
+
+    def accuracy(self, device: Device, x: np.ndarray, y: np.ndarray) -> float:
+        return self.acc
+
+
+def _adapt_results(signals_pool: Pool, seeds: int, quick: bool, few: bool, ablation: str) -> dict[str, Any]:
+    """The adapt suite's results of fake arms over the real schedule (no training, no broker)."""
+    per_seed = []
+    for seed in range(seeds):
+        cfg = bench.adapt_suite.adapt_config(quick, "time-shift", "noise", seed, few)
+        arms = [_ConstArm("none", 0.4), _ConstArm("local", 0.5), _ConstArm("eclm", 0.55 + 0.01 * seed)]
+        res = run(arms, cfg, signals_pool, make_fleet(cfg, signals_pool.num_classes))
+        per_seed.append(bench.adapt_suite.seed_result(seed, {**res, "lines": None}))
+    summary, diffs = summarize(per_seed)
+    return {"machine": {"cpu": "test cpu", "cores": 2, "date": "2026-01-01"}, "quick": quick, "seeds": seeds,
+            "dataset": "signals", "few_shot": few, "ablation": ablation, "ablation_what": "what it does",
+            "config": _cfg_dict(bench.adapt_suite.adapt_config(quick, "time-shift", "noise", 0, few)),
+            "seconds": 1.0, "failed_devices": {}, "summary": summary, "eclm_minus_local": diffs, "lines": False}
+
+
+def test_adapt_report_names_the_data_set_and_its_corruptions(signals_pool: Pool, tmp_path: Path) -> None:
+    md = adapt_md(_adapt_results(signals_pool, 1, True, False, ""), tmp_path / "a.png")
+    assert _command_of(md) == "eclm bench --suite adapt --quick --seeds 1 --dataset signals"
     assert "on signals" in md and "samples of signals" in md and "digits" not in md
-    assert '"time-shift"' in md and "rotated" not in md
+    assert '"time-shift"' in md and "rotated" not in md and "few-shot" not in md
+    assert "one seed: no 95% interval" in md and "no environment lines" in md
+    # 5 points averaged and in every shift step: the +3 goal is met in size but has no interval, +10 is missed
+    assert "**not met** (no 95% interval with one seed)" in md and "**not met** (by 5.00 points;" in md
     assert command_line("adapt", False, "digits") == "eclm bench --suite adapt --dataset digits"
+
+
+def test_adapt_report_command_reproduces_the_run(signals_pool: Pool, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    results = _adapt_results(signals_pool, 3, False, True, "no-merge")
+    md = adapt_md(results, tmp_path / "a.png")
+    assert md.startswith("# Continuous adaptation on signals: 20 steps with shifts, few-shot (10-30 labelled")
+    assert "10-30 samples of signals" in md and "Ablation no-merge: what it does" in md
+    command = _command_of(md)
+    assert command == "eclm bench --suite adapt --seeds 3 --dataset signals --few-shot --ablation no-merge"
+    argv = [a for a in shlex.split(command)[2:] if a not in ("--suite", "adapt")]
+    seen = _invoke(monkeypatch, tmp_path / "again", argv, "adapt")
+    assert seen == {"quick": False, "seeds": 3, "dataset": "signals", "ablation": "no-merge", "few_shot": True}
+    # ECLM - LA per seed: 5, 6 and 7 points; mean 6 with t(2) = 4.303 times sd 1 / sqrt(3)
+    avg = results["eclm_minus_local"]["averaged"]
+    assert avg["diffs"] == pytest.approx([0.05, 0.06, 0.07]) and avg["mean"] == pytest.approx(0.06)
+    assert avg["half_width"] == pytest.approx(4.303 * 0.01 / np.sqrt(3))
+    assert "met; +6.00 points (95% interval +3.52 to +8.48, 3 seeds)" in md  # +3 averaged: met
+    assert "**not met** (by 4.00 points)" in md  # +10 in the shift step: missed by 4
 
 
 # --- 5. the signals data set ----------------------------------------------------------------------------------
@@ -229,6 +282,6 @@ def test_ablations_are_named_reproducible_and_refused_where_they_do_not_apply() 
     assert ablation_args("no-gate") == ("--no-gate",) and ablation_args("") == ()
     assert command_line("adapt", False, "digits", ablation="no-gate").endswith("--dataset digits --ablation no-gate")
     wrong = CliRunner().invoke(app, ["bench", "--suite", "adapt", "--ablation", "no-such", "--out", "/nonexistent"])
-    assert wrong.exit_code != 0 and "unknown ablation" in wrong.output
-    elsewhere = CliRunner().invoke(app, ["bench", "--suite", "paper", "--ablation", "no-gate", "--out", "/nonexistent"])
-    assert elsewhere.exit_code != 0 and "adapt suite" in elsewhere.output
+    assert wrong.exit_code == ConfigError.exit_code and "unknown ablation" in wrong.output
+    elsewhere = CliRunner().invoke(app, ["bench", "--suite", "soak", "--ablation", "no-gate", "--out", "/nonexistent"])
+    assert elsewhere.exit_code != 0 and "paper and adapt suites" in elsewhere.output
