@@ -132,6 +132,7 @@ class EclmArm(LocalArm):
         self.options = options
         self.syncs: dict[int, Any] = {}
         self.lines: bool | None = None  # whether the runtime has environment lines (None: not asked yet)
+        self.declared: dict[int, str] = {}  # the environment each device declared at its last round
 
     def line(self, d: Device) -> str:
         """The environment line the device declares: its environment, or its own name (solo-environments)."""
@@ -168,6 +169,7 @@ class EclmArm(LocalArm):
             self._declare(d)  # before connecting and training: the round's deltas belong to this line
         syncs = [self._sync(d) for d in devices]
         wait_until(lambda: all(s.connected.is_set() for s in syncs), 120, "devices to connect")
+        self._await_lines(devices)
         opts = self.options
         if opts.merges and not opts.downlink_same_round:
             # The previous round's merge, whose updates the broker kept for these devices while they were away.
@@ -190,6 +192,27 @@ class EclmArm(LocalArm):
         for d in devices:
             self.syncs.pop(d.index).close()
         return {"uplink": float(np.mean(ups)), "downlink": float(np.mean(downs))}
+
+    def _await_lines(self, devices: list[Device], timeout: float = 20.0) -> None:
+        """A device that has just entered an environment with module lines gets them pushed on connecting
+        (cloud_sync/lines.py); as a board whose training waits for samples, it trains after taking (or
+        refusing) them. Devices whose environment did not change, or whose environment has no lines yet,
+        do not wait.
+        """
+        from module_bank import DirectoryBank
+
+        lines = {key.partition("@")[2] for key in DirectoryBank(self.cloud_bank).info().lines}
+        entering = [d for d in devices if self.line(d) in lines and self.declared.get(d.index) != self.line(d)]
+        for d in devices:
+            self.declared[d.index] = self.line(d)
+        if not self.lines or not entering:
+            return
+        before = {d.index: self.service(d).updates.last_update for d in entering}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(
+                self.service(d).serving.line == self.line(d) or self.service(d).updates.last_update
+                is not before[d.index] for d in entering):
+            time.sleep(0.05)
 
     def _bytes(self, d: Device) -> tuple[float, float]:
         m = self.service(d).metrics

@@ -291,13 +291,15 @@ def status(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=B
         report = {"bank_id": info.bank_id,
                   "module_versions": {k: v.version for k, v in sorted(info.parts.items()) if v.version > 1},
                   "parts": len(info.parts), **ledger.summary(),
+                  "environment_lines": _lines_by_environment(info.lines),
                   "best_released_accuracy": ledger.best_released(),
                   "gate_problem": ledger.meta("gate_problem") or "",
                   "derive_queue": JobQueue(opened.db).counts(),
                   "merge_claim": _claim_text(opened.db),
                   "quarantined": len(ledger.quarantined()),
                   "waiting_support": ledger.waiting(), "expired_parts": ledger.expired_parts(),
-                  "devices": [{k: d[k] for k in ("device_id", "online", "last_seen", "bundle", "profile")}
+                  "devices": [{k: d[k] for k in ("device_id", "online", "last_seen", "bundle", "profile",
+                                                 "environment")}
                               for d in ledger.devices()]}
     finally:
         opened.close()
@@ -307,6 +309,17 @@ def status(bank: str = typer.Option("bank", "--bank", envvar="ECLM_BANK", help=B
         typer.echo(dumps(report, indent=2))
         return
     typer.echo(_status_text(report))
+
+
+def _lines_by_environment(lines: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Environment -> part -> the version of its line (docs/method.md, "Environment lines")."""
+    from eclm.parts import split_line_key
+
+    out: dict[str, dict[str, int]] = {}
+    for key, rec in sorted(lines.items()):
+        pid, env = split_line_key(key)
+        out.setdefault(env, {})[pid] = rec.version
+    return out
 
 
 def _claim_text(db: Any) -> str:
@@ -341,6 +354,10 @@ def _status_text(report: dict[str, Any]) -> str:
               + (f"{report['best_released_accuracy']:.4f}" if report["best_released_accuracy"] is not None else "-"))]
     if report.get("gate_problem"):
         out.insert(1, f"MERGING STOPPED: {report['gate_problem']}")
+    for env, parts in (report.get("environment_lines") or {}).items():
+        here = sum(1 for d in report["devices"] if d.get("environment") == env)
+        out.append(f"environment {env}: {len(parts)} module lines (newest version {max(parts.values())}), "
+                   f"{here} devices there now")
     if report.get("merge_claim"):
         out.append(f"merging now: {report['merge_claim']}")
     if report["module_versions"]:

@@ -212,3 +212,23 @@ def test_module_bank_lines_survive_a_fresh_open(cloud: Env, tmp_path: Path) -> N
     rec = info.record("head@line-a")
     assert rec is not None and rec.layer == info.parts["head"].layer and rec.lineage
     assert "head@line-a" not in info.parts  # export and derivation see the shared parts only
+
+
+def test_status_shows_the_lines_of_each_environment(cloud: Env) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    import cloud_sync.cli
+
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1))
+    held = {pid: env.info().parts[pid].version for pid in PARTS}
+    core.handle(topics.profile("dev-x"), wire.encode(make_profile_in(env.bank, "dev-x", "line-a", held)))
+    _deliver_in(core, env, "dev-a", "line-a", seed=9)
+    core.run_round()
+    core.close()
+    report = json.loads(CliRunner().invoke(cloud_sync.cli.app, ["status", "--bank", str(env.bank), "--json"]).output)
+    assert report["environment_lines"] == {"line-a": {pid: held[pid] + 1 for pid in PARTS}}
+    text = CliRunner().invoke(cloud_sync.cli.app, ["status", "--bank", str(env.bank)]).output
+    assert "environment line-a: 2 module lines" in text and "1 devices there now" in text
