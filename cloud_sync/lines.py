@@ -5,7 +5,10 @@ deltas merge into its environment's line of each part it trained (key ``PART@ENV
 never into the shared line, so a merge never averages environments; and the cloud sends a device the
 lines of its environment, including one it has just entered (a newcomer gets what the devices there
 learned before it has labelled much). A line starts as a copy of the shared part at the shared version
-number and counts on from there. Pure functions over plain dicts; the merger holds the values.
+number and counts on from there. The head has no lines: it is the class layer, fitted to each device's
+own classes (devices of one environment hold different ones), so it stays with the device; the cloud
+takes a device's head deltas into the shared line only while the device works in no environment.
+Pure functions over plain dicts; the merger holds the values.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from eclm import wire
-from eclm.parts import LINE_SEPARATOR, line_key, split_line_key
+from eclm.parts import HEAD, LINE_SEPARATOR, line_key, split_line_key
 
 T = TypeVar("T")
 
@@ -22,6 +25,24 @@ T = TypeVar("T")
 def is_line(key: str) -> bool:
     """Whether ``key`` names an environment line (``PART@ENV``) rather than a shared part."""
     return LINE_SEPARATOR in key
+
+
+def has_lines(part_id: str) -> bool:
+    """Whether ``part_id`` has environment lines: every part but the head."""
+    return part_id != HEAD
+
+
+def line_parts(msg: wire.DeltaMessage) -> wire.DeltaMessage:
+    """The delta as its environment's lines take it: without the parts that have no lines (the head).
+
+    A delta of the shared line ("") is returned as it is.
+    """
+    if not msg.environment:
+        return msg
+    parts = {pid: names for pid, names in msg.parts.items() if has_lines(pid)}
+    kept = {n for names in parts.values() for n in names}
+    return replace(msg, parts=parts, tensors={n: a for n, a in msg.tensors.items() if n in kept},
+                   base_versions={pid: v for pid, v in msg.base_versions.items() if pid in parts})
 
 
 def view(values: dict[str, T], environment: str) -> dict[str, T]:
@@ -51,6 +72,7 @@ def rekey(msg: wire.DeltaMessage, current: dict[str, int]) -> wire.DeltaMessage:
     env = msg.environment
     if not env:
         return msg
+    msg = line_parts(msg)
     parts = {line_key(pid, env): names for pid, names in msg.parts.items()}
     base: dict[str, int] = {}
     for pid in msg.parts:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cloud_sync.lines import is_line, rekey, view
+from cloud_sync.lines import is_line, line_parts, rekey, view
 from cloud_sync.pipeline import Aggregate, Decision, Decoded, GateResult, aggregate, check, decide, gather, weight
 from cloud_sync.ports import Evaluate, EvaluatorFactory, Params
 from cloud_sync.strategies import STRATEGIES, Contribution
@@ -188,6 +188,11 @@ class Merger:
         trained from a version another worker merged since makes this one load it first.
         """
         base_env, env = ((msg.base_environment, msg.environment) if self.settings.environments else ("", ""))
+        if env:
+            msg = line_parts(msg)  # what the lines take (the head stays with the device)
+            if not msg.parts:
+                return Verdict(False, "no_line_parts", f"a delta from environment {env!r} must carry modules: "
+                               "the head has no environment lines (it stays on the device)")
         if any(isinstance(v, int) and v > view(self._loaded, base_env).get(pid, v)
                for pid, v in msg.base_versions.items()):
             self.refresh()

@@ -27,7 +27,7 @@ from eclm.ids import check_environment, is_environment
 from eclm.parts import line_key, split_line_key
 from module_bank import DirectoryBank
 
-PARTS = ("L0M0", "head")
+PARTS = ("L0M0", "L1M0")
 
 
 @pytest.fixture
@@ -60,13 +60,16 @@ def test_line_views_and_rekeying() -> None:
     assert view(versions, "") == {"L0M0": 5, "head": 3}
     assert view(versions, "a") == {"L0M0": 8, "head": 3}
     assert of_environment(versions, "a") == {"L0M0": 8} and of_environment(versions, "") == {"L0M0": 5, "head": 3}
-    msg = wire.DeltaMessage("d1", "dev", "bank", "b", {"L0M0": 7, "head": 3}, {"L0M0": ["x"], "head": ["y"]},
-                            {}, 10, environment="a", base_environment="a")
+    x, y = np.zeros(2, np.float32), np.ones(3, np.float32)
+    msg = wire.DeltaMessage("d1", "dev", "bank", "b", {"L0M0": 7, "L1M0": 3, "head": 3},
+                            {"L0M0": ["x"], "L1M0": ["z"], "head": ["y"]}, {"x": x, "z": x, "y": y}, 10,
+                            environment="a", base_environment="a")
     keyed = rekey(msg, versions)
-    assert keyed.parts == {"L0M0@a": ["x"], "head@a": ["y"]}
-    assert keyed.base_versions == {"L0M0@a": 7, "head@a": 3}  # counted in line a: L0M0@a lags by one
+    assert keyed.parts == {"L0M0@a": ["x"], "L1M0@a": ["z"]}  # the head stays with the device: no line
+    assert set(keyed.tensors) == {"x", "z"}
+    assert keyed.base_versions == {"L0M0@a": 7, "L1M0@a": 3}  # counted in line a: L0M0@a lags by one
     moved = rekey(msg.__class__(**{**msg.__dict__, "base_environment": "b"}), versions)
-    assert moved.base_versions == {"L0M0@a": 8, "head@a": 3}  # new to line a: not stale there
+    assert moved.base_versions == {"L0M0@a": 8, "L1M0@a": 0}  # new to line a: not stale there
     assert rekey(wire.DeltaMessage("d2", "dev", "bank", "b", {"head": 3}, {"head": ["y"]}, {}, 1), versions).parts \
         == {"head": ["y"]}
 
@@ -115,21 +118,21 @@ def test_deltas_merge_into_their_environment_line_not_the_shared_one(cloud: Env)
     assert set(after.lines) == {f"{pid}@{e}" for pid in PARTS for e in ("line-a", "line-b")}
     # A restarted daemon holds the lines it merged.
     again = env.reopen(core, merge=MergeSettings(min_devices=1))
-    np.testing.assert_array_equal(again.merger.params["head@line-a"]["head.fc.bias"],
-                                  bank.read_part("head@line-a")["head.fc.bias"])
+    name = sorted(bank.read_part("L1M0@line-a"))[0]
+    np.testing.assert_array_equal(again.merger.params["L1M0@line-a"][name], bank.read_part("L1M0@line-a")[name])
 
 
 def test_the_clean_gate_holds_the_shared_line_but_not_an_environment_line(cloud: Env) -> None:
     env = cloud
     # A margin below zero: no change can pass the clean-data gate (the floor is above the best accuracy).
     core = env.core(merge=MergeSettings(min_devices=1, gate_margin=-1.0))
-    v0 = env.info().parts["head"].version
+    v0 = {pid: env.info().parts[pid].version for pid in PARTS}
     shared = _deliver_in(core, env, "dev-s", "", seed=3)
     line = _deliver_in(core, env, "dev-a", "line-a", seed=4)
     result, _ = core.run_round()
     assert result is not None
     assert shared.delta_id in result.held and line.delta_id in result.merged
-    assert result.versions == {"L0M0@line-a": env.info().parts["L0M0"].version + 1, "head@line-a": v0 + 1}
+    assert result.versions == {f"{pid}@line-a": v + 1 for pid, v in v0.items()}
 
 
 def test_a_device_entering_an_environment_receives_its_lines(cloud: Env) -> None:
@@ -144,8 +147,9 @@ def test_a_device_entering_an_environment_receives_its_lines(cloud: Env) -> None
     got = updates(pubs, env.verifier)["dev-n"]
     assert len(got) == 1 and got[0].environment == "line-a" and got[0].device_id == "dev-n"
     assert got[0].versions == {pid: info.lines[f"{pid}@line-a"].version for pid in PARTS}
-    line = DirectoryBank(env.bank).read_part("head@line-a")
-    np.testing.assert_array_equal(got[0].tensors["head.fc.weight"], line["head.fc.weight"])
+    line = DirectoryBank(env.bank).read_part("L1M0@line-a")
+    name = sorted(line)[0]
+    np.testing.assert_array_equal(got[0].tensors[name], line[name])
     assert core.counters.get("line_pushes") == 1
     # Already there: the next profile brings nothing (round updates carry what changes later).
     assert core.handle(topics.profile("dev-n"), wire.encode(make_profile_in(env.bank, "dev-n", "line-a", held))) \
@@ -172,10 +176,10 @@ def test_round_updates_go_to_the_devices_of_the_environment_only(cloud: Env) -> 
 def test_without_environments_every_delta_merges_into_the_shared_line(cloud: Env) -> None:
     env = cloud
     core = env.core(merge=MergeSettings(min_devices=1, environments=False))
-    v0 = env.info().parts["head"].version
+    v0 = env.info().parts["L1M0"].version
     _deliver_in(core, env, "dev-a", "line-a", seed=7)
     result, _ = core.run_round()
-    assert result is not None and result.versions["head"] == v0 + 1 and not env.info().lines
+    assert result is not None and result.versions["L1M0"] == v0 + 1 and not env.info().lines
 
 
 def test_a_device_new_to_a_line_is_not_stale_there(cloud: Env) -> None:
@@ -185,7 +189,7 @@ def test_a_device_new_to_a_line_is_not_stale_there(cloud: Env) -> None:
         base = {pid: view(core.merger.versions(), "line-a")[pid] for pid in PARTS}
         _deliver_in(core, env, "dev-a", "line-a", seed=10 + i, base_versions=base)
         assert core.run_round()[0] is not None
-    assert view(core.merger.versions(), "line-a")["head"] == env.info().parts["head"].version + 3
+    assert view(core.merger.versions(), "line-a")["L1M0"] == env.info().parts["L1M0"].version + 3
     # From the shared line (its versions count there): new to line-a, stored.
     _deliver_in(core, env, "dev-n", "line-a", base_environment="", seed=20)
     # Claiming line-a's counting with the shared base: three behind, over the limit of 1.
@@ -209,9 +213,9 @@ def test_module_bank_lines_survive_a_fresh_open(cloud: Env, tmp_path: Path) -> N
     _deliver_in(core, env, "dev-a", "line-a", seed=8)
     core.run_round()
     info = DirectoryBank(env.bank).info()
-    rec = info.record("head@line-a")
-    assert rec is not None and rec.layer == info.parts["head"].layer and rec.lineage
-    assert "head@line-a" not in info.parts  # export and derivation see the shared parts only
+    rec = info.record("L1M0@line-a")
+    assert rec is not None and rec.layer == info.parts["L1M0"].layer and rec.lineage
+    assert "L1M0@line-a" not in info.parts  # export and derivation see the shared parts only
 
 
 def test_status_shows_the_lines_of_each_environment(cloud: Env) -> None:
@@ -232,3 +236,27 @@ def test_status_shows_the_lines_of_each_environment(cloud: Env) -> None:
     assert report["environment_lines"] == {"line-a": {pid: held[pid] + 1 for pid in PARTS}}
     text = CliRunner().invoke(cloud_sync.cli.app, ["status", "--bank", str(env.bank)]).output
     assert "environment line-a: 2 module lines" in text and "1 devices there now" in text
+
+
+def test_the_head_has_no_lines_it_stays_with_the_device(cloud: Env) -> None:
+    """The head is fitted to each device's own classes: a delta of an environment merges its modules into
+    the lines and leaves its head out; a delta of nothing but a head is refused with the reason.
+    """
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1))
+    head_v = env.info().parts["head"].version
+    before = env.params("head")
+    msg = env.delta("dev-a", ("L1M0", "head"), seed=30, environment="line-a", base_environment="line-a")
+    pubs, _ = deliver(core, msg)
+    one_ack(pubs, "dev-a", msg.delta_id, "stored")
+    result, _ = core.run_round()
+    assert result is not None and result.versions == {"L1M0@line-a": env.info().parts["L1M0"].version + 1}
+    assert env.info().parts["head"].version == head_v and "head@line-a" not in env.info().lines
+    np.testing.assert_array_equal(env.params("head")["head.fc.bias"], before["head.fc.bias"])
+    only_head = env.delta("dev-a", ("head",), seed=31, environment="line-a", base_environment="line-a")
+    pubs, _ = deliver(core, only_head)
+    assert one_ack(pubs, "dev-a", only_head.delta_id, "rejected").reason.startswith("no_line_parts")
+    # In the shared line the head merges as before.
+    shared = env.delta("dev-b", ("head",), seed=32)
+    pubs, _ = deliver(core, shared)
+    one_ack(pubs, "dev-b", shared.delta_id, "stored")
