@@ -51,3 +51,10 @@ def make_profile(bank: Path | str, device: str, **overrides: Any) -> wire.Profil
                                   profile_name="pi4", modules={"head": info.parts["head"].version})
     fields.update(overrides)
     return wire.ProfileMessage(**fields)
+
+
+def make_profile_in(bank: Path | str, device: str, environment: str, modules: dict[str, int],
+                    line: str = "") -> wire.ProfileMessage:
+    """A trainable device's profile: it works in ``environment`` and holds ``modules`` of ``line``'s counting."""
+    return make_profile(bank, device, profile_name="", measured=False, modules=modules, environment=environment,
+                        line=line)

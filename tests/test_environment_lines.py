@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sync_messages import make_profile_in
 from test_sync_core import Env, deliver, keys, one_ack, register, updates  # noqa: F401  (keys: a fixture)
-from tests_sync_env import make_profile_in
 
 from cloud_sync.lines import of_environment, rekey, view
 from cloud_sync.merger import MergeSettings
