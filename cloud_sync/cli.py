@@ -143,6 +143,9 @@ def sync(
                                          help="Merge every delta into the one shared line, whatever environment its "
                                               "device reports (by default each environment has its own line of "
                                               "each module: docs/method.md)."),
+    max_environments: int = typer.Option(256, "--max-environments", min=0, envvar="ECLM_SYNC_MAX_ENVIRONMENTS",
+                                         help="Environments with module lines at most; a delta that would open one "
+                                              "more is refused (devices cannot grow the bank without bound)."),
     weighting: str = typer.Option("importance", "--weighting", envvar="ECLM_SYNC_WEIGHTING",
                                   help="Merge weights: importance (module importance x samples), samples, equal."),
     max_staleness: int = typer.Option(10, "--max-staleness", envvar="ECLM_SYNC_MAX_STALENESS",
@@ -198,7 +201,8 @@ def sync(
         merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, gate=not no_gate,
                             limits=Limits(max_staleness=max_staleness), min_devices=min_devices,
                             support_max_age=support_max_age, support_max_rounds=support_max_rounds,
-                            environments=not no_environments, weighting=weighting),
+                            environments=not no_environments, weighting=weighting,
+                            max_environments=max_environments),
         share_group=share_group, claim_seconds=claim_seconds, client_id=client_id,
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None,

@@ -50,6 +50,7 @@ class MergeSettings:
     support_max_rounds: int = 10  # merge rounds a delta may wait for support before its waiting parts expire
     environments: bool = True  # deltas merge into their environment's line (False: every one into the shared line)
     weighting: str = "importance"  # merge weights: importance x samples, samples only, or equal (cloud_sync.weights)
+    max_environments: int = 256  # environments with lines at most; a delta that would open one more is refused
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -190,6 +191,11 @@ class Merger:
         base_env, env = ((msg.base_environment, msg.environment) if self.settings.environments else ("", ""))
         if env:
             msg = line_parts(msg)  # what the lines take (the head stays with the device)
+            known = {split_line_key(k)[1] for k in self._loaded if is_line(k)}
+            if env not in known and len(known) >= self.settings.max_environments:
+                return Verdict(False, "too_many_environments", f"{len(known)} environments have module lines "
+                               f"(limit {self.settings.max_environments}); an operator can raise "
+                               "--max-environments")
             if not msg.parts:
                 return Verdict(False, "no_line_parts", f"a delta from environment {env!r} must carry modules: "
                                "the head has no environment lines (it stays on the device)")

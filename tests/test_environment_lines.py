@@ -260,3 +260,16 @@ def test_the_head_has_no_lines_it_stays_with_the_device(cloud: Env) -> None:
     shared = env.delta("dev-b", ("head",), seed=32)
     pubs, _ = deliver(core, shared)
     one_ack(pubs, "dev-b", shared.delta_id, "stored")
+
+
+def test_devices_cannot_open_environments_without_bound(cloud: Env) -> None:
+    """Each environment holds copies of modules: past --max-environments a delta opening one more is refused."""
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1, max_environments=1))
+    _deliver_in(core, env, "dev-a", "line-a", seed=40)
+    assert core.run_round()[0] is not None
+    _deliver_in(core, env, "dev-b", "line-a", seed=41)  # the one that exists takes more
+    extra = env.delta("dev-c", PARTS, seed=42, environment="line-b", base_environment="line-b")
+    pubs, _ = deliver(core, extra)
+    ack = one_ack(pubs, "dev-c", extra.delta_id, "rejected")
+    assert ack.reason.startswith("too_many_environments") and "--max-environments" in ack.reason
