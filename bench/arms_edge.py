@@ -199,9 +199,10 @@ class EclmArm(LocalArm):
         refusing) them. Devices whose environment did not change, or whose environment has no lines yet,
         do not wait.
         """
+        from eclm.parts import split_line_key
         from module_bank import DirectoryBank
 
-        lines = {key.partition("@")[2] for key in DirectoryBank(self.cloud_bank).info().lines}
+        lines = {split_line_key(key)[1] for key in DirectoryBank(self.cloud_bank).info().lines}
         entering = [d for d in devices if self.line(d) in lines and self.declared.get(d.index) != self.line(d)]
         for d in devices:
             self.declared[d.index] = self.line(d)

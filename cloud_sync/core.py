@@ -254,8 +254,8 @@ class SyncCore:
 
     def _on_profile(self, device: str, msg: wire.ProfileMessage) -> list[Publication]:
         lines = self.settings.merge.environments
-        verdict = check_profile(msg, device, self.merger.bank_id, view(self.merger.versions(), msg.line if lines
-                                                                        else ""),
+        versions = self.merger.versions()
+        verdict = check_profile(msg, device, self.merger.bank_id, view(versions, msg.line if lines else ""),
                                 self.merger.layer_sizes, profile_known, self.settings.merge.limits)
         if not verdict.ok:
             self._reject(verdict.reason, f"profile from {device}: {verdict.detail}")
@@ -285,7 +285,7 @@ class SyncCore:
         # A device entering an environment gets that environment's lines of its modules now, trained by the
         # devices there before it (docs/method.md, "Environment lines").
         dev = {"device_id": device, "modules": msg.modules, "trainable": 1, "environment": msg.environment}
-        out = self._update_for(dev, self.merger.versions(), {})
+        out = self._update_for(dev, versions, {})
         self._count("line_pushes" if out else "line_pushes_none")
         return out
 

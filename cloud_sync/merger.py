@@ -25,14 +25,8 @@ from eclm import wire
 from eclm.errors import BankError, ConfigError, EclmError
 from eclm.parts import split_line_key
 from module_bank import BankStore, ClaimLost, Ledger
-from module_bank.info import PartRecord
 
 log = logging.getLogger("eclm.sync.merge")
-
-
-def new_line_record(part: PartRecord, key: str) -> PartRecord:
-    """The bank record of a new environment line of ``part`` (costs and place are the part's)."""
-    return PartRecord(key, part.kind, part.version, part.sha256, dict(part.costs), part.layer, part.index, part.width)
 __all__ = ["MergeSettings", "Merger", "RoundResult", "module_weight"]
 
 
@@ -132,8 +126,8 @@ class Merger:
             return
         changed = False
         for pid, version in recorded.items():
-            if is_line(pid) and pid not in info.lines and split_line_key(pid)[0] in info.parts:
-                info.lines[pid] = new_line_record(info.parts[split_line_key(pid)[0]], pid)  # crashed at its birth
+            if is_line(pid) and split_line_key(pid)[0] in info.parts:
+                info.line_record(pid)  # a line born in a round whose bank.json rewrite a crash cut off
             rec = info.record(pid)
             sha = self.bank.version_sha256(pid, version) if rec is not None and rec.version != version else None
             if rec is not None and sha is not None:
@@ -199,8 +193,8 @@ class Merger:
             if not msg.parts:
                 return Verdict(False, "no_line_parts", f"a delta from environment {env!r} must carry modules: "
                                "the head has no environment lines (it stays on the device)")
-        if any(isinstance(v, int) and v > view(self._loaded, base_env).get(pid, v)
-               for pid, v in msg.base_versions.items()):
+        seen = view(self._loaded, base_env)
+        if any(isinstance(v, int) and v > seen.get(pid, v) for pid, v in msg.base_versions.items()):
             self.refresh()
         return check_delta(msg, self.bank_id, view(self._loaded, base_env), view(self.params, env),
                            self.settings.limits, self.layer_sizes)
@@ -361,15 +355,14 @@ class Merger:
                                  best_released=released if released == released else None, **books)
         info = self.bank.info()
         for pid, v in new_versions.items():
-            if is_line(pid) and pid not in info.lines:
-                info.lines[pid] = new_line_record(info.parts[split_line_key(pid)[0]], pid)
-            rec = info.record(pid)
-            assert rec is not None
+            rec = info.line_record(pid) if is_line(pid) else info.parts[pid]
             rec.version, rec.sha256 = v, shas[pid]
             rec.lineage.append({"version": v, "round": round_no, "deltas": agg.lineage[pid]})
         self.bank.write_info(info)
         self.params = {pid: (agg.updated[pid] if pid in new_versions else v) for pid, v in self.params.items()}
         self._loaded.update(new_versions)
+        for pid in new_versions:
+            self._born.pop(pid, None)  # committed: its versions count in the ledger now
         return RoundResult(round_no, merged_ids, held_ids, new_versions, gate.before, gate.after,
                            time.perf_counter() - t0, decision.reason, waiting=sorted(books["waiting"]),
                            expired=sorted(books["expired"]), dropped=decision.dropped)

@@ -10,6 +10,7 @@ import numpy as np
 
 from eclm.errors import BankError
 from eclm.hashing import canonical_json
+from eclm.parts import split_line_key
 
 BANK_SCHEMA_VERSION = 1
 BANK_FILE = "bank.json"
@@ -73,6 +74,16 @@ class BankInfo:
     def record(self, key: str) -> PartRecord | None:
         """The record of a part or of an environment line (None when the bank has neither)."""
         return self.parts.get(key) or self.lines.get(key)
+
+    def line_record(self, key: str) -> PartRecord:
+        """The record of the environment line ``key`` (``PART@ENV``), made from its part's when it has none yet
+        (costs and place are the part's; version and hash are set when the line's first version is written).
+        """
+        if key not in self.lines:
+            part = self.parts[split_line_key(key)[0]]
+            self.lines[key] = PartRecord(key, part.kind, part.version, part.sha256, dict(part.costs), part.layer,
+                                         part.index, part.width)
+        return self.lines[key]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_protocol import _invoke
 from typer.testing import CliRunner
 
 import bench.adapt_suite
@@ -266,40 +267,13 @@ def test_command_line_round_trips_every_option(monkeypatch: pytest.MonkeyPatch, 
     command = command_line(suite, quick, dataset, seeds, abl, few)
     argv = shlex.split(command)
     assert argv[:4] == ["eclm", "bench", "--suite", suite]
-    seen: dict[str, Any] = {}
-
-    def fake(out: Path, quick: bool, seeds: int, say: Any, dataset: str = "digits", ablation_name: str = "",
-             few: bool = False) -> dict[str, Any]:
-        seen.update(quick=quick, seeds=seeds, dataset=dataset, ablation=ablation_name, few=few)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{suite}.md").write_text("report\n")
-        return {}
-
-    module = {"paper": bench.paper_suite, "adapt": bench.adapt_suite}[suite]
-    monkeypatch.setattr(module, f"{suite}_suite", fake)
-    for var in ("ECLM_BENCH_SEEDS", "ECLM_DATASET", "ECLM_BENCH_QUICK", "ECLM_BENCH_FEW_SHOT", "ECLM_BENCH_ABLATION"):
-        monkeypatch.delenv(var, raising=False)
-    result = CliRunner().invoke(bench.cli.app, [*argv[1:], "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert seen == {"quick": quick, "seeds": seeds, "dataset": dataset, "ablation": abl, "few": few}
+    seen = _invoke(monkeypatch, tmp_path, argv[4:], suite)
+    assert seen == {"quick": quick, "seeds": seeds, "dataset": dataset, "ablation": abl, "few_shot": few}
 
 
 def test_few_shot_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    seen: dict[str, Any] = {}
-
-    def fake(out: Path, quick: bool, seeds: int, say: Any, dataset: str = "digits", ablation_name: str = "",
-             few: bool = False) -> dict[str, Any]:
-        seen.update(few=few, seeds=seeds)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "adapt.md").write_text("report\n")
-        return {}
-
-    monkeypatch.setattr(bench.adapt_suite, "adapt_suite", fake)
-    monkeypatch.delenv("ECLM_BENCH_SEEDS", raising=False)
-    monkeypatch.setenv("ECLM_BENCH_FEW_SHOT", "1")
-    result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", "adapt", "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert seen == {"few": True, "seeds": 3}
+    seen = _invoke(monkeypatch, tmp_path, [], "adapt", {"ECLM_BENCH_FEW_SHOT": "1"})
+    assert (seen["few_shot"], seen["seeds"]) == (True, 3)
 
 
 # --- the paper suite's ECLM - LA ---------------------------------------------------------------------------------

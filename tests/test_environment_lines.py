@@ -7,7 +7,6 @@ Ed25519 signatures; no broker (the core is driven with the bytes a broker would 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from sync_messages import make_profile_in
-from test_sync_core import Env, deliver, keys, one_ack, register, updates  # noqa: F401  (keys: a fixture)
+from test_sync_core import Env, bank_env, deliver, keys, one_ack, register, updates  # noqa: F401  (keys: a fixture)
 
 from cloud_sync.lines import of_environment, rekey, view
 from cloud_sync.merger import MergeSettings
@@ -32,14 +31,7 @@ PARTS = ("L0M0", "L1M0")
 
 @pytest.fixture
 def cloud(digits_bank: Any, tmp_path: Path, keys: Any) -> Iterator[Env]:  # noqa: F811
-    """A private copy of the digits bank and the cores opened on it (closed at teardown)."""
-    e = Env(Path(shutil.copytree(digits_bank[0], tmp_path / "bank")), keys)
-    yield e
-    for core in e.cores:
-        try:
-            core.close()
-        except Exception:  # already closed
-            pass
+    yield from bank_env(digits_bank, tmp_path, keys)
 
 
 def test_environment_and_line_key_grammar() -> None:

@@ -115,8 +115,11 @@ def test_the_fleet_draws_the_data_sets_own_corruptions(signals_pool: Pool) -> No
 
 # --- 3. the seeds run are the seeds asked ---------------------------------------------------------------------
 
-def _invoke(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], suite: str = "paper") -> dict[str, Any]:
-    """Run `eclm bench --suite SUITE ARGS` with the suite replaced by one that records what it was asked."""
+def _invoke(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], suite: str = "paper",
+            environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `eclm bench --suite SUITE ARGS` (with only ``environ`` of the ECLM_BENCH_* variables set) with the
+    suite replaced by one that records what it was asked.
+    """
     seen: dict[str, Any] = {}
 
     def fake(out: Path, quick: bool, seeds: int, say: Any, dataset: str = "digits", ablation_name: str = "",
@@ -130,6 +133,8 @@ def _invoke(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], su
     monkeypatch.setattr(module, f"{suite}_suite", fake)
     for var in ("ECLM_BENCH_SEEDS", "ECLM_DATASET", "ECLM_BENCH_QUICK", "ECLM_BENCH_FEW_SHOT", "ECLM_BENCH_ABLATION"):
         monkeypatch.delenv(var, raising=False)
+    for var, value in (environ or {}).items():
+        monkeypatch.setenv(var, value)
     result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", suite, "--out", str(tmp_path), *args])
     assert result.exit_code == 0, result.output
     return seen

@@ -84,8 +84,8 @@ class Env:
             db.close()
 
 
-@pytest.fixture
-def env(digits_bank: Any, tmp_path: Path, keys: tuple[Path, Signer, Verifier]) -> Iterator[Env]:
+def bank_env(digits_bank: Any, tmp_path: Path, keys: tuple[Path, Signer, Verifier]) -> Iterator[Env]:
+    """A private copy of the digits bank and the cores opened on it, closed afterwards (a fixture's body)."""
     bank_dir, _ = digits_bank
     e = Env(Path(shutil.copytree(bank_dir, tmp_path / "bank")), keys)
     yield e
@@ -94,6 +94,11 @@ def env(digits_bank: Any, tmp_path: Path, keys: tuple[Path, Signer, Verifier]) -
             core.close()
         except Exception:  # already closed
             pass
+
+
+@pytest.fixture
+def env(digits_bank: Any, tmp_path: Path, keys: tuple[Path, Signer, Verifier]) -> Iterator[Env]:
+    yield from bank_env(digits_bank, tmp_path, keys)
 
 
 def register(core: SyncCore, device: str) -> None:
