@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from eclm import wire
-from eclm.parts import HEAD, LINE_SEPARATOR, line_key, split_line_key
+from eclm.parts import LINE_SEPARATOR, has_lines, line_key, split_line_key
 
 T = TypeVar("T")
 
@@ -25,11 +25,6 @@ T = TypeVar("T")
 def is_line(key: str) -> bool:
     """Whether ``key`` names an environment line (``PART@ENV``) rather than a shared part."""
     return LINE_SEPARATOR in key
-
-
-def has_lines(part_id: str) -> bool:
-    """Whether ``part_id`` has environment lines: every part but the head."""
-    return part_id != HEAD
 
 
 def line_parts(msg: wire.DeltaMessage) -> wire.DeltaMessage:

@@ -126,6 +126,11 @@ def line_key(part_id: str, environment: str) -> str:
     return f"{part_id}{LINE_SEPARATOR}{env}" if env else part_id
 
 
+def has_lines(part_id: str) -> bool:
+    """Whether ``part_id`` has environment lines: every part but the head (it stays with each device)."""
+    return part_id != HEAD
+
+
 def split_line_key(key: str) -> tuple[str, str]:
     """(part id, environment) of a line key; a plain part id is the shared line ("")."""
     part_id, sep, env = key.partition(LINE_SEPARATOR)

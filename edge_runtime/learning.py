@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from eclm.errors import TrainingUnavailableError
+from eclm.parts import has_lines
 from eclm.train_step import release_memory
 from edge_runtime.config import EdgeConfig
 from edge_runtime.generations import Generations, Trial, with_values
@@ -180,6 +181,13 @@ class Learning:
 
     def _keep_delta(self, serving: ServingModel, outcome: TrainOutcome,
                     deltas: dict[str, dict[str, np.ndarray]], upto: int) -> None:
+        environment = self.store.get_meta("environment", "") or ""  # where the samples came from
+        if environment:  # the cloud merges no head from an environment (it stays here): do not send it
+            deltas = {pid: t for pid, t in deltas.items() if has_lines(pid)}
+            if not deltas:
+                log.info("delta %s holds only the head, which stays on the device in environment %r; "
+                         "not sent", outcome.delta_id, environment)
+                return
         versions = serving.module_versions
         meta = {
             "schema_version": 1,
@@ -188,7 +196,7 @@ class Learning:
             "bundle": serving.digest,
             "local_generation": serving.generation,
             "parts": {pid: {"base_version": versions[pid], "params": sorted(t)} for pid, t in deltas.items()},
-            "environment": self.store.get_meta("environment", "") or "",  # where the samples came from
+            "environment": environment,
             "base_environment": serving.line,
             "sample_count": outcome.samples,
             "importance": self._importance(),

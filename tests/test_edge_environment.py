@@ -85,10 +85,19 @@ def test_a_delta_names_its_environment_and_the_line_of_its_base(pi4: Path, xy, t
         svc.train_now()
         entry = Outbox.read(svc.outbox.pending()[0])
         assert entry.meta["environment"] == "line-a" and entry.meta["base_environment"] == ""
+        assert "head" not in entry.meta["parts"] and entry.meta["parts"]  # the cloud merges no head from a line
+        assert not any(name.startswith("head.") for name in entry.tensors)
         msg = delta_message(svc, svc.outbox.pending()[0])
         assert (msg.environment, msg.base_environment) == ("line-a", "")
     finally:
         svc.close()
+    shared = make_service(tmp_path / "t", pi4, device_id="board-f")  # in no environment the head is sent
+    try:
+        shared.add_samples(x[:120], y[:120].tolist())
+        shared.train_now()
+        assert "head" in Outbox.read(shared.outbox.pending()[0]).meta["parts"]
+    finally:
+        shared.close()
 
 
 def test_the_environment_endpoint(pi4: Path, tmp_path: Path) -> None:
