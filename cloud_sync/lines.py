@@ -13,6 +13,7 @@ Pure functions over plain dicts; the merger holds the values.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import TypeVar
 
@@ -75,3 +76,31 @@ def rekey(msg: wire.DeltaMessage, current: dict[str, int]) -> wire.DeltaMessage:
         now = current.get(key, current.get(pid, 0))
         base[key] = now if msg.base_environment != env else msg.base_versions.get(pid, now)
     return replace(msg, parts=parts, base_versions=base)
+
+
+def environments(keys: Iterable[str]) -> set[str]:
+    """The environments that have lines among ``keys`` (part or line keys)."""
+    return {split_line_key(k)[1] for k in keys if is_line(k)}
+
+
+def past_cap(deltas: list[tuple[str, str]], known: set[str], cap: int) -> dict[str, str]:
+    """The deltas, (delta id, environment) in arrival order, that would open an environment past ``cap``.
+
+    Each delta is checked when it arrives, but deltas from several new environments can wait together;
+    the first ones open lines up to the cap and the rest are refused here (delta id -> why).
+    """
+    opened, out = set(known), {}
+    for delta_id, env in deltas:
+        if not env or env in opened:
+            continue
+        if len(opened) >= cap:
+            out[delta_id] = f"too_many_environments: {too_many(len(opened), cap)}"
+        else:
+            opened.add(env)
+    return out
+
+
+def too_many(known: int, cap: int) -> str:
+    """Why a delta that would open one environment more is refused."""
+    return (f"{known} environments have module lines (limit {cap}); an operator can raise "
+            "--max-environments")

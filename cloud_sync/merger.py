@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cloud_sync.lines import is_line, line_parts, rekey, view
+from cloud_sync.lines import environments, is_line, line_parts, past_cap, rekey, too_many, view
 from cloud_sync.pipeline import Aggregate, Decision, Decoded, GateResult, aggregate, check, decide, gather, weight
 from cloud_sync.ports import Evaluate, EvaluatorFactory, Params
 from cloud_sync.strategies import STRATEGIES, Contribution
@@ -111,6 +111,7 @@ class Merger:
         records = {**info.parts, **info.lines}  # the shared parts and their environment lines
         self.params: Params = {pid: self.bank.read_part(pid) for pid in records}
         self._loaded = {pid: rec.version for pid, rec in records.items()}  # the versions ``params`` hold
+        self._environments = environments(self._loaded)  # those with lines in ``_loaded``
         self._born: dict[str, int] = {}  # lines a round opened, not committed yet: the version they start from
         self.layer_sizes = [len(layer["widths"]) for layer in info.config["layers"]]
         self.gate_problem = ""  # why the gate cannot run ("" when it can, or when it is switched off)
@@ -176,6 +177,7 @@ class Merger:
             if (pid in self.params or is_line(pid)) and self._loaded.get(pid) != version:
                 self.params[pid] = self.bank.read_part(pid, version)
         self._loaded = dict(current)
+        self._environments = environments(self._loaded)
         return current
 
     def check(self, msg: wire.DeltaMessage) -> Verdict:
@@ -185,11 +187,9 @@ class Merger:
         base_env, env = ((msg.base_environment, msg.environment) if self.settings.environments else ("", ""))
         if env:
             msg = line_parts(msg)  # what the lines take (the head stays with the device)
-            known = {split_line_key(k)[1] for k in self._loaded if is_line(k)}
+            known = self._environments
             if env not in known and len(known) >= self.settings.max_environments:
-                return Verdict(False, "too_many_environments", f"{len(known)} environments have module lines "
-                               f"(limit {self.settings.max_environments}); an operator can raise "
-                               "--max-environments")
+                return Verdict(False, "too_many_environments", too_many(len(known), self.settings.max_environments))
             if not msg.parts:
                 return Verdict(False, "no_line_parts", f"a delta from environment {env!r} must carry modules: "
                                "the head has no environment lines (it stays on the device)")
@@ -220,7 +220,10 @@ class Merger:
         round_no = self.ledger.next_round()
         gathered = gather(stored)
         if self.settings.environments:
-            gathered.decoded = [Decoded(d.stored, rekey(d.msg, current)) for d in gathered.decoded]
+            gathered.bad.update(past_cap([(d.stored.delta_id, d.msg.environment) for d in gathered.decoded],
+                                         self._environments, self.settings.max_environments))
+            gathered.decoded = [Decoded(d.stored, rekey(d.msg, current)) for d in gathered.decoded
+                                if d.stored.delta_id not in gathered.bad]
             self._open_lines([k for d in gathered.decoded for k in d.msg.parts if is_line(k)], current)
         importance = {d.stored.device_id: held_importance(self.ledger.device(d.stored.device_id))
                       for d in gathered.decoded}
@@ -361,6 +364,7 @@ class Merger:
         self.bank.write_info(info)
         self.params = {pid: (agg.updated[pid] if pid in new_versions else v) for pid, v in self.params.items()}
         self._loaded.update(new_versions)
+        self._environments |= environments(new_versions)
         for pid in new_versions:
             self._born.pop(pid, None)  # committed: its versions count in the ledger now
         return RoundResult(round_no, merged_ids, held_ids, new_versions, gate.before, gate.after,

@@ -265,3 +265,22 @@ def test_devices_cannot_open_environments_without_bound(cloud: Env) -> None:
     pubs, _ = deliver(core, extra)
     ack = one_ack(pubs, "dev-c", extra.delta_id, "rejected")
     assert ack.reason.startswith("too_many_environments") and "--max-environments" in ack.reason
+
+
+def test_one_round_cannot_open_environments_past_the_bound(cloud: Env) -> None:
+    """Deltas from new environments wait together (each passed the check alone): the round opens lines
+    up to --max-environments in arrival order and quarantines the rest, with the reason."""
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1, max_environments=2))
+    a = _deliver_in(core, env, "dev-a", "line-a", seed=50)
+    b = _deliver_in(core, env, "dev-b", "line-b", seed=51)
+    c = _deliver_in(core, env, "dev-c", "line-c", seed=52)  # stored: no line existed when it arrived
+    result, _ = core.run_round()
+    assert result is not None and sorted(result.merged) == sorted([a.delta_id, b.delta_id])
+    assert set(result.quarantined) == {c.delta_id}
+    assert result.quarantined[c.delta_id].startswith("too_many_environments") and "--max-environments" in \
+        result.quarantined[c.delta_id]
+    assert {split_line_key(k)[1] for k in env.info().lines} == {"line-a", "line-b"}
+    later = env.delta("dev-d", PARTS, seed=53, environment="line-d", base_environment="line-d")
+    pubs, _ = deliver(core, later)  # the cap counts the committed lines at arrival now
+    assert one_ack(pubs, "dev-d", later.delta_id, "rejected").reason.startswith("too_many_environments")
