@@ -7,18 +7,15 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cloud_sync.derive import DeriveJob, DeriveQueue, Publication
+from cloud_sync.derive import DeriveJob, DeriveQueue, Publication, importance_moved
 from cloud_sync.lines import of_environment, view
 from cloud_sync.merger import Merger, MergeSettings, RoundResult
 from cloud_sync.ports import SyncHooks
 from cloud_sync.redistribute import module_update, support_note
-from cloud_sync.validation import check_profile
+from cloud_sync.validation import check_profile, profile_known
 from eclm import topics, wire
 from eclm.errors import DataError, EclmError
 from eclm.mqtt import DEFAULT_BROKER
@@ -64,19 +61,6 @@ class _Delta:
     device: str
     msg: wire.DeltaMessage
     payload: bytes
-
-
-@lru_cache(maxsize=64)
-def _registered(name: str) -> bool:
-    from device_profiles import available_profiles
-
-    return name in available_profiles()
-
-
-def profile_known(name: str) -> bool:
-    """Whether ``name`` is a profile of the registry (only well-formed names reach the cache)."""
-    return isinstance(name, str) and 0 < len(name) <= 64 and name.replace("-", "").replace("_", "").isalnum() \
-        and _registered(name)
 
 
 class SyncCore:
@@ -268,14 +252,8 @@ class SyncCore:
         # Drift signal (METHOD.md section 4): the measured importance has moved away from the one the
         # device's sub-model was derived for (or from what we last derived for it).
         reference = json.loads(known["last_derived"]) if known and known.get("last_derived") else msg.derived_for
-        moved = False
-        if msg.measured and reference is not None:
-            try:
-                shift = sum(float(np.abs(np.asarray(a) - np.asarray(b)).sum())
-                            for a, b in zip(msg.importance, reference, strict=True)) / max(1, len(reference))
-                moved = shift > self.settings.derive_threshold
-            except ValueError:
-                moved = True
+        moved = msg.measured and reference is not None and \
+            importance_moved(msg.importance, reference, self.settings.derive_threshold)
         if (msg.want_bundle or moved) and msg.profile_name:
             self.request_bundle(device, msg.profile_name, msg.importance,
                                 "requested" if msg.want_bundle else "importance profile moved")

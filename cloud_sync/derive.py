@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from module_bank import Job, JobQueue
 from module_bank.db import SqliteDatabase
 
@@ -108,3 +110,15 @@ class DeriveQueue:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+def importance_moved(importance: list[list[float]], reference: list[list[float]], threshold: float) -> bool:
+    """The drift signal (METHOD.md section 4): the mean per-layer L1 change of a device's measured importance
+    from the one its sub-model was derived for is above ``threshold`` (a change of shape counts as moved).
+    """
+    try:
+        shift = sum(float(np.abs(np.asarray(a) - np.asarray(b)).sum())
+                    for a, b in zip(importance, reference, strict=True)) / max(1, len(reference))
+    except ValueError:
+        return True
+    return shift > threshold

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -131,3 +132,16 @@ def check_delta(msg: DeltaMessage, bank_id: str, versions: dict[str, int],
     if msg.sample_count < 1:
         return Verdict(False, "no_samples", "sample_count must be >= 1")
     return Verdict(True)
+
+
+@lru_cache(maxsize=64)
+def _registered(name: str) -> bool:
+    from device_profiles import available_profiles
+
+    return name in available_profiles()
+
+
+def profile_known(name: str) -> bool:
+    """Whether ``name`` is a profile of the registry (only well-formed names reach the cache)."""
+    return isinstance(name, str) and 0 < len(name) <= 64 and name.replace("-", "").replace("_", "").isalnum() \
+        and _registered(name)

@@ -21,10 +21,14 @@ def is_delta_id(value: object) -> bool:
 
 def check_delta_id(value: object) -> str:
     """``value`` if it is a delta id, else :class:`DataError` saying what a delta id is."""
-    if not is_delta_id(value):
-        shown = repr(value)[:80]
-        raise DataError(f"delta id {shown} is not 1-{MAX_DELTA_ID} characters of A-Z a-z 0-9 _ -",
-                        hint="a delta id names exactly one delta; patterns and wildcards are refused")
+    return _checked(value, is_delta_id(value), "delta id", f"1-{MAX_DELTA_ID} characters of A-Z a-z 0-9 _ -",
+                    "a delta id names exactly one delta; patterns and wildcards are refused")
+
+
+def _checked(value: object, ok: bool, what: str, grammar: str, hint: str) -> str:
+    """``value`` when ``ok``, else the one :class:`DataError` of this module: what ``value`` is not."""
+    if not ok:
+        raise DataError(f"{what} {repr(value)[:80]} is not {grammar}", hint=hint)
     return str(value)
 
 
@@ -43,8 +47,6 @@ def is_environment(value: object) -> bool:
 
 def check_environment(value: object) -> str:
     """``value`` if it is an environment name (or "", the shared line), else :class:`DataError` saying what one is."""
-    if not is_environment(value):
-        shown = repr(value)[:80]
-        raise DataError(f"environment {shown} is not 1-{MAX_ENVIRONMENT} characters of A-Z a-z 0-9 _ . -",
-                        hint="name the environment a device works in, e.g. line-3 or site_a.cam2; '' is shared")
-    return str(value)
+    return _checked(value, is_environment(value), "environment",
+                    f"1-{MAX_ENVIRONMENT} characters of A-Z a-z 0-9 _ . -",
+                    "name the environment a device works in, e.g. line-3 or site_a.cam2; '' is shared")
