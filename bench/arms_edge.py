@@ -21,10 +21,12 @@ class LocalArm:
 
     name = "local"
 
-    def __init__(self, bank: Path, work: Path, devices: list[Device], keys: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, bank: Path, work: Path, devices: list[Device], keys: tuple[Path, Path] | None = None,
+                 edge_settings: dict[str, Any] | None = None) -> None:
         from eclm.signing import generate_keys
 
         self.bank, self.work = bank, work
+        self.edge_settings = edge_settings or {}  # runtime settings beyond the bench's (an ablation's)
         # Bundles are signed and checked as in a deployment (and no device warns that it serves unsigned ones).
         if keys is None:
             folder = work / self.name / "keys"
@@ -74,7 +76,7 @@ class LocalArm:
             self.services[d.index] = EdgeService(load_config(overrides={
                 "bundle": self.bundle(d.classes), "state_dir": self.work / self.name / d.name, "device_id": d.name,
                 "train_every_samples": 0, "max_samples": d.size, "min_train_samples": MIN_TRAIN_SAMPLES, "drift": False,
-                "resource_interval_s": 0, "trust_key": self.trust_key}, environ={}))
+                "resource_interval_s": 0, "trust_key": self.trust_key, **self.edge_settings}, environ={}))
         return self.services[d.index]
 
     def adapt(self, devices: list[Device], fresh: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -101,6 +103,7 @@ class EclmOptions:
     merges: bool = True  # False: the daemon never merges; the arm waits for acknowledgements only
     downlink_same_round: bool = True  # False: devices leave once acknowledged, get updates when they next connect
     solo_environments: bool = False  # True: each device's line is its own name, so no two devices share one
+    refine_updates: bool = False  # True: devices fine-tune each module update before judging it (--refine-updates)
 
 
 class EclmArm(LocalArm):
@@ -120,7 +123,8 @@ class EclmArm(LocalArm):
         shutil.copytree(bank, self.cloud_bank)
         (work / "keys").mkdir(parents=True, exist_ok=True)
         self.priv, self.pub = generate_keys(work / "keys")
-        super().__init__(self.cloud_bank, work, devices, keys=(self.priv, self.pub))
+        super().__init__(self.cloud_bank, work, devices, keys=(self.priv, self.pub),
+                         edge_settings={"refine_updates": options.refine_updates})
         self.broker = start_broker(None, work / "broker")
         self.daemon = daemon(self.cloud_bank, self.broker.url, self.priv, work / "sync.log",
                              "--round-deltas", "1000", "--round-seconds", "1",

@@ -76,6 +76,9 @@ ABLATIONS: dict[str, Ablation] = {
                          EclmOptions(merges=False)),
     "downlink-next-round": Ablation("devices leave once their deltas are acknowledged and get the module "
                                     "updates when they next connect", (), EclmOptions(downlink_same_round=False)),
+    "refine-updates": Ablation("devices fine-tune each module update on their samples before judging it "
+                               "(edge --refine-updates; one more training run per update)", (),
+                               EclmOptions(refine_updates=True)),
     "solo-environments": Ablation("each device's line is its own name: no two devices share a line",
                                   (), EclmOptions(solo_environments=True)),
 }

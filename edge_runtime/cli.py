@@ -90,6 +90,9 @@ def serve(
                                help="Override the bundle's batch size (none: the bundle's)."),
     learning_rate: float = _setting("learning_rate", "--learning-rate",
                                     help="Override the bundle's learning rate (none: the bundle's)."),
+    refine_updates: bool = _setting("refine_updates", "--refine-updates",
+                                    help="Fine-tune each module update from the cloud on this device's samples "
+                                    "before judging it (one training run per update); off: judged as it came."),
     broker: str = _setting("broker", "--broker", also=("ECLM_BROKER",),
                            help="Sync with the cloud through this MQTT broker, e.g. mqtt://127.0.0.1:1883 or "
                            "mqtts://HOST:8883 (with --tls-dir); while it "
@@ -138,6 +141,7 @@ def serve(
         "environment": environment,
         "train_every_samples": train_every, "train_interval_s": train_interval, "train_pause": train_pause,
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "broker": broker,
+        "refine_updates": refine_updates,
         "tls_dir": tls_dir, "trust_key": trust_key, "api_token_file": api_token_file, "api_tls_cert": api_tls_cert,
         "api_tls_key": api_tls_key, "api_insecure_http": api_insecure_http,
     })

@@ -49,6 +49,10 @@ class EdgeConfig:
     # that environment's line of each module and receive it (docs/method.md). Unset: what the device last
     # recorded (POST /v1/environment, or an earlier setting); "" is the shared line.
     environment: str | None = None
+    # Fine-tune a module update from the cloud on this device's samples before judging it against what serves:
+    # the received modules are a starting point (trained where others were), not a replacement for local
+    # training. Costs one training run per update. Off: the update is judged as it came.
+    refine_updates: bool = False
     drift: bool = True  # watch importance and accuracy drift and act on it
     resource_interval_s: float = 1.0  # how often free memory, CPU and latency are read (0: never)
     min_free_memory_mb: float = 64.0  # below this: step down to a cheaper variant

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,15 @@ from edge_runtime.store import SampleStore
 from edge_runtime.trainer import TrainOutcome, TrainSettings, new_delta_id, run_training
 
 log = logging.getLogger("eclm.edge")
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """A received update fine-tuned here: the model, its run, and ``keep(served)`` to queue its delta."""
+
+    model: ServingModel
+    outcome: TrainOutcome
+    keep: Callable[[bool], None]
 
 
 class Learning:
@@ -178,6 +188,32 @@ class Learning:
         if outcome.loss_last == outcome.loss_last:
             self.metrics.training_loss.set(outcome.loss_last)
         return outcome.to_dict()
+
+    def refine(self, candidate: ServingModel) -> Refinement | None:
+        """``candidate`` (a module update loaded into the serving model) fine-tuned on this device's samples,
+        or None when there are too few samples or the run fails. Call it holding the generations' lock.
+
+        The refined model's delta is measured from the received versions; :meth:`Refinement.keep` queues it
+        once the refined model serves.
+        """
+        train, holdout = self.store.training_set(), self.store.holdout_set()
+        if not candidate.trainable or len(train) < self.cfg.min_train_samples:
+            return None
+        upto = self.store.last_id()
+        outcome, deltas, trained = run_training(candidate, train, holdout, self.settings())
+        if not deltas:
+            log.warning("refining a module update failed (%s); judging it as it came", outcome.reason)
+            return None
+        outcome.delta_id = new_delta_id()
+        self.metrics.training_runs.labels("refine").inc()
+
+        def keep(served: bool) -> None:
+            if served:
+                outcome.accepted = True
+                self._keep_delta(candidate, outcome, deltas, upto)
+                self.store.set_meta("trained_upto", str(upto))
+
+        return Refinement(with_values(candidate, trained), outcome, keep)
 
     def _keep_delta(self, serving: ServingModel, outcome: TrainOutcome,
                     deltas: dict[str, dict[str, np.ndarray]], upto: int) -> None:

@@ -66,7 +66,8 @@ class EdgeService:
         self.watcher = DriftWatcher(current, self.events)
         self.learning = Learning(cfg, self.generations, self.store, self.outbox, self.metrics,
                                  importance=self.importance, pause=self.training_pause, after_run=self._refresh_gauges)
-        self.updates = Updates(self.generations, self.store, self.metrics, self.events)
+        self.updates = Updates(self.generations, self.store, self.metrics, self.events,
+                               refine=self.learning.refine if cfg.refine_updates else None)
         if cfg.environment is not None:
             self.store.set_meta("environment", cfg.environment)
         self.started = time.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from eclm.parts import onnx_name
 from eclm.signing import Verifier
 from edge_runtime.events import EventSink
 from edge_runtime.generations import Generations, with_values
+from edge_runtime.learning import Refinement
 from edge_runtime.metrics import EdgeMetrics
+from edge_runtime.model import ServingModel
 from edge_runtime.state import Pointer
 from edge_runtime.store import SampleStore
 
@@ -22,8 +25,10 @@ from edge_runtime.store import SampleStore
 class Updates:
     """Applies what the cloud sends through the generations' one commit-or-roll-back path."""
 
-    def __init__(self, generations: Generations, store: SampleStore, metrics: EdgeMetrics, events: EventSink) -> None:
+    def __init__(self, generations: Generations, store: SampleStore, metrics: EdgeMetrics, events: EventSink,
+                 refine: Callable[[ServingModel], Refinement | None] | None = None) -> None:
         self.generations, self.store, self.metrics, self.events = generations, store, metrics, events
+        self.refine = refine  # set: a module update is fine-tuned here before it is judged (refine_updates)
         self.last_update: dict[str, Any] | None = None
 
     def _rolled_back(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -63,14 +68,21 @@ class Updates:
             candidate = with_values(serving, {n: np.array(a, dtype=np.float32) for n, a in wanted.items()})
             candidate.versions = {**serving.module_versions, **fresh}
             candidate.line = environment
-            trial = gens.trial(candidate, self.store.holdout_set(), record={"update": fresh}, unjudged_serves=True)
-            reason = f"module update {trial.verdict.reason}" if trial.verdict else "no holdout samples yet"
+            refined = self.refine(candidate) if self.refine is not None else None
+            record: dict[str, Any] = {"update": fresh}
+            if refined is not None:  # judged after fine-tuning from it; its delta is kept only if it serves
+                candidate = refined.model
+                record["delta_id"] = refined.outcome.delta_id
+            trial = gens.trial(candidate, self.store.holdout_set(), record=record, unjudged_serves=True,
+                               keep=(lambda t: refined.keep(t.served)) if refined is not None else None)
+            reason = (("refined here, " if refined is not None else "")
+                      + (f"module update {trial.verdict.reason}" if trial.verdict else "no holdout samples yet"))
             if not trial.served:
                 assert trial.verdict is not None
                 return self._rolled_back({"applied": False, "rolled_back": True, **trial.verdict.to_dict(),
-                                          "versions": fresh, "reason": reason})
+                                          "versions": fresh, "reason": reason, "refined": refined is not None})
             result = {"applied": True, "generation": candidate.generation, "versions": fresh, **trial.detail(),
-                      "reason": reason}
+                      "reason": reason, "refined": refined is not None}
             self.last_update = result
         return result
 

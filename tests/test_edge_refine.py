@@ -1,0 +1,77 @@
+"""Refined module updates (issue 14, ``refine_updates``): a device fine-tunes a received update on its own
+samples before judging it, serves the refined model if it is not worse, and sends the refinement's delta
+counted from the received versions.
+
+Real parts: the digits pi4 bundle served and trained by the edge runtime with ONNX Runtime, its state
+directory and outbox on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from test_edge_support import make_service
+
+from eclm.parts import ONNX_PREFIX, part_of
+from edge_runtime.outbox import Outbox
+
+
+def _module_update(svc: Any, part: str) -> dict[str, np.ndarray]:
+    """The serving values of ``part`` (bank names) as the cloud would send them, nudged."""
+    out = {}
+    for name, arr in svc.serving.weights.items():
+        bank = name.removeprefix(ONNX_PREFIX)
+        if name.startswith(ONNX_PREFIX) and part_of(bank) == part and arr.dtype == np.float32:
+            out[bank] = arr * np.float32(1.01)
+    assert out
+    return out
+
+
+def test_a_refined_update_serves_fine_tuned_and_sends_its_delta(pi4: Path, xy, tmp_path: Path) -> None:
+    x, y = xy
+    # No holdout sample among the 200 (every 1000th is one): the refined model serves unjudged, so the test
+    # does not depend on what the run happens to learn.
+    svc = make_service(tmp_path / "s", pi4, device_id="board-r", refine_updates=True, environment="line-a",
+                       holdout_every=1000)
+    try:
+        svc.add_samples(x[:200], y[:200].tolist())
+        part = next(p for p in svc.serving.module_versions if p.startswith("L0M"))
+        sent = _module_update(svc, part)
+        result = svc.apply_module_update({part: 1}, sent, "line-a")
+        assert result["refined"] is True and result["applied"] is True and "refined here" in result["reason"]
+        assert svc.serving.module_versions[part] == 1 and svc.serving.line == "line-a"
+        served = {b: svc.serving.weights[ONNX_PREFIX + b] for b in sent}
+        assert any(not np.allclose(served[b], sent[b]) for b in sent)  # fine-tuned from what came
+        entry = Outbox.read(svc.outbox.pending()[0])  # the refinement's delta, from the received versions
+        assert entry.meta["parts"][part]["base_version"] == 1 and entry.meta["base_environment"] == "line-a"
+        for b in entry.meta["parts"][part]["params"]:
+            np.testing.assert_allclose(entry.tensors[b], served[b] - sent[b], atol=1e-5)
+    finally:
+        svc.close()
+    again = make_service(tmp_path / "s", pi4, holdout_every=1000)  # the refined generation survives a restart
+    try:
+        assert again.serving.module_versions[part] == 1 and again.serving.line == "line-a"
+        for b in sent:
+            np.testing.assert_array_equal(again.serving.weights[ONNX_PREFIX + b], served[b])
+    finally:
+        again.close()
+
+
+def test_without_refinement_or_samples_an_update_is_judged_as_it_came(pi4: Path, xy, tmp_path: Path) -> None:
+    x, y = xy
+    for name, refine, samples in (("off", False, 200), ("few", True, 5)):
+        svc = make_service(tmp_path / name, pi4, refine_updates=refine, min_train_samples=16)
+        try:
+            svc.add_samples(x[:samples], y[:samples].tolist())
+            part = next(p for p in svc.serving.module_versions if p.startswith("L0M"))
+            sent = _module_update(svc, part)
+            result = svc.apply_module_update({part: 9}, sent, "")
+            assert result["refined"] is False
+            if result["applied"]:
+                for b, arr in sent.items():
+                    np.testing.assert_array_equal(svc.serving.weights[ONNX_PREFIX + b], arr)
+            assert len(svc.outbox) == 0  # nothing trained here, nothing to send
+        finally:
+            svc.close()
