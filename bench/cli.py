@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -180,5 +181,14 @@ def bench(
         raise typer.Exit(subprocess.call(args))
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM (a timeout, a supervisor, Ctrl-C's cousin): unwind, so every suite's ``finally`` stops the
+    daemons, brokers and runtimes it started instead of leaving them running.
+    """
+    typer.echo(f"stopped by signal {signum}; stopping what the run started", err=True)
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     app()
