@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from bench.suites import ABLATIONS
 from eclm.cli_support import make_app, reports_errors
 
 app = make_app("ECLM on one machine: the demo and the benchmarks.")
@@ -88,8 +89,9 @@ def bench(
     out: Path = typer.Option(Path("docs/benchmarks"), "--out", envvar="ECLM_BENCH_OUT",
                              help="Where JSON, markdown and PNG plots go."),
     dataset: str = typer.Option("digits", "--dataset", envvar="ECLM_DATASET",
-                                help="paper and adapt suites: 'digits' (8x8 images), 'signals' (generated 1-D "
-                                "waveforms) or an .npz with X and y (docs/data.md)."),
+                                help="paper, adapt and sync suites: 'digits' (8x8 images), 'signals' (generated 1-D "
+                                "waveforms) or an .npz with X and y (docs/data.md). The other suites measure "
+                                "digits only and refuse another data set."),
     duration: float = typer.Option(None, "--duration", min=1, envvar="ECLM_BENCH_DURATION",
                                    show_default="120 s, 40 s with --quick",
                                    help="soak suite: seconds of attack while honest devices train."),
@@ -115,9 +117,7 @@ def bench(
                                  "127.0.0.1:5432 as user postgres, dropped after)."),
     ablation: str = typer.Option("", "--ablation", envvar="ECLM_BENCH_ABLATION", show_default="none",
                                  help="paper and adapt suites: run the ECLM arm with one mechanism changed: "
-                                 "no-gate, robust-merge, any-staleness, no-lines, equal-weights, samples-weights, "
-                                 "no-merge, downlink-next-round or solo-environments (bench/suites.py ABLATIONS "
-                                 "says what each changes)."),
+                                 f"{', '.join(ABLATIONS)} (bench/suites.py ABLATIONS says what each changes)."),
     few_shot: bool = typer.Option(False, "--few-shot", envvar="ECLM_BENCH_FEW_SHOT", show_default="off",
                                   help="paper and adapt suites: devices hold 10-30 labelled samples, not 50-150."),
     devices: str = typer.Option("", "--devices", envvar="ECLM_BENCH_DEVICES",
@@ -135,6 +135,9 @@ def bench(
                           hint="drop --seeds (or unset ECLM_BENCH_SEEDS) for this suite")
     if ablation and suite not in fleet_suites:
         raise ConfigError(f"--ablation is for the paper and adapt suites, not {suite}", hint="drop --ablation")
+    if dataset != "digits" and suite not in (*fleet_suites, "sync"):
+        raise ConfigError(f"--dataset is for the paper, adapt and sync suites; the {suite} suite measures digits only",
+                          hint="drop --dataset (or unset ECLM_DATASET) for this suite")
     if few_shot and suite not in fleet_suites:
         raise ConfigError(f"--few-shot is for the paper and adapt suites, not {suite}", hint="drop --few-shot")
     if ablation:
@@ -177,7 +180,8 @@ def bench(
         typer.echo((out / "paper.md").read_text())
     else:
         module = {"export": "bench.export_bench", "edge": "bench.edge_bench", "sync": "bench.sync_bench"}[suite]
-        args = [sys.executable, "-m", module, "--out", str(out)] + (["--quick"] if quick and suite == "edge" else [])
+        args = [sys.executable, "-m", module, "--out", str(out)] + (["--quick"] if quick and suite == "edge" else []) \
+            + (["--dataset", dataset] if suite == "sync" else [])
         raise typer.Exit(subprocess.call(args))
 
 

@@ -1,7 +1,7 @@
 """Benchmark the sync path: uplink bytes and the accuracy cost of compression, merge throughput and latency.
 
 Run as ``python -m bench.sync_bench [--out docs/benchmarks] [--devices 200] [--bank DIR]``. Part A runs
-real devices (edge runtime, ONNX Runtime training on corrupted digits) and compares the bytes of one
+real devices (edge runtime, ONNX Runtime training on corrupted digits, or ``--dataset``) and compares the bytes of one
 delta message per codec with sending the full model at fp32 (FedAvg), and the accuracy each codec's
 decoded delta gives on the device's held-out data. Part B starts a private mosquitto and the merger
 daemon, and simulates ``--devices`` devices on loopback: publish-to-ack and publish-to-update latency
@@ -25,8 +25,17 @@ import numpy as np
 from bench.common import machine_info, md_table, pct, write_results
 
 CODECS = ("fp32+none", "fp32+zlib", "fp16+zlib", "int8+zlib", "int8+top0.25+zlib", "int8+top0.1+lzma")
-DEVICES = {"dev-a": ([1, 4, 7], "rotation"), "dev-b": ([0, 2, 5], "noise"), "dev-c": ([3, 6, 9], "contrast"),
-           "dev-d": ([2, 7, 8], "blur"), "dev-e": ([0, 3, 8], "rotation")}
+# Each device's classes; its corruption is the data set's k-th one after "none", cycling (bench/corruptions.py:
+# rotation, noise, contrast, blur, rotation on images; time-shift, scale, noise, dropout, time-warp on signals).
+DEVICES = {"dev-a": [1, 4, 7], "dev-b": [0, 2, 5], "dev-c": [3, 6, 9], "dev-d": [2, 7, 8], "dev-e": [0, 3, 8]}
+
+
+def device_kind(k: int, input_shape: tuple[int, ...]) -> str:
+    """The corruption of the ``k``-th device, among those that fit the data's shape."""
+    from bench.corruptions import kinds_for
+
+    kinds = [c for c in kinds_for(input_shape) if c != "none"]
+    return kinds[k % len(kinds)]
 
 
 @dataclass
@@ -41,7 +50,7 @@ class DeviceRun:
     start_acc: float
 
 
-def _devices(bank: Path, work: Path) -> list[DeviceRun]:
+def _devices(bank: Path, work: Path, dataset: str = "digits") -> list[DeviceRun]:
     from bench.corruptions import corrupt
     from edge_runtime.config import load_config
     from edge_runtime.service import EdgeService
@@ -49,9 +58,10 @@ def _devices(bank: Path, work: Path) -> list[DeviceRun]:
     from exporter.data import load_dataset, split
     from exporter.export import ExportRequest, export_bundle
 
-    pool = split(load_dataset("digits"), 0).pool
+    pool = split(load_dataset(dataset), 0).pool
     runs = []
-    for k, (name, (classes, kind)) in enumerate(DEVICES.items()):
+    for k, (name, classes) in enumerate(DEVICES.items()):
+        kind = device_kind(k, tuple(pool.x.shape[1:]))
         bundle = work / f"bundle-{name}"
         export_bundle(ExportRequest(bank, profile="pi4", out_dir=bundle, classes=classes, measure=False))
         mask = np.isin(pool.y, classes)
@@ -85,7 +95,7 @@ def _accuracy_with(run: DeviceRun, tensors: dict[str, np.ndarray]) -> float:
     return float((pred == run.test_y).mean())
 
 
-def part_a(bank: Path, work: Path) -> dict[str, Any]:
+def part_a(bank: Path, work: Path, dataset: str = "digits") -> dict[str, Any]:
     """Bytes per device per round for each codec, against the full model at fp32, and accuracy after."""
     from safetensors.numpy import save
 
@@ -94,7 +104,7 @@ def part_a(bank: Path, work: Path) -> dict[str, Any]:
 
     full = {k: v for k, v in DirectoryBank(bank).read_all().items() if v.dtype.kind == "f"}
     fedavg_bytes = len(save(full))
-    runs = _devices(bank, work)
+    runs = _devices(bank, work, dataset)
     rows: list[dict[str, Any]] = []
     for codec in CODECS:
         sizes, accs = [], []
@@ -113,7 +123,7 @@ def part_a(bank: Path, work: Path) -> dict[str, Any]:
     return {"fedavg_full_model_fp32_bytes": fedavg_bytes,
             "full_model_params": int(sum(v.size for v in full.values())),
             "start_accuracy_mean": float(np.mean([r.start_acc for r in runs])),
-            "trainable_parts": sorted(runs[0].message.parts), "codecs": rows,
+            "trainable_parts": sorted(runs[0].message.parts), "codecs": rows, "dataset": dataset,
             "template": runs[0].message}
 
 
@@ -252,7 +262,7 @@ def render(info: dict[str, Any], a: dict[str, Any], b: dict[str, Any], command: 
 Measured on {info['cpu']} ({info['cores']} cores), Python {info['python']}, {info['date']}.
 Command: `{command}`.
 
-## Uplink bytes per device per round (digits, `pi4` sub-models, 5 real devices)
+## Uplink bytes per device per round ({a.get('dataset', 'digits')}, `pi4` sub-models, 5 real devices)
 Each device (classes and a corruption of its own, see `bench/sync_bench.py`) fine-tunes its bundle
 with the edge runtime (ONNX Runtime training, 3 epochs) and produces one delta message; its size is
 measured per codec and compared with sending the full modular model at fp32 (FedAvg:
@@ -291,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="where sync.json and sync.md go")
     ap.add_argument("--devices", type=int, default=200, help="simulated devices in the fleet part")
     ap.add_argument("--codec", default="int8+zlib", help="codec of the simulated devices' deltas")
-    ap.add_argument("--bank", type=Path, default=None, help="a trained digits bank (default: train one)")
+    ap.add_argument("--dataset", default="digits",
+                    help="data set of part A's devices and of the bank: digits, signals or an .npz (docs/data.md)")
+    ap.add_argument("--bank", type=Path, default=None, help="a bank trained on --dataset (default: train one)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for acks and updates")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="eclm-sync-bench-"))
@@ -302,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from exporter.cloud import TrainOptions, train_bank
 
-            print("training the digits bank ...", flush=True)
-            train_bank(TrainOptions(dataset="digits", bank_dir=bank, seed=0))
+            print(f"training the {args.dataset} bank ...", flush=True)
+            train_bank(TrainOptions(dataset=args.dataset, bank_dir=bank, seed=0))
         print("part A: real devices, codecs ...", flush=True)
-        a = part_a(bank, work)
+        a = part_a(bank, work, args.dataset)
         template = a.pop("template")
         print(f"part B: {args.devices} simulated devices ...", flush=True)
         b = part_b(bank, work, template, args.devices, args.codec, args.timeout)

@@ -159,6 +159,31 @@ def test_fleet_options_for_a_suite_that_ignores_them_are_an_error(tmp_path: Path
     assert f"{option[0]} is for the paper and adapt suites" in result.output
 
 
+@pytest.mark.parametrize("suite", ["export", "edge", "soak", "attack", "scale"])
+def test_a_data_set_for_a_suite_that_measures_digits_only_is_an_error(tmp_path: Path, suite: str) -> None:
+    """Not silently ignored: these suites would measure digits whatever --dataset said."""
+    result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", suite, "--dataset", "signals", "--out",
+                                                str(tmp_path)])
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert f"the {suite} suite measures digits only" in result.output
+
+
+def test_the_sync_suite_takes_the_data_set_and_fitting_corruptions(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    from bench.sync_bench import DEVICES, device_kind
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(bench.cli.subprocess, "call", lambda args: calls.append(args) or 0)
+    result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", "sync", "--dataset", "signals", "--out",
+                                                str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert calls[0][2] == "bench.sync_bench" and calls[0][-2:] == ["--dataset", "signals"]
+    images = [device_kind(k, (1, 8, 8)) for k in range(len(DEVICES))]
+    assert images == ["rotation", "noise", "contrast", "blur", "rotation"]  # digits' devices as before
+    signals = {device_kind(k, (1, 1, 64)) for k in range(len(DEVICES))}
+    assert signals <= set(SIGNAL_KINDS) and "none" not in signals and len(signals) == len(DEVICES)
+
+
 # --- 4. the reports' command reproduces the run and names the data set ----------------------------------------
 
 def _fake_paper_results(dataset: str, seeds: int, quick: bool) -> dict[str, Any]:
