@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.derive import DeriveJob, DeriveQueue, Publication, importance_moved
-from cloud_sync.lines import of_environment, view
+from cloud_sync.lines import behind, of_environment, view
 from cloud_sync.merger import Merger, MergeSettings, RoundResult
 from cloud_sync.ports import SyncHooks
 from cloud_sync.redistribute import module_update, support_note
@@ -19,6 +19,7 @@ from cloud_sync.validation import check_profile, profile_known
 from eclm import topics, wire
 from eclm.errors import DataError, EclmError
 from eclm.mqtt import DEFAULT_BROKER
+from eclm.parts import line_key
 from eclm.reassembly import ChunkRefused
 from eclm.signing import Signer
 from module_bank import LEDGER_FILE, ClaimLost, JobQueue, open_bank
@@ -85,6 +86,7 @@ class SyncCore:
         self.owner = "local"  # who holds the merge claim: the daemon sets its client id
         self._claimed = False  # whether this worker holds the merge claim (until round_published)
         self._handed = 0  # the last round whose module updates this core returned to its caller
+        self._sent: dict[str, dict[str, int]] = {}  # per device, the versions of each line key last sent to it
         self.ledger.set_meta_once(PUBLISHED, str(self.ledger.next_round() - 1))
         self.derivations = DeriveQueue(self._derive, self.published.extend, self._derive_failed,
                                        settings.derive_interval, JobQueue(self.bank.db), self.owner)
@@ -257,15 +259,19 @@ class SyncCore:
         if (msg.want_bundle or moved) and msg.profile_name:
             self.request_bundle(device, msg.profile_name, msg.importance,
                                 "requested" if msg.want_bundle else "importance profile moved")
-        entered = lines and msg.environment and (known is None or known.get("environment") != msg.environment)
-        if not entered or not msg.trainable or self.signer is None:
+        if not msg.trainable or self.signer is None:
             return []
-        # A device entering an environment gets that environment's lines of its modules now, trained by the
-        # devices there before it (docs/method.md, "Environment lines").
-        dev = {"device_id": device, "modules": msg.modules, "trainable": 1, "environment": msg.environment}
-        out = self._update_for(dev, versions, {})
-        self._count("line_pushes" if out else "line_pushes_none")
-        return out
+        # A device that connects gets the newest versions of its modules now, in one update: those of its
+        # environment's lines when it has just entered one (trained by the devices there before it; docs/method.md,
+        # "Environment lines"), else what merged while it was away (round updates go to online devices only).
+        env = msg.environment if lines else ""
+        lacking = behind(versions, env, msg.modules, msg.line if lines else "", self._sent.get(device, {}))
+        if not lacking:
+            return []
+        entered = bool(env) and (known is None or known.get("environment") != env)
+        self._count("line_pushes" if entered else "catch_up_updates")
+        return self._update_for({"device_id": device, "modules": msg.modules, "trainable": 1, "environment": env},
+                                lacking, {})
 
     def request_bundle(self, device: str, profile_name: str, importance: list[list[float]], reason: str) -> None:
         """Queue a re-derivation of the device's sub-model (one waiting job per device; the newest wins)."""
@@ -353,6 +359,9 @@ class SyncCore:
             return out
         bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]] = {}  # compressed once per set of parts
         for dev in self.ledger.devices():
+            if dev["trainable"] and not dev.get("online"):  # it catches up when it next connects (_on_profile)
+                self._count("module_updates_deferred")
+                continue
             try:
                 out += self._update_for(dev, versions, bodies)
             except Exception as exc:  # one device's update never stops the others (or the daemon)
@@ -373,6 +382,7 @@ class SyncCore:
             return []
         assert self.signer is not None  # module_updates sends nothing without one
         self._count("module_updates_sent")
+        self._sent.setdefault(str(dev["device_id"]), {}).update({line_key(pid, env): mine[pid] for pid in held})
         return module_update(dev["device_id"], held, mine, view(self.merger.params, env), self.merger.bank_id,
                              self.signer, self.settings.update_codec, self.settings.chunk_bytes, bodies, env)
 

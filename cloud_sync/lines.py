@@ -104,3 +104,21 @@ def too_many(known: int, cap: int) -> str:
     """Why a delta that would open one environment more is refused."""
     return (f"{known} environments have module lines (limit {cap}); an operator can raise "
             "--max-environments")
+
+
+def behind(current: dict[str, int], environment: str, held: dict[str, int], held_line: str,
+           sent: dict[str, int]) -> dict[str, int]:
+    """What a device in ``environment`` lacks: the keys (line keys, or part ids for the shared line) and current
+    versions of its environment's lines of the parts it holds that are newer than both what it reports
+    (``held``, counted in ``held_line``'s line) and what it was last sent (``sent``, by key).
+
+    A device that reports another line's versions has just entered: every line of its environment is new
+    to it. A device that refused a version it was sent is not sent it again.
+    """
+    have = held if held_line == environment else {}
+    out = {}
+    for pid, v in of_environment(current, environment).items():
+        key = line_key(pid, environment)
+        if pid in held and v > max(have.get(pid, 0), sent.get(key, 0)):
+            out[key] = v
+    return out

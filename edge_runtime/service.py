@@ -350,9 +350,15 @@ class EdgeService:
 
     def close(self) -> None:
         self._stop.set()
+        self.learning.stopping.set()  # a run or a refinement in progress ends at its next batch
         self.wait_for_training(timeout=60)
-        self.store.close()
-        self.state.close()
+        locked = self.generations.lock.acquire(timeout=60)  # an update being applied finishes first
+        try:
+            self.store.close()
+            self.state.close()
+        finally:
+            if locked:
+                self.generations.lock.release()
 
 
 def _resources() -> dict[str, Any]:

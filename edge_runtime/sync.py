@@ -97,6 +97,7 @@ class EdgeSync:
             self._publish(topics.status(self.device), wire.encode(wire.StatusMessage(self.device, False)), retain=True)
         self.client.disconnect()
         self.client.loop_stop()
+        self.health.join(60)  # an update being applied (a refined one trains) finishes before the service closes
 
     def report(self) -> dict[str, Any]:
         """The connection as status shows it: offline is said, with the last error and since when."""

@@ -63,6 +63,13 @@ class SyncHealth:
         self.workers[name] = (target, t)
         t.start()
 
+    def join(self, timeout: float) -> None:
+        """Wait for the worker threads to end (after ``stop``), at most ``timeout`` seconds in all."""
+        deadline = time.monotonic() + timeout
+        for _, t in list(self.workers.values()):
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
     def _network_thread(self) -> threading.Thread | None:
         return getattr(self.client, "_thread", None)  # paho keeps its loop_start() thread here
 

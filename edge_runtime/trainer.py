@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -67,13 +68,15 @@ def open_runner(serving: ServingModel) -> StepRunner:
                       threads=serving.threads)
 
 
-def run_training(serving: ServingModel, train: Batch, holdout: Batch, settings: TrainSettings
+def run_training(serving: ServingModel, train: Batch, holdout: Batch, settings: TrainSettings,
+                 stop: threading.Event | None = None
                  ) -> tuple[TrainOutcome, dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """Fine-tune ``serving``'s parameters on ``train``.
 
     Returns the outcome, the per-part deltas (trained minus starting values of every trainable
     parameter, keyed by bank parameter name) and the trained parameters (ONNX names); the serving
-    arrays are left as they were.
+    arrays are left as they were. ``stop`` set (the runtime is closing) ends the run between batches with
+    no deltas.
     """
     outcome = TrainOutcome(started=time.time(), samples=len(train), holdout_samples=len(holdout))
     t0 = time.perf_counter()
@@ -86,6 +89,10 @@ def run_training(serving: ServingModel, train: Batch, holdout: Batch, settings: 
     for _ in range(settings.epochs):
         order = rng.permutation(len(train))
         for i in range(0, len(order), settings.batch_size):
+            if stop is not None and stop.is_set():
+                outcome.reason = "stopped: the runtime is closing; the serving model is unchanged"
+                outcome.seconds = time.perf_counter() - t0
+                return outcome, {}, {}
             idx = order[i : i + settings.batch_size]
             ts = time.perf_counter()
             loss = runner.step(train.x[idx], train.y[idx], settings.learning_rate)

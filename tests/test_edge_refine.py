@@ -75,3 +75,36 @@ def test_without_refinement_or_samples_an_update_is_judged_as_it_came(pi4: Path,
             assert len(svc.outbox) == 0  # nothing trained here, nothing to send
         finally:
             svc.close()
+
+
+def test_closing_waits_for_an_update_being_applied(pi4: Path, xy, tmp_path: Path) -> None:
+    """A refined update trains for a while; closing the runtime meanwhile stops that run at its next batch and
+    lets the update finish (judged as it came) instead of pulling the sample store from under it."""
+    import threading
+    import time
+
+    x, y = xy
+    svc = make_service(tmp_path / "s", pi4, refine_updates=True, epochs=8)
+    svc.add_samples(x[:300], y[:300].tolist())
+    part = next(p for p in svc.serving.module_versions if p.startswith("L0M"))
+    sent = _module_update(svc, part)
+    outcome: dict[str, Any] = {}
+
+    def apply() -> None:
+        try:
+            outcome["result"] = svc.apply_module_update({part: 9}, sent, "")
+        except Exception as exc:  # what closing the store mid-update raised before the fix
+            outcome["error"] = exc
+
+    t = threading.Thread(target=apply)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not svc.generations.lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert svc.generations.lock.locked()  # the update is being applied now
+    t0 = time.monotonic()
+    svc.close()
+    assert time.monotonic() - t0 < 30  # not the whole run (8 epochs)
+    t.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"]["refined"] is False  # the refinement stopped with the runtime

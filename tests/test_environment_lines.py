@@ -16,7 +16,7 @@ import pytest
 from sync_messages import make_profile_in
 from test_sync_core import Env, bank_env, deliver, keys, one_ack, register, updates  # noqa: F401  (keys: a fixture)
 
-from cloud_sync.lines import of_environment, rekey, view
+from cloud_sync.lines import behind, of_environment, rekey, view
 from cloud_sync.merger import MergeSettings
 from cloud_sync.validation import Limits
 from cloud_sync.weights import module_weight
@@ -284,3 +284,36 @@ def test_one_round_cannot_open_environments_past_the_bound(cloud: Env) -> None:
     later = env.delta("dev-d", PARTS, seed=53, environment="line-d", base_environment="line-d")
     pubs, _ = deliver(core, later)  # the cap counts the committed lines at arrival now
     assert one_ack(pubs, "dev-d", later.delta_id, "rejected").reason.startswith("too_many_environments")
+
+
+def test_behind_names_what_a_device_lacks_and_was_not_sent() -> None:
+    current = {"L0M0": 5, "L1M0": 4, "L0M0@a": 8, "L1M0@a": 2}
+    assert behind(current, "", {"L0M0": 3, "L1M0": 4}, "", {}) == {"L0M0": 5}
+    assert behind(current, "", {"L0M0": 3}, "", {"L0M0": 5}) == {}  # sent before (and refused): not again
+    assert behind(current, "a", {"L0M0": 9, "L1M0": 4}, "", {}) == {"L0M0@a": 8, "L1M0@a": 2}  # just entered
+    assert behind(current, "a", {"L0M0": 8, "L1M0": 1}, "a", {}) == {"L1M0@a": 2}
+    assert behind(current, "b", {"L0M0": 1}, "", {}) == {}  # nobody trained in b yet
+
+
+def test_a_device_away_during_rounds_catches_up_in_one_update_when_it_connects(cloud: Env) -> None:
+    """Round updates go to online devices; one that was away gets the newest versions once when it connects
+    (not every round's update queued at the broker), and a version it refused is not sent again."""
+    env = cloud
+    core = env.core(merge=MergeSettings(min_devices=1))
+    info = env.info()
+    held = {pid: info.parts[pid].version for pid in PARTS}
+    core.handle(topics.profile("dev-o"), wire.encode(make_profile_in(env.bank, "dev-o", "", held)))
+    core.handle(topics.status("dev-o"), wire.encode(wire.StatusMessage("dev-o", False)))  # it goes away
+    for i in range(3):
+        _deliver_in(core, env, "dev-a", "", seed=60 + i,
+                    base_versions={pid: core.merger.versions()[pid] for pid in PARTS})
+        result, pubs = core.run_round()
+        assert result is not None and result.versions
+        assert "dev-o" not in updates(pubs, env.verifier)
+    assert core.counters.get("module_updates_deferred", 0) >= 3
+    back = wire.encode(make_profile_in(env.bank, "dev-o", "", held))
+    got = updates(core.handle(topics.profile("dev-o"), back), env.verifier)["dev-o"]
+    assert len(got) == 1 and got[0].versions == {pid: core.merger.versions()[pid] for pid in PARTS}
+    assert held != got[0].versions and core.counters.get("catch_up_updates") == 1
+    # It refused them (its profile still reports the old versions): not sent again on its next connect.
+    assert core.handle(topics.profile("dev-o"), back) == []
