@@ -76,6 +76,8 @@ ABLATIONS: dict[str, Ablation] = {
                          EclmOptions(merges=False)),
     "downlink-next-round": Ablation("devices leave once their deltas are acknowledged and get the module "
                                     "updates when they next connect", (), EclmOptions(downlink_same_round=False)),
+    "no-rederive": Ablation("no bundle is re-derived because a device's importance moved (a device can still ask)",
+                            ("--derive-threshold", "inf")),
     "refine-updates": Ablation("devices fine-tune each module update on their samples before judging it "
                                "(edge --refine-updates; one more training run per update)", (),
                                EclmOptions(refine_updates=True)),

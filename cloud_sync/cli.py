@@ -154,6 +154,10 @@ def sync(
                                     help="Reject messages larger than this (bytes)."),
     derive_interval: float = typer.Option(60.0, "--derive-interval", min=0, envvar="ECLM_SYNC_DERIVE_INTERVAL",
                                           help="At most one bundle derivation per device per this many seconds."),
+    derive_threshold: float = typer.Option(0.5, "--derive-threshold", min=0, envvar="ECLM_SYNC_DERIVE_THRESHOLD",
+                                           help="Re-derive a device's bundle when its measured importance moves "
+                                           "this far (mean per-layer L1) from what its bundle was derived for; "
+                                           "inf: never on importance alone (a device can still ask)."),
     metrics_port: int = typer.Option(9464, "--metrics-port", envvar="ECLM_SYNC_METRICS_PORT",
                                      help="Prometheus /metrics on 127.0.0.1 at this port (0: off); worker i of "
                                           "--workers uses port + i."),
@@ -198,6 +202,7 @@ def sync(
     settings = SyncSettings(
         bank_dir=bank, broker=broker, round_deltas=round_deltas, round_seconds=round_seconds,
         max_payload=max_payload, signing_key=signing_key, tls_dir=tls_dir, derive_interval=derive_interval,
+        derive_threshold=derive_threshold,
         merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, gate=not no_gate,
                             limits=Limits(max_staleness=max_staleness), min_devices=min_devices,
                             support_max_age=support_max_age, support_max_rounds=support_max_rounds,

@@ -281,6 +281,7 @@ class SyncCore:
         if self.hooks.derive is None:
             log.warning("no bundle derivation was given: cannot send %s a bundle", device)
             return
+        log.info("queueing a bundle derivation for %s (%s)", device, reason)
         self.derivations.submit(DeriveJob(device, profile_name, importance, reason))
 
     def _derive_failed(self, job: DeriveJob, reason: str) -> None:

@@ -238,12 +238,28 @@ def test_ablations_map_to_daemon_flags_and_arm_options() -> None:
                 "no-merge": (("--round-deltas", "1000000000", "--round-seconds", "1000000000"),
                              EclmOptions(merges=False)),
                 "downlink-next-round": ((), EclmOptions(downlink_same_round=False)),
-                "solo-environments": ((), EclmOptions(solo_environments=True))}
+                "solo-environments": ((), EclmOptions(solo_environments=True)),
+                "refine-updates": ((), EclmOptions(refine_updates=True)),
+                "no-rederive": (("--derive-threshold", "inf"), EclmOptions())}
     assert set(ABLATIONS) == set(expected)
     for name, (args, options) in expected.items():
         assert (ablation(name).daemon_args, ablation(name).options) == (args, options), name
         assert ablation_args(name) == args and ablation(name).what
     assert ablation("").daemon_args == () and ablation("").options == EclmOptions()
+
+
+def test_every_ablation_flag_is_one_the_daemon_takes(tmp_path: Path) -> None:
+    """Parsed by the real `eclm-cloud sync` command line: a misspelt flag would only fail mid-benchmark."""
+    import typer.main
+
+    from cloud_sync.cli import app
+
+    sync = typer.main.get_command(app).commands["sync"]  # type: ignore[attr-defined]  # a click Group
+    for name in ABLATIONS:
+        ctx = sync.make_context("sync", ["--bank", str(tmp_path), *ablation_args(name)])
+        assert str(ctx.params["bank"]) == str(tmp_path), name
+    assert sync.make_context("sync", ["--bank", str(tmp_path), *ablation_args("no-rederive")]
+                             ).params["derive_threshold"] == float("inf")
 
 
 def test_an_unknown_ablation_is_a_one_line_config_error(tmp_path: Path) -> None:

@@ -173,7 +173,11 @@ def test_the_sync_suite_takes_the_data_set_and_fitting_corruptions(monkeypatch: 
     from bench.sync_bench import DEVICES, device_kind
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(bench.cli.subprocess, "call", lambda args: calls.append(args) or 0)
+    def call(args: list[str]) -> int:
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(bench.cli.subprocess, "call", call)
     result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", "sync", "--dataset", "signals", "--out",
                                                 str(tmp_path)])
     assert result.exit_code == 0, result.output
