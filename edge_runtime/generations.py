@@ -58,6 +58,7 @@ class Generations:
         self.cfg, self.state, self.verifier, self.metrics = cfg, state, verifier, metrics
         self.copy_max_bytes = int(cfg.serving_copy_max_mb * 2**20)
         self.lock = threading.Lock()
+        self.closed = False  # set under ``lock`` when the runtime closes: nothing changes the model after that
         self._training_problems: dict[str, str] = {}
         self.serving = self._open_initial(cfg.bundle)
 

@@ -144,7 +144,8 @@ class Learning:
     def _job(self, reason: str) -> None:
         self.generations.lock.acquire()  # waits while an update from the cloud is being applied
         try:
-            result = self._once()
+            result = self._once() if not self.generations.closed else {
+                "accepted": False, "reason": "the runtime is closing; the samples stay for the next start"}
         except Exception as exc:  # a failed run is reported, never fatal to serving
             log.exception("training run failed")
             result = {"accepted": False, "reason": f"training failed: {exc}", "trigger": reason}

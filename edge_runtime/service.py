@@ -353,6 +353,7 @@ class EdgeService:
         self.learning.stopping.set()  # a run or a refinement in progress ends at its next batch
         self.wait_for_training(timeout=60)
         locked = self.generations.lock.acquire(timeout=60)  # an update being applied finishes first
+        self.generations.closed = True  # one that waits for the lock now finds the runtime closed
         try:
             self.store.close()
             self.state.close()

@@ -48,6 +48,8 @@ class Updates:
             return {"applied": False, "reason": f"update for environment {environment!r}; this device works in "
                                                 f"{here!r}"}
         with gens.lock:
+            if gens.closed:
+                return {"applied": False, "reason": "the runtime is closing; the update was not applied"}
             serving = gens.serving
             if not serving.trainable:
                 raise TrainingUnavailableError(

@@ -84,7 +84,7 @@ def test_closing_waits_for_an_update_being_applied(pi4: Path, xy, tmp_path: Path
     import time
 
     x, y = xy
-    svc = make_service(tmp_path / "s", pi4, refine_updates=True, epochs=8)
+    svc = make_service(tmp_path / "s", pi4, refine_updates=True, epochs=8, resource_interval_s=0, drift=False)
     svc.add_samples(x[:300], y[:300].tolist())
     part = next(p for p in svc.serving.module_versions if p.startswith("L0M"))
     sent = _module_update(svc, part)
@@ -107,4 +107,6 @@ def test_closing_waits_for_an_update_being_applied(pi4: Path, xy, tmp_path: Path
     assert time.monotonic() - t0 < 30  # not the whole run (8 epochs)
     t.join(60)
     assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"]["refined"] is False  # the refinement stopped with the runtime
+    # Either the refinement stopped with the runtime and the update was judged as it came, or closing took
+    # the lock first and the update found the runtime closed: never a closed store under a running update.
+    assert outcome["result"].get("refined") is False or "closing" in outcome["result"]["reason"]

@@ -166,7 +166,7 @@ def test_stored_bad_profile_makes_a_quarantined_derivation_not_an_exit(core: Syn
     """A profile a daemon without the edge checks had stored: its derivation fails alone, in the worker."""
     core.ledger.touch_device("fake", profile="no-such-board", modules={"head": 1}, trainable=0, profiled=1,
                              importance=[[0.5] * 8] * 3)
-    core.ledger.touch_device("x" * 200, modules={"head": 1}, trainable=1, profiled=1)
+    core.ledger.touch_device("x" * 200, modules={"head": 1}, trainable=1, profiled=1, online=1)
     honest(core, bank)
     result, pubs = core.run_round()
     assert result is not None and result.versions == {"head": 2}
