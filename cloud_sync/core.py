@@ -382,10 +382,11 @@ class SyncCore:
                 self.request_bundle(dev["device_id"], dev["profile"], dev["importance"], "modules merged")
             return []
         assert self.signer is not None  # module_updates sends nothing without one
-        self._count("module_updates_sent")
+        out = module_update(dev["device_id"], held, mine, view(self.merger.params, env), self.merger.bank_id,
+                            self.signer, self.settings.update_codec, self.settings.chunk_bytes, bodies, env)
+        self._count("module_updates_sent")  # only once built: an update that failed is not remembered as sent
         self._sent.setdefault(str(dev["device_id"]), {}).update({line_key(pid, env): mine[pid] for pid in held})
-        return module_update(dev["device_id"], held, mine, view(self.merger.params, env), self.merger.bank_id,
-                             self.signer, self.settings.update_codec, self.settings.chunk_bytes, bodies, env)
+        return out
 
     def close(self) -> None:
         self.derivations.close()
