@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.reaper import track
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -54,7 +56,7 @@ class Mosquitto:
 
     def start(self) -> None:
         log = open(self.folder / "mosquitto.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
+        self.proc = track(subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log))
         deadline = time.time() + 10
         while time.time() < deadline:
             try:

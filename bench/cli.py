@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import typer
 
+from bench.reaper import stop_started, track, unwind_on_sigterm
 from bench.suites import ABLATIONS
 from eclm.cli_support import make_app, reports_errors
 
@@ -182,17 +182,13 @@ def bench(
         module = {"export": "bench.export_bench", "edge": "bench.edge_bench", "sync": "bench.sync_bench"}[suite]
         args = [sys.executable, "-m", module, "--out", str(out)] + (["--quick"] if quick and suite == "edge" else []) \
             + (["--dataset", dataset] if suite == "sync" else [])
-        raise typer.Exit(subprocess.call(args))
-
-
-def _terminated(signum: int, _frame: object) -> None:
-    """SIGTERM (a timeout, a supervisor, Ctrl-C's cousin): unwind, so every suite's ``finally`` stops the
-    daemons, brokers and runtimes it started instead of leaving them running.
-    """
-    typer.echo(f"stopped by signal {signum}; stopping what the run started", err=True)
-    raise SystemExit(128 + signum)
+        child = track(subprocess.Popen(args))  # on SIGTERM, stop_started passes it on: the child unwinds too
+        raise typer.Exit(child.wait())
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminated)
-    app()
+    unwind_on_sigterm()
+    try:
+        app()
+    finally:  # whatever a suite's own ``finally`` did not stop (a signal between a start and its ``try``)
+        stop_started()

@@ -28,6 +28,7 @@ import numpy as np
 from bench.common import pyplot
 from bench.corruptions import corrupt
 from bench.procs import Edge, daemon, ledger_rows, wait_connected, wait_until
+from bench.reaper import track
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class CpuLoad:
 
     def on(self, n: int = 2) -> None:
         while len(self.procs) < n:
-            self.procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+            self.procs.append(track(subprocess.Popen([sys.executable, "-c", "while True: pass"])))
 
     def off(self) -> None:
         for p in self.procs:

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.reaper import stop_started, unwind_on_sigterm
+
 CONFIG = "resnet18"
 MiB = 2**20
 
@@ -271,4 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    unwind_on_sigterm()
+    try:
+        raise SystemExit(main())
+    finally:
+        stop_started()

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from bench.broker import free_port
+from bench.reaper import track
 
 CLI = "import sys; from {mod} import main; sys.argv[0] = '{name}'; main()"
 
@@ -37,7 +38,7 @@ class Proc:
     def start(self) -> None:
         f = open(self.log, "ab")  # noqa: SIM115
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(self.args, stdout=f, stderr=f, env=env)
+        self.proc = track(subprocess.Popen(self.args, stdout=f, stderr=f, env=env))
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

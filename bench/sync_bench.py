@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import machine_info, md_table, pct, write_results
+from bench.reaper import stop_started, track, unwind_on_sigterm
 
 CODECS = ("fp32+none", "fp32+zlib", "fp16+zlib", "int8+zlib", "int8+top0.25+zlib", "int8+top0.1+lzma")
 # Each device's classes; its corruption is the data set's k-th one after "none", cycling (bench/corruptions.py:
@@ -131,11 +132,11 @@ def _daemon(bank: Path, url: str, key: Path, log: Path, round_deltas: int) -> An
     import subprocess
     import sys
 
-    return subprocess.Popen(
+    return track(subprocess.Popen(
         [sys.executable, "-c", "from cloud_sync.cli import main; main()", "sync", "--bank", str(bank), "--broker", url,
          "--signing-key", str(key), "--round-deltas", str(round_deltas), "--round-seconds", "1",
          "--max-staleness", "50"],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        stdout=log.open("ab"), stderr=subprocess.STDOUT))
 
 
 def _wait_log(path: Path, text: str, timeout: float) -> None:
@@ -332,4 +333,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    unwind_on_sigterm()
+    try:
+        raise SystemExit(main())
+    finally:
+        stop_started()

@@ -8,14 +8,15 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eclm.errors import BundleError, TrainingUnavailableError
+from eclm.errors import BundleError, EclmError, TrainingUnavailableError
 from eclm.manifest import MadeFor
 from eclm.signing import Verifier
 from eclm.train_step import release_memory
@@ -29,6 +30,8 @@ from edge_runtime.store import SampleStore
 from edge_runtime.trainer import open_runner
 
 log = logging.getLogger("eclm.edge")
+
+CLOSING = "the runtime is closing; nothing was changed (the samples and the serving model stay for the next start)"
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,33 @@ class Generations:
     def __init__(self, cfg: EdgeConfig, state: StateDir, verifier: Verifier | None, metrics: EdgeMetrics) -> None:
         self.cfg, self.state, self.verifier, self.metrics = cfg, state, verifier, metrics
         self.copy_max_bytes = int(cfg.serving_copy_max_mb * 2**20)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # taken through :meth:`changing` and :meth:`close`
         self.closed = False  # set under ``lock`` when the runtime closes: nothing changes the model after that
         self._training_problems: dict[str, str] = {}
         self.serving = self._open_initial(cfg.bundle)
+
+    # -- who may change the model
+    @contextmanager
+    def changing(self) -> Iterator[bool]:
+        """Hold the lock while changing the model or reading the stores; yields False once the runtime has
+        closed (then change and read nothing: the stores are closed).
+        """
+        with self.lock:
+            yield not self.closed
+
+    def close(self, then: Callable[[], None], timeout: float = 60) -> None:
+        """Wait up to ``timeout`` for a change in progress, mark the runtime closed and call ``then`` (which
+        closes the stores); a change that waits for the lock afterwards finds it closed.
+        """
+        locked = self.lock.acquire(timeout=timeout)
+        if not locked:
+            log.warning("a model change did not finish within %.0f s; closing anyway", timeout)
+        self.closed = True
+        try:
+            then()
+        finally:
+            if locked:
+                self.lock.release()
 
     # -- opening
     def recover(self, store: SampleStore, outbox: Outbox) -> None:
@@ -190,7 +216,10 @@ class Generations:
         except BundleError:
             self.metrics.bundle_rejections.inc()
             raise
-        with self.lock:
+        with self.changing() as open_:
+            if not open_:
+                raise EclmError(CLOSING,
+                                   hint="install it again once the runtime has restarted")
             self.state.write_pointer(Pointer(digest, 0))
             self.serving = new
         return {"bundle": digest, "generation": 0}

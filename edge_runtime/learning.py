@@ -15,7 +15,7 @@ from eclm.errors import TrainingUnavailableError
 from eclm.parts import has_lines
 from eclm.train_step import release_memory
 from edge_runtime.config import EdgeConfig
-from edge_runtime.generations import Generations, Trial, with_values
+from edge_runtime.generations import CLOSING, Generations, Trial, with_values
 from edge_runtime.metrics import EdgeMetrics
 from edge_runtime.model import ServingModel
 from edge_runtime.outbox import Outbox
@@ -142,16 +142,14 @@ class Learning:
         return self.last_training
 
     def _job(self, reason: str) -> None:
-        self.generations.lock.acquire()  # waits while an update from the cloud is being applied
         try:
-            result = self._once() if not self.generations.closed else {
-                "accepted": False, "reason": "the runtime is closing; the samples stay for the next start"}
+            with self.generations.changing() as open_:  # waits while an update from the cloud is being applied
+                result = self._once() if open_ else {"accepted": False, "reason": CLOSING}
         except Exception as exc:  # a failed run is reported, never fatal to serving
             log.exception("training run failed")
             result = {"accepted": False, "reason": f"training failed: {exc}", "trigger": reason}
             self.metrics.training_runs.labels("error").inc()
         finally:
-            self.generations.lock.release()
             release_memory()
         self.last_training = {**result, "trigger": reason, "finished": time.time()}
         self._after_run()

@@ -304,11 +304,14 @@ class EdgeService:
 
     # -- status
     def _refresh_gauges(self) -> None:
-        self.rungs.refresh()
-        self.watcher.rebase()
-        self.metrics.generation.set(self.serving.generation)
-        self.metrics.outbox_entries.set(len(self.outbox))
-        self.metrics.samples_held.set(self.store.count())
+        with self.generations.changing() as open_:  # after a change; the stores may have closed since
+            if not open_:
+                return
+            self.rungs.refresh()
+            self.watcher.rebase()
+            self.metrics.generation.set(self.serving.generation)
+            self.metrics.outbox_entries.set(len(self.outbox))
+            self.metrics.samples_held.set(self.store.count())
 
     def status(self) -> dict[str, Any]:
         s = self.serving
@@ -352,14 +355,13 @@ class EdgeService:
         self._stop.set()
         self.learning.stopping.set()  # a run or a refinement in progress ends at its next batch
         self.wait_for_training(timeout=60)
-        locked = self.generations.lock.acquire(timeout=60)  # an update being applied finishes first
-        self.generations.closed = True  # one that waits for the lock now finds the runtime closed
-        try:
-            self.store.close()
-            self.state.close()
-        finally:
-            if locked:
-                self.generations.lock.release()
+        def close_stores() -> None:
+            try:
+                self.store.close()
+            finally:
+                self.state.close()
+
+        self.generations.close(close_stores, timeout=60)  # an update being applied finishes first
 
 
 def _resources() -> dict[str, Any]:

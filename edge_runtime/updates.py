@@ -14,7 +14,7 @@ from eclm.errors import BundleError, DataError, TrainingUnavailableError
 from eclm.parts import onnx_name
 from eclm.signing import Verifier
 from edge_runtime.events import EventSink
-from edge_runtime.generations import Generations, with_values
+from edge_runtime.generations import CLOSING, Generations, with_values
 from edge_runtime.learning import Refinement
 from edge_runtime.metrics import EdgeMetrics
 from edge_runtime.model import ServingModel
@@ -43,13 +43,13 @@ class Updates:
         holdout does not get worse. Versions of another line than the serving one are all new here.
         """
         gens = self.generations
-        here = self.store.get_meta("environment", "") or ""
-        if environment != here:
-            return {"applied": False, "reason": f"update for environment {environment!r}; this device works in "
-                                                f"{here!r}"}
-        with gens.lock:
-            if gens.closed:
-                return {"applied": False, "reason": "the runtime is closing; the update was not applied"}
+        with gens.changing() as open_:
+            if not open_:
+                return {"applied": False, "reason": CLOSING}
+            here = self.store.get_meta("environment", "") or ""
+            if environment != here:
+                return {"applied": False, "reason": f"update for environment {environment!r}; this device works in "
+                                                    f"{here!r}"}
             serving = gens.serving
             if not serving.trainable:
                 raise TrainingUnavailableError(
@@ -104,7 +104,9 @@ class Updates:
             untar_bundle(archive, tmp / "b")
             if bundle_digest(tmp / "b") == gens.serving.digest:
                 return {"applied": False, "bundle": gens.serving.digest, "reason": "already serving this bundle"}
-            with gens.lock:
+            with gens.changing() as open_:
+                if not open_:
+                    return {"applied": False, "reason": CLOSING}
                 digest, _ = gens.state.install_bundle(tmp / "b", verifier, gens.made_for(update=True),
                                                       newer_only=True)
                 candidate = gens.open(Pointer(digest, 0))

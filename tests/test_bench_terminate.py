@@ -11,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 CHILD = """
 import sys, time
 from pathlib import Path
+
+import pytest
 from bench import cli
 from bench.procs import Proc
 
@@ -26,7 +30,13 @@ def fake_app():  # stands in for a suite: starts a daemon-like process, stops it
     finally:
         p.kill()
 
-cli.app = fake_app
+def careless_app():  # the signal lands between a start and its try: no finally of the suite's own runs
+    p = Proc([sys.executable, "-c", "import time; time.sleep(600)"], Path(sys.argv[1]))
+    p.start()
+    print(p.proc.pid, flush=True)
+    time.sleep(600)
+
+cli.app = fake_app if sys.argv[2] == "careful" else careless_app
 cli.main()
 """
 
@@ -40,9 +50,10 @@ def _alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-def test_sigterm_stops_what_the_run_started(tmp_path: Path) -> None:
-    bench = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "proc.log")], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("suite", ["careful", "careless"])
+def test_sigterm_stops_what_the_run_started(tmp_path: Path, suite: str) -> None:
+    bench = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "proc.log"), suite],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert bench.stdout is not None
         grandchild = int(bench.stdout.readline())

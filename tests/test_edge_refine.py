@@ -18,15 +18,19 @@ from eclm.parts import ONNX_PREFIX, part_of
 from edge_runtime.outbox import Outbox
 
 
-def _module_update(svc: Any, part: str) -> dict[str, np.ndarray]:
-    """The serving values of ``part`` (bank names) as the cloud would send them, nudged."""
-    out = {}
-    for name, arr in svc.serving.weights.items():
-        bank = name.removeprefix(ONNX_PREFIX)
-        if name.startswith(ONNX_PREFIX) and part_of(bank) == part and arr.dtype == np.float32:
-            out[bank] = arr * np.float32(1.01)
-    assert out
-    return out
+def _module_update(svc: Any) -> tuple[str, dict[str, np.ndarray]]:
+    """A layer module the device trains, and its serving values (bank names) as the cloud would send them,
+    nudged. Which modules the sub-model holds and trains depends on what the bank learned on this machine:
+    take the first one with parameters served here."""
+    for part in svc.serving.module_versions:
+        out = {}
+        for name, arr in svc.serving.weights.items():
+            bank = name.removeprefix(ONNX_PREFIX)
+            if name.startswith(ONNX_PREFIX) and part_of(bank) == part and arr.dtype == np.float32:
+                out[bank] = arr * np.float32(1.01)
+        if part.startswith("L") and out:
+            return part, out
+    raise AssertionError(f"no layer module with parameters among {sorted(svc.serving.module_versions)}")
 
 
 def test_a_refined_update_serves_fine_tuned_and_sends_its_delta(pi4: Path, xy, tmp_path: Path) -> None:
@@ -37,8 +41,7 @@ def test_a_refined_update_serves_fine_tuned_and_sends_its_delta(pi4: Path, xy, t
                        holdout_every=1000)
     try:
         svc.add_samples(x[:200], y[:200].tolist())
-        part = next(p for p in svc.serving.module_versions if p.startswith("L0M"))
-        sent = _module_update(svc, part)
+        part, sent = _module_update(svc)
         result = svc.apply_module_update({part: 1}, sent, "line-a")
         assert result["refined"] is True and result["applied"] is True and "refined here" in result["reason"]
         assert svc.serving.module_versions[part] == 1 and svc.serving.line == "line-a"
@@ -65,8 +68,7 @@ def test_without_refinement_or_samples_an_update_is_judged_as_it_came(pi4: Path,
         svc = make_service(tmp_path / name, pi4, refine_updates=refine, min_train_samples=16)
         try:
             svc.add_samples(x[:samples], y[:samples].tolist())
-            part = next(p for p in svc.serving.module_versions if p.startswith("L0M"))
-            sent = _module_update(svc, part)
+            part, sent = _module_update(svc)
             result = svc.apply_module_update({part: 9}, sent, "")
             assert result["refined"] is False
             if result["applied"]:
@@ -86,8 +88,7 @@ def test_closing_waits_for_an_update_being_applied(pi4: Path, xy, tmp_path: Path
     x, y = xy
     svc = make_service(tmp_path / "s", pi4, refine_updates=True, epochs=8, resource_interval_s=0, drift=False)
     svc.add_samples(x[:300], y[:300].tolist())
-    part = next(p for p in svc.serving.module_versions if p.startswith("L0M"))
-    sent = _module_update(svc, part)
+    part, sent = _module_update(svc)
     outcome: dict[str, Any] = {}
 
     def apply() -> None:
@@ -110,3 +111,17 @@ def test_closing_waits_for_an_update_being_applied(pi4: Path, xy, tmp_path: Path
     # Either the refinement stopped with the runtime and the update was judged as it came, or closing took
     # the lock first and the update found the runtime closed: never a closed store under a running update.
     assert outcome["result"].get("refined") is False or "closing" in outcome["result"]["reason"]
+
+
+def test_an_update_after_closing_changes_and_reads_nothing(pi4: Path, xy, tmp_path: Path) -> None:
+    """An update that arrives once the runtime has closed (a late MQTT message) is refused with a reason,
+    never by reading the closed sample store; so is a bundle archive and a gauge refresh after it."""
+    x, y = xy
+    svc = make_service(tmp_path / "s", pi4, resource_interval_s=0, drift=False)
+    svc.add_samples(x[:50], y[:50].tolist())
+    part, sent = _module_update(svc)
+    svc.close()
+    for environment in ("", "line-b"):  # the environment is checked after the runtime's state, not before
+        result = svc.apply_module_update({part: 9}, sent, environment)
+        assert result["applied"] is False and "closing" in result["reason"]
+    assert svc.learning.run_now()["reason"].startswith("the runtime is closing")
