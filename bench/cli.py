@@ -182,8 +182,12 @@ def bench(
         module = {"export": "bench.export_bench", "edge": "bench.edge_bench", "sync": "bench.sync_bench"}[suite]
         args = [sys.executable, "-m", module, "--out", str(out)] + (["--quick"] if quick and suite == "edge" else []) \
             + (["--dataset", dataset] if suite == "sync" else [])
-        child = track(subprocess.Popen(args))  # on SIGTERM, stop_started passes it on: the child unwinds too
-        raise typer.Exit(child.wait())
+        raise typer.Exit(run_suite(args))
+
+
+def run_suite(args: list[str]) -> int:
+    """A suite in its own process; on SIGTERM, :func:`stop_started` passes the signal on and the child unwinds."""
+    return track(subprocess.Popen(args)).wait()
 
 
 def main() -> None:

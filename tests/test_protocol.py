@@ -177,7 +177,7 @@ def test_the_sync_suite_takes_the_data_set_and_fitting_corruptions(monkeypatch: 
         calls.append(args)
         return 0
 
-    monkeypatch.setattr(bench.cli.subprocess, "call", call)
+    monkeypatch.setattr(bench.cli, "run_suite", call)
     result = CliRunner().invoke(bench.cli.app, ["bench", "--suite", "sync", "--dataset", "signals", "--out",
                                                 str(tmp_path)])
     assert result.exit_code == 0, result.output
