@@ -181,7 +181,9 @@ def test_stored_bad_profile_makes_a_quarantined_derivation_not_an_exit(core: Syn
 # -- derivations run in one worker, coalesced and rate-limited --------------------------------------------------
 
 def test_bundle_request_is_queued_not_exported_in_the_handler(core: SyncCore, bank: Path) -> None:
-    ask = make_profile(bank, "board", trainable=False, want_bundle=True)
+    # A profile that does not train on the device: its bundle has no training step to export (this test is
+    # about queueing; tests/test_sync_integration.py derives trainable bundles).
+    ask = make_profile(bank, "board", trainable=False, want_bundle=True, profile_name="pi-zero-2w")
     for _ in range(5):
         assert send(core, ask) == []  # the network thread only queues
     assert len(core.derivations) == 1
