@@ -81,6 +81,8 @@ ABLATIONS: dict[str, Ablation] = {
     "refine-updates": Ablation("devices fine-tune each module update on their samples before judging it "
                                "(edge --refine-updates; one more training run per update)", (),
                                EclmOptions(refine_updates=True)),
+    "fp16-updates": Ablation("module updates sent to devices as fp16 (half the downlink bytes) instead of fp32",
+                             ("--update-codec", "fp16+zlib")),
     "solo-environments": Ablation("each device's line is its own name: no two devices share a line",
                                   (), EclmOptions(solo_environments=True)),
 }

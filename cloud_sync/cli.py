@@ -158,6 +158,10 @@ def sync(
                                            help="Re-derive a device's bundle when its measured importance moves "
                                            "this far (mean per-layer L1) from what its bundle was derived for; "
                                            "inf: never on importance alone (a device can still ask)."),
+    update_codec: str = typer.Option("fp32+zlib", "--update-codec", envvar="ECLM_SYNC_UPDATE_CODEC",
+                                     help="Tensor encoding of the module updates sent to devices: fp32 or fp16 "
+                                          "(half the bytes; weights rounded to 11 significant bits), then zlib, "
+                                          "lzma or none. Updates carry whole weights, so int8 and topF are refused."),
     metrics_port: int = typer.Option(9464, "--metrics-port", envvar="ECLM_SYNC_METRICS_PORT",
                                      help="Prometheus /metrics on 127.0.0.1 at this port (0: off); worker i of "
                                           "--workers uses port + i."),
@@ -190,19 +194,21 @@ def sync(
 
     from cloud_sync.daemon import SyncDaemon, SyncSettings
     from cloud_sync.merger import MergeSettings
+    from cloud_sync.redistribute import update_codec_name
     from cloud_sync.validation import Limits
     from eclm.signing import load_signer
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s %(levelname)s {client_id + ' ' if client_id else ''}%(name)s: "
                                "%(message)s")
+    codec = update_codec_name(update_codec)  # a bad one stops here, before any worker starts
     if workers > 1:
         _supervise(workers, bank, share_group or "eclm-sync", client_id, metrics_port)
         return
     settings = SyncSettings(
         bank_dir=bank, broker=broker, round_deltas=round_deltas, round_seconds=round_seconds,
         max_payload=max_payload, signing_key=signing_key, tls_dir=tls_dir, derive_interval=derive_interval,
-        derive_threshold=derive_threshold,
+        derive_threshold=derive_threshold, update_codec=codec,
         merge=MergeSettings(strategy=strategy, gate_margin=gate_margin, gate=not no_gate,
                             limits=Limits(max_staleness=max_staleness), min_devices=min_devices,
                             support_max_age=support_max_age, support_max_rounds=support_max_rounds,

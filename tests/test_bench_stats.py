@@ -240,7 +240,8 @@ def test_ablations_map_to_daemon_flags_and_arm_options() -> None:
                 "downlink-next-round": ((), EclmOptions(downlink_same_round=False)),
                 "solo-environments": ((), EclmOptions(solo_environments=True)),
                 "refine-updates": ((), EclmOptions(refine_updates=True)),
-                "no-rederive": (("--derive-threshold", "inf"), EclmOptions())}
+                "no-rederive": (("--derive-threshold", "inf"), EclmOptions()),
+                "fp16-updates": (("--update-codec", "fp16+zlib"), EclmOptions())}
     assert set(ABLATIONS) == set(expected)
     for name, (args, options) in expected.items():
         assert (ablation(name).daemon_args, ablation(name).options) == (args, options), name

@@ -26,7 +26,7 @@ from cloud_sync.merger import MergeSettings, module_weight
 from cloud_sync.validation import Limits
 from cloud_sync.weights import held_importance, relative_importance
 from eclm import topics, wire
-from eclm.errors import BundleError
+from eclm.errors import BundleError, ConfigError
 from eclm.hashing import sha256_file
 from eclm.signing import Signer, Verifier, generate_keys, load_signer, load_verifier
 from module_bank import BANK_FILE, DirectoryBank
@@ -558,6 +558,45 @@ def test_single_small_update_is_not_chunked(env: Env) -> None:
     msg = wire.decode(pubs[0][1], verifier=env.verifier)
     assert isinstance(msg, wire.ModuleUpdateMessage) and msg.versions == {"head": 2}
     assert msg.device_id == DEV_A  # a device refuses updates addressed to another
+
+
+def test_fp16_updates_halve_the_bytes_and_round_the_weights(env: Env) -> None:
+    """--update-codec fp16+zlib: the device gets the merged weights rounded to fp16, in about half the bytes."""
+    sizes: dict[str, int] = {}
+    half = Env(Path(shutil.copytree(env.bank, env.bank.parent / "half")), (env.key_path, env.signer, env.verifier))
+    for codec, sub in (("fp32+zlib", env), ("fp16+zlib", half)):
+        core = sub.core(update_codec=codec)
+        profile(core, sub, DEV_A, ["L0M0", "head"])
+        deliver(core, sub.delta(DEV_B, ("L0M0", "head"), seed=3))
+        result, pubs = core.run_round()
+        assert result is not None and result.versions == {"L0M0": 2, "head": 2}
+        sizes[codec] = sum(len(d) for _, d in pubs)
+        (upd,) = updates(pubs, sub.verifier)[DEV_A]
+        for pid, names in upd.parts.items():
+            current = sub.params(pid)
+            for n in names:
+                want = current[n].astype(np.float16).astype(np.float32) if codec.startswith("fp16") else current[n]
+                assert upd.tensors[n].dtype == np.float32 and np.array_equal(upd.tensors[n], want), n
+    env.cores.extend(half.cores)  # closed with the fixture's
+    assert sizes["fp16+zlib"] < 0.6 * sizes["fp32+zlib"]
+
+
+def test_an_update_beyond_fp16_range_goes_as_fp32() -> None:
+    from cloud_sync.redistribute import codec_for
+
+    small = {"w": np.ones(3, np.float32)}
+    assert codec_for(small, "fp16+zlib") == "fp16+zlib" and codec_for(small, "fp32+zlib") == "fp32+zlib"
+    assert codec_for({**small, "v": np.array([7e4], np.float32)}, "fp16+lzma") == "fp32+lzma"
+
+
+@pytest.mark.parametrize("name", ["int8+zlib", "fp32+top0.1+zlib", "fp64", "fp16+gzip"])
+def test_update_codecs_that_would_mangle_weights_are_refused(name: str) -> None:
+    from cloud_sync.redistribute import update_codec_name
+
+    with pytest.raises(ConfigError, match="--update-codec") as err:
+        update_codec_name(name)
+    assert "\n" not in err.value.message and err.value.hint
+    assert update_codec_name("fp16+zlib") == "fp16+zlib" and update_codec_name("fp32") == "fp32+none"
 
 
 def test_acks_are_signed_and_name_their_device(env: Env) -> None:
