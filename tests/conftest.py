@@ -7,6 +7,7 @@ exported to ONNX with their training step graphs and measured by the torch-free 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +37,40 @@ def digits_bank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BankInf
     return bank_dir, info
 
 
+class LazyBundles(Mapping[str, tuple[Path, BundleManifest]]):
+    """A bundle per registered profile, each exported when a test first asks for it: a worker of the suite
+    exports only the profiles its tests use (every export is a real one, with its step graph).
+    """
+
+    def __init__(self, bank_dir: Path, root: Path) -> None:
+        self.bank_dir, self.root = bank_dir, root
+        self.names = available_profiles()
+        self.made: dict[str, tuple[Path, BundleManifest]] = {}
+
+    def __getitem__(self, name: str) -> tuple[Path, BundleManifest]:
+        if name not in self.names:
+            raise KeyError(name)
+        if name not in self.made:
+            out_dir = self.root / name
+            manifest = export_bundle(ExportRequest(self.bank_dir, profile=name, out_dir=out_dir,
+                                                   classes=DEVICE_CLASSES))
+            self.made[name] = (out_dir, manifest)
+        return self.made[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @pytest.fixture(scope="session")
 def digits_bundles(
     digits_bank: tuple[Path, BankInfo], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, tuple[Path, BundleManifest]]:
+) -> Mapping[str, tuple[Path, BundleManifest]]:
     """A bundle for every registered profile, derived for a device that sees classes 1, 4 and 7."""
     bank_dir, _ = digits_bank
-    root = tmp_path_factory.mktemp("bundles")
-    out: dict[str, tuple[Path, BundleManifest]] = {}
-    for name in available_profiles():
-        out_dir = root / name
-        manifest = export_bundle(ExportRequest(bank_dir, profile=name, out_dir=out_dir, classes=DEVICE_CLASSES))
-        out[name] = (out_dir, manifest)
-    return out
+    return LazyBundles(bank_dir, tmp_path_factory.mktemp("bundles"))
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +88,7 @@ def device_batch(digits_splits: Splits) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def pi4(digits_bundles: dict[str, tuple[Path, BundleManifest]]) -> Path:
+def pi4(digits_bundles: Mapping[str, tuple[Path, BundleManifest]]) -> Path:
     """The pi4 bundle: on-device training and a ladder of cheaper variants."""
     path, manifest = digits_bundles["pi4"]
     assert manifest.training["available"] and len(manifest.variants) >= 1
@@ -74,7 +96,7 @@ def pi4(digits_bundles: dict[str, tuple[Path, BundleManifest]]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def zero(digits_bundles: dict[str, tuple[Path, BundleManifest]]) -> Path:
+def zero(digits_bundles: Mapping[str, tuple[Path, BundleManifest]]) -> Path:
     """A bundle without on-device training (the profile does not train on the device)."""
     path, manifest = digits_bundles["pi-zero-2w"]
     assert manifest.training["available"] is False
