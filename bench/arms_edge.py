@@ -126,8 +126,11 @@ class EclmArm(LocalArm):
         super().__init__(self.cloud_bank, work, devices, keys=(self.priv, self.pub),
                          edge_settings={"refine_updates": options.refine_updates})
         self.broker = start_broker(None, work / "broker")
+        # One merge per step, of every delta the step's devices sent (the paper's round; FedAvg's too): the
+        # daemon never merges by itself here, and the arm asks for the round (SIGUSR1) once every delta of the
+        # step is stored. Merging on a timer instead merged the deltas one by one as they arrived.
         self.daemon = daemon(self.cloud_bank, self.broker.url, self.priv, work / "sync.log",
-                             "--round-deltas", "1000", "--round-seconds", "1",
+                             "--round-deltas", "1000000000", "--round-seconds", "1000000000",
                              # The paper's merge: every device's module in, plain weighted mean.
                              "--min-devices", "1", "--strategy", "weighted",
                              *daemon_args)  # an ablation's flags come last and win
@@ -184,6 +187,8 @@ class EclmArm(LocalArm):
         for s in syncs:
             s.flush_once()
         wait_until(lambda: all(len(self.service(d).outbox) == 0 for d in devices), 120, "deltas to be acknowledged")
+        if opts.merges:
+            self._merge_now()
         if opts.merges and opts.downlink_same_round:
             wait_until(lambda: all(r[2] != "pending" for r in ledger_rows(self.cloud_bank)), 120, "the merge")
             time.sleep(1.0)
@@ -196,6 +201,13 @@ class EclmArm(LocalArm):
         for d in devices:
             self.syncs.pop(d.index).close()
         return {"uplink": float(np.mean(ups)), "downlink": float(np.mean(downs))}
+
+    def _merge_now(self) -> None:
+        """Every delta of the step is stored (acknowledged): one round merges them all."""
+        import signal
+
+        assert self.daemon.proc is not None, "the sync daemon is not running"
+        self.daemon.proc.send_signal(signal.SIGUSR1)
 
     def _await_lines(self, devices: list[Device], timeout: float = 20.0) -> None:
         """A device that has just entered an environment with module lines gets them pushed on connecting

@@ -187,10 +187,16 @@ def sync(
     id is merged at most once, and a merge that would bring validation accuracy below the best released
     version's minus the margin is held back. A message, delta or derivation that fails is quarantined
     (see `eclm-cloud quarantine`); if the round loop or the derivation worker dies, the daemon stops
-    acknowledging and exits non-zero for its supervisor to restart it. Stop with Ctrl-C or SIGTERM.
+    acknowledging and exits non-zero for its supervisor to restart it. Stop with Ctrl-C or SIGTERM;
+    SIGUSR1 merges what is pending at once, whatever --round-deltas and --round-seconds say (one round of a
+    known set of deltas, as a benchmark's step or an operator wants).
     """
     import logging
     import signal
+    import threading
+
+    merge_now = threading.Event()  # SIGUSR1 from now on (before the bank loads) asks for a round, never kills
+    signal.signal(signal.SIGUSR1, lambda *_: merge_now.set())
 
     from cloud_sync.daemon import SyncDaemon, SyncSettings
     from cloud_sync.merger import MergeSettings
@@ -218,6 +224,7 @@ def sync(
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None,
                         build_hooks(bank, signing_key, gate=not no_gate))
+    daemon.merge_now = merge_now
     if metrics_port:
         from cloud_sync.metrics import serve_metrics
 

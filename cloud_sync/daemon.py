@@ -66,6 +66,7 @@ class SyncDaemon:
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.dead = threading.Event()  # set when a worker loop died: no more acks
+        self.merge_now = threading.Event()  # set (SIGUSR1): the next check runs a round, due or not
         self.client: Any = None
         self.core.owner = self.core.derivations.owner = self.client_id
         self.ingest = Ingest(self.core.handle_many, self._publish, self._ack, settings.ingest_batch)
@@ -177,7 +178,10 @@ class SyncDaemon:
                 raise EclmError(f"the ingest thread died: {self.ingest.error}",
                                 hint="restart the daemon (a supervisor does this on a non-zero exit)")
             self.core.merger.refresh()  # what other workers merged, for the checks on incoming deltas
-            if self.core.due():
+            if self.core.due() or self.merge_now.is_set():
+                if self.merge_now.is_set():
+                    self.merge_now.clear()
+                    log.info("merging what is pending now (asked by SIGUSR1)")
                 result, pubs = self.core.run_round()
                 if result is not None:
                     log.info("round %d: %d merged, %d held, %d quarantined, versions %s", result.round,

@@ -3,7 +3,8 @@
 Each worker is the same `eclm-cloud sync` with ``--workers 1``, its own MQTT client id
 (``<id>-w<i>``), its own metrics port (``port + i``) and the shared subscription group, so the broker
 splits the device topics among them (MQTT 5 ``$share/<group>/...``). A worker that exits is started
-again after a back-off (1 s doubling to 30 s; reset once it ran a minute); SIGTERM or Ctrl-C stops them all.
+again after a back-off (1 s doubling to 30 s; reset once it ran a minute); SIGTERM or Ctrl-C stops them all, and
+SIGUSR1 (merge what is pending now) is passed on to them.
 Workers on other machines join by running `eclm-cloud sync --share-group <group>` against the same
 PostgreSQL bank and broker.
 """
@@ -98,9 +99,16 @@ class Supervisor:
                 p.kill()
                 p.wait()
 
+    def merge_now(self) -> None:
+        """Pass SIGUSR1 on: every worker tries the round at once, and the round's claim lets one merge."""
+        for w in self.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGUSR1)
+
     def run(self) -> None:
-        """Run until SIGTERM or Ctrl-C."""
+        """Run until SIGTERM or Ctrl-C; SIGUSR1 is passed on to the workers."""
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        signal.signal(signal.SIGUSR1, lambda *_: self.merge_now())
         try:
             while not self.stopping:
                 self.poll(time.time())

@@ -67,10 +67,10 @@ def rig(digits_bank: Any, tmp_path: Path) -> Any:
     broker.start()
     procs: list[Any] = []
 
-    def start(log: str = "sync.log") -> Any:
+    def start(log: str = "sync.log", *extra: str) -> Any:
         # One device's delta merges alone (min devices 1): these tests are about pills, not support.
         p = daemon(bank, broker.url, priv, tmp_path / log, "--round-deltas", "1", "--round-seconds", "1",
-                   "--min-devices", "1")
+                   "--min-devices", "1", *extra)  # later flags win
         p.start()
         wait_connected(p)
         procs.append(p)
@@ -153,5 +153,36 @@ def test_dead_round_loop_exits_and_acks_nothing_more(rig: Any) -> None:
         w.send(late)
         wait_until(lambda: status_of(bank, first.delta_id) == "merged", 120, "the kept delta to be merged")
         wait_until(lambda: status_of(bank, late.delta_id) == "merged", 120, "the late delta to be merged")
+    finally:
+        w.close()
+
+
+def test_sigusr1_merges_what_is_pending_at_once(rig: Any) -> None:
+    """A daemon that would not merge for years merges the stored deltas when asked (SIGUSR1), in one round;
+    the signal with nothing pending neither kills it nor merges anything."""
+    import signal
+
+    bank, broker, start = rig
+    sync = start("sync.log", "--round-deltas", "1000000", "--round-seconds", "1000000000")
+    sync.proc.send_signal(signal.SIGUSR1)  # nothing pending: an empty round, and it keeps running
+    w = Wire(broker.url)
+    try:
+        deltas = []
+        for i, device in enumerate(("one", "two")):
+            w.send(make_profile(bank, device))
+            deltas.append(make_delta(bank, device, seed=10 + i))
+            w.send(deltas[-1])
+        wait_until(lambda: all(status_of(bank, d.delta_id) == "pending" for d in deltas), 60, "both stored")
+        time.sleep(2)
+        assert all(status_of(bank, d.delta_id) == "pending" for d in deltas)  # not due by count or time
+        sync.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: all(status_of(bank, d.delta_id) == "merged" for d in deltas), 60, "the asked round")
+        import sqlite3
+
+        with sqlite3.connect(bank / "sync.sqlite") as db:
+            rounds = {r[0] for r in db.execute("SELECT merged_round FROM deltas WHERE delta_id IN (?, ?)",
+                                               [d.delta_id for d in deltas])}
+        assert len(rounds) == 1, rounds  # one round, both deltas
+        assert sync.alive() and "asked by SIGUSR1" in sync.tail(200)
     finally:
         w.close()
