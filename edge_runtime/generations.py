@@ -218,8 +218,7 @@ class Generations:
             raise
         with self.changing() as open_:
             if not open_:
-                raise EclmError(CLOSING,
-                                   hint="install it again once the runtime has restarted")
+                raise EclmError(CLOSING, hint="install it again once the runtime has restarted")
             self.state.write_pointer(Pointer(digest, 0))
             self.serving = new
         return {"bundle": digest, "generation": 0}

@@ -355,6 +355,7 @@ class EdgeService:
         self._stop.set()
         self.learning.stopping.set()  # a run or a refinement in progress ends at its next batch
         self.wait_for_training(timeout=60)
+
         def close_stores() -> None:
             try:
                 self.store.close()
