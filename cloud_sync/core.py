@@ -86,7 +86,6 @@ class SyncCore:
         self.owner = "local"  # who holds the merge claim: the daemon sets its client id
         self._claimed = False  # whether this worker holds the merge claim (until round_published)
         self._handed = 0  # the last round whose module updates this core returned to its caller
-        self._sent: dict[str, dict[str, int]] = {}  # per device, the versions of each line key last sent to it
         self.ledger.set_meta_once(PUBLISHED, str(self.ledger.next_round() - 1))
         self.derivations = DeriveQueue(self._derive, self.published.extend, self._derive_failed,
                                        settings.derive_interval, JobQueue(self.bank.db), self.owner)
@@ -265,13 +264,16 @@ class SyncCore:
         # environment's lines when it has just entered one (trained by the devices there before it; docs/method.md,
         # "Environment lines"), else what merged while it was away (round updates go to online devices only).
         env = msg.environment if lines else ""
-        lacking = behind(versions, env, msg.modules, msg.line if lines else "", self._sent.get(device, {}))
+        lacking = behind(versions, env, msg.modules, msg.line if lines else "", (known or {}).get("sent") or {})
         if not lacking:
             return []
         entered = bool(env) and (known is None or known.get("environment") != env)
         self._count("line_pushes" if entered else "catch_up_updates")
-        return self._update_for({"device_id": device, "modules": msg.modules, "trainable": 1, "environment": env},
-                                lacking, {})
+        sent: dict[str, dict[str, int]] = {}
+        out = self._update_for({"device_id": device, "modules": msg.modules, "trainable": 1, "environment": env},
+                               lacking, {}, sent)
+        self.ledger.note_sent(sent)
+        return out
 
     def request_bundle(self, device: str, profile_name: str, importance: list[list[float]], reason: str) -> None:
         """Queue a re-derivation of the device's sub-model (one waiting job per device; the newest wins)."""
@@ -359,19 +361,22 @@ class SyncCore:
             log.warning("no signing key: merged modules are not sent to devices (start with --signing-key)")
             return out
         bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]] = {}  # compressed once per set of parts
+        sent: dict[str, dict[str, int]] = {}  # what each device is sent, kept in one transaction
         for dev in self.ledger.devices():
             if dev["trainable"] and not dev.get("online"):  # it catches up when it next connects (_on_profile)
                 self._count("module_updates_deferred")
                 continue
             try:
-                out += self._update_for(dev, versions, bodies)
+                out += self._update_for(dev, versions, bodies, sent)
             except Exception as exc:  # one device's update never stops the others (or the daemon)
                 self._quarantine("update", str(dev["device_id"]), f"{type(exc).__name__}: {str(exc)[:300]}")
+        self.ledger.note_sent(sent)
         return out
 
     def _update_for(self, dev: dict[str, Any], versions: dict[str, int],
-                    bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]]) -> list[Publication]:
-        """The update of what ``versions`` (part or line keys) holds for the device's environment."""
+                    bodies: dict[tuple[str, ...], tuple[bytes, dict[str, Any]]],
+                    sent: dict[str, dict[str, int]]) -> list[Publication]:
+        """The update of what ``versions`` (part or line keys) holds for the device's environment, noted in ``sent``."""
         env = str(dev.get("environment") or "") if self.settings.merge.environments else ""
         mine = of_environment(versions, env)
         held = set(dev["modules"]) & set(mine)
@@ -385,7 +390,7 @@ class SyncCore:
         out = module_update(dev["device_id"], held, mine, view(self.merger.params, env), self.merger.bank_id,
                             self.signer, self.settings.update_codec, self.settings.chunk_bytes, bodies, env)
         self._count("module_updates_sent")  # only once built: an update that failed is not remembered as sent
-        self._sent.setdefault(str(dev["device_id"]), {}).update({line_key(pid, env): mine[pid] for pid in held})
+        sent.setdefault(str(dev["device_id"]), {}).update({line_key(pid, env): mine[pid] for pid in held})
         return out
 
     def close(self) -> None:

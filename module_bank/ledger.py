@@ -327,7 +327,19 @@ class Ledger:
         for d in rows:
             d["modules"] = json.loads(d["modules"])
             d["importance"] = json.loads(d["importance"])
+            d["sent"] = json.loads(d.get("sent") or "{}")
         return rows
+
+    def note_sent(self, sent: dict[str, dict[str, int]]) -> None:
+        """Remember, per device, the versions (by line key) just sent to it; one transaction for all."""
+        if not sent:
+            return
+        with self.transaction() as db:
+            for device_id, versions in sorted(sent.items()):
+                rows = db.query("SELECT sent FROM devices WHERE device_id = ?", (device_id,))
+                if rows:
+                    held = {**json.loads(rows[0][0] or "{}"), **versions}
+                    db.execute("UPDATE devices SET sent = ? WHERE device_id = ?", (json.dumps(held), device_id))
 
     def device_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM devices"))

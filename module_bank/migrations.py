@@ -106,6 +106,12 @@ def _environments(tx: Tx, dialect: str) -> None:
         tx.execute(f"ALTER TABLE devices ADD COLUMN {name} TEXT NOT NULL DEFAULT ''")
 
 
+def _sent(tx: Tx, dialect: str) -> None:
+    # The module versions (by line key) last sent to each device, so that a refused version is not sent again
+    # after a restart or by another worker (cloud_sync/lines.py ``behind``).
+    tx.execute("ALTER TABLE devices ADD COLUMN sent TEXT NOT NULL DEFAULT '{}'")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -118,6 +124,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "workers: merge claims and the derivation job queue", _workers),
     Migration(3, "bank parts and info in the database (PostgreSQL)", _pg_parts),
     Migration(4, "devices: environment and the environment line of their versions", _environments),
+    Migration(5, "devices: the module versions last sent to each", _sent),
 )
 LATEST = MIGRATIONS[-1].version
 

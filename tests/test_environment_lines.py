@@ -315,5 +315,9 @@ def test_a_device_away_during_rounds_catches_up_in_one_update_when_it_connects(c
     got = updates(core.handle(topics.profile("dev-o"), back), env.verifier)["dev-o"]
     assert len(got) == 1 and got[0].versions == {pid: core.merger.versions()[pid] for pid in PARTS}
     assert held != got[0].versions and core.counters.get("catch_up_updates") == 1
-    # It refused them (its profile still reports the old versions): not sent again on its next connect.
+    # It refused them (its profile still reports the old versions): not sent again on its next connect,
+    # nor by a daemon restarted meanwhile (what was sent is kept in the ledger, not in one process).
     assert core.handle(topics.profile("dev-o"), back) == []
+    again = env.reopen(core, merge=MergeSettings(min_devices=1))
+    assert again.handle(topics.profile("dev-o"), back) == []
+    assert again.ledger.device("dev-o")["sent"] == got[0].versions
