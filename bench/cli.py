@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from bench.reaper import stop_started, track, unwind_on_sigterm
+from bench.reaper import run_main, track
 from bench.suites import ABLATIONS
 from eclm.cli_support import make_app, reports_errors
 
@@ -191,8 +191,4 @@ def run_suite(args: list[str]) -> int:
 
 
 def main() -> None:
-    unwind_on_sigterm()
-    try:
-        app()
-    finally:  # whatever a suite's own ``finally`` did not stop (a signal between a start and its ``try``)
-        stop_started()
+    run_main(app)

@@ -39,7 +39,7 @@ from bench.edge_common import SERVING_COPY_ENV, quiet_ort, read_manifest
 from bench.edge_report import goals, preface, tables
 from bench.edge_sections import bench_adaptation, bench_http, bench_memory, bench_predict, bench_training
 from bench.edge_setup import ensure_edge_venv, machine_info, prepare
-from bench.reaper import stop_started, unwind_on_sigterm
+from bench.reaper import run_main
 
 CHILDREN = {"edge-memory": child_edge_memory, "torch-memory": child_torch_memory, "predict": child_predict,
             "serve-nodelay": child_serve_nodelay, "train-ort": child_train_ort, "train-torch": child_train_torch}
@@ -122,8 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    unwind_on_sigterm()
-    try:
-        raise SystemExit(main())
-    finally:
-        stop_started()
+    run_main(main)

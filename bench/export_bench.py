@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.reaper import stop_started, unwind_on_sigterm
+from bench.reaper import run_main
 
 CONFIG = "resnet18"
 MiB = 2**20
@@ -273,8 +273,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    unwind_on_sigterm()
-    try:
-        raise SystemExit(main())
-    finally:
-        stop_started()
+    run_main(main)

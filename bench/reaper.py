@@ -11,7 +11,8 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 _started: list[subprocess.Popen[Any]] = []
 _lock = threading.Lock()
@@ -49,3 +50,12 @@ def _terminated(signum: int, _frame: object) -> None:
 def unwind_on_sigterm() -> None:
     """SIGTERM (a timeout, a supervisor) unwinds like Ctrl-C, so every ``finally`` runs."""
     signal.signal(signal.SIGTERM, _terminated)
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """A benchmark entry point: SIGTERM unwinds, and whatever ``main`` started and did not stop is stopped."""
+    unwind_on_sigterm()
+    try:
+        raise SystemExit(main())
+    finally:
+        stop_started()

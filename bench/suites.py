@@ -71,9 +71,8 @@ ABLATIONS: dict[str, Ablation] = {
     "equal-weights": Ablation("every delta weighs the same in a merge", ("--weighting", "equal")),
     "samples-weights": Ablation("deltas weighted by samples only, not importance x samples",
                                 ("--weighting", "samples")),
-    "no-merge": Ablation("the daemon never merges: devices only ever have what they trained themselves",
-                         ("--round-deltas", "1000000000", "--round-seconds", "1000000000"),
-                         EclmOptions(merges=False)),
+    "no-merge": Ablation("the daemon never merges (the arm never asks it for a round): devices only ever have "
+                         "what they trained themselves", (), EclmOptions(merges=False)),
     "downlink-next-round": Ablation("devices leave once their deltas are acknowledged and get the module "
                                     "updates when they next connect", (), EclmOptions(downlink_same_round=False)),
     "no-rederive": Ablation("no bundle is re-derived because a device's importance moved (a device can still ask)",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import machine_info, md_table, pct, write_results
-from bench.reaper import stop_started, track, unwind_on_sigterm
+from bench.reaper import run_main, track
 
 CODECS = ("fp32+none", "fp32+zlib", "fp16+zlib", "int8+zlib", "int8+top0.25+zlib", "int8+top0.1+lzma")
 # Each device's classes; its corruption is the data set's k-th one after "none", cycling (bench/corruptions.py:
@@ -333,8 +333,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    unwind_on_sigterm()
-    try:
-        raise SystemExit(main())
-    finally:
-        stop_started()
+    run_main(main)

@@ -223,8 +223,7 @@ def sync(
         share_group=share_group, claim_seconds=claim_seconds, client_id=client_id,
     )
     daemon = SyncDaemon(settings, load_signer(signing_key) if signing_key else None,
-                        build_hooks(bank, signing_key, gate=not no_gate))
-    daemon.merge_now = merge_now
+                        build_hooks(bank, signing_key, gate=not no_gate), merge_now)
     if metrics_port:
         from cloud_sync.metrics import serve_metrics
 

@@ -57,7 +57,8 @@ class SyncDaemon:
     nothing more) and :meth:`run` raises: the process exits non-zero for its supervisor to restart it.
     """
 
-    def __init__(self, settings: SyncSettings, signer: Signer | None, hooks: SyncHooks) -> None:
+    def __init__(self, settings: SyncSettings, signer: Signer | None, hooks: SyncHooks,
+                 merge_now: threading.Event | None = None) -> None:
         self.broker = BrokerUrl.parse(settings.broker)
         check_tls(self.broker, settings.tls_dir)  # a missing certificate fails now, with a hint
         self.core = SyncCore(settings, signer, hooks)
@@ -66,7 +67,7 @@ class SyncDaemon:
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.dead = threading.Event()  # set when a worker loop died: no more acks
-        self.merge_now = threading.Event()  # set (SIGUSR1): the next check runs a round, due or not
+        self.merge_now = merge_now or threading.Event()  # set (SIGUSR1): the next check runs a round, due or not
         self.client: Any = None
         self.core.owner = self.core.derivations.owner = self.client_id
         self.ingest = Ingest(self.core.handle_many, self._publish, self._ack, settings.ingest_batch)
@@ -178,10 +179,11 @@ class SyncDaemon:
                 raise EclmError(f"the ingest thread died: {self.ingest.error}",
                                 hint="restart the daemon (a supervisor does this on a non-zero exit)")
             self.core.merger.refresh()  # what other workers merged, for the checks on incoming deltas
-            if self.core.due() or self.merge_now.is_set():
-                if self.merge_now.is_set():
-                    self.merge_now.clear()
-                    log.info("merging what is pending now (asked by SIGUSR1)")
+            asked = self.merge_now.is_set()
+            if asked:
+                self.merge_now.clear()
+                log.info("merging what is pending now (asked by SIGUSR1)")
+            if asked or self.core.due():
                 result, pubs = self.core.run_round()
                 if result is not None:
                     log.info("round %d: %d merged, %d held, %d quarantined, versions %s", result.round,

@@ -42,14 +42,15 @@ def module_update(device_id: str, held: set[str], versions: dict[str, int], para
     """
     parts = {pid: sorted(n for n, a in params[pid].items() if a.dtype.kind == "f") for pid in sorted(held)}
     tensors = {n: params[pid][n] for pid, names in parts.items() for n in names}
-    codec = codec_for(tensors, codec)
     key = (environment, *sorted(held))
     body = None if bodies is None else bodies.get(key)
-    if bodies is not None and body is None:
-        body = bodies[key] = wire.encode_tensors(tensors, codec)
+    if body is None:  # encoded (and checked against fp16's range) once per set of parts
+        body = wire.encode_tensors(tensors, codec_for(tensors, codec))
+        if bodies is not None:
+            bodies[key] = body
     msg = wire.ModuleUpdateMessage(uuid.uuid4().hex, bank_id, {pid: versions[pid] for pid in held}, parts, tensors,
                                    device_id=device_id, environment=environment)
-    data = wire.encode(msg, codec=codec, signer=signer, body_of_tensors=body)
+    data = wire.encode(msg, signer=signer, body_of_tensors=body)
     return [(topics.update(device_id), p) for p in wire.chunk(data, chunk_bytes)]
 
 

@@ -61,27 +61,29 @@ class Generations:
         self.cfg, self.state, self.verifier, self.metrics = cfg, state, verifier, metrics
         self.copy_max_bytes = int(cfg.serving_copy_max_mb * 2**20)
         self.lock = threading.Lock()  # taken through :meth:`changing` and :meth:`close`
-        self.closed = False  # set under ``lock`` when the runtime closes: nothing changes the model after that
+        # Set when the runtime starts closing: no change starts after it, and a training run or refinement in
+        # progress ends at its next batch (run_training's ``stop``).
+        self.closing = threading.Event()
         self._training_problems: dict[str, str] = {}
         self.serving = self._open_initial(cfg.bundle)
 
     # -- who may change the model
     @contextmanager
     def changing(self) -> Iterator[bool]:
-        """Hold the lock while changing the model or reading the stores; yields False once the runtime has
-        closed (then change and read nothing: the stores are closed).
+        """Hold the lock while changing the model or reading the stores; yields False once the runtime is
+        closing (then change and read nothing: the stores are being closed).
         """
         with self.lock:
-            yield not self.closed
+            yield not self.closing.is_set()
 
     def close(self, then: Callable[[], None], timeout: float = 60) -> None:
-        """Wait up to ``timeout`` for a change in progress, mark the runtime closed and call ``then`` (which
-        closes the stores); a change that waits for the lock afterwards finds it closed.
+        """Mark the runtime closing, wait up to ``timeout`` for a change in progress and call ``then`` (which
+        closes the stores) holding the lock; a change that waits for the lock finds the runtime closing.
         """
+        self.closing.set()
         locked = self.lock.acquire(timeout=timeout)
         if not locked:
             log.warning("a model change did not finish within %.0f s; closing anyway", timeout)
-        self.closed = True
         try:
             then()
         finally:

@@ -48,7 +48,6 @@ class Learning:
         self.cfg, self.generations, self.store, self.outbox, self.metrics = cfg, generations, store, outbox, metrics
         self._importance, self._pause, self._after_run = importance, pause, after_run
         self.last_training: dict[str, Any] | None = None
-        self.stopping = threading.Event()  # set when the runtime closes: a run in progress ends between batches
         self._thread: threading.Thread | None = None
         self._scheduler: threading.Thread | None = None
 
@@ -162,7 +161,7 @@ class Learning:
             self.metrics.training_runs.labels("skipped").inc()
             return {"accepted": False, "reason": f"{len(train)} training samples held; "
                     f"at least {self.cfg.min_train_samples} needed", "samples": len(train)}
-        outcome, deltas, trained = run_training(serving, train, holdout, self.settings(), self.stopping)
+        outcome, deltas, trained = run_training(serving, train, holdout, self.settings(), self.generations.closing)
         if not deltas:
             self.metrics.training_runs.labels("failed").inc()
             return outcome.to_dict()
@@ -200,7 +199,7 @@ class Learning:
         if not candidate.trainable or len(train) < self.cfg.min_train_samples:
             return None
         upto = self.store.last_id()
-        outcome, deltas, trained = run_training(candidate, train, holdout, self.settings(), self.stopping)
+        outcome, deltas, trained = run_training(candidate, train, holdout, self.settings(), self.generations.closing)
         if not deltas:
             log.warning("refining a module update failed (%s); judging it as it came", outcome.reason)
             return None

@@ -353,7 +353,7 @@ class EdgeService:
 
     def close(self) -> None:
         self._stop.set()
-        self.learning.stopping.set()  # a run or a refinement in progress ends at its next batch
+        self.generations.closing.set()  # a run or a refinement in progress ends at its next batch
         self.wait_for_training(timeout=60)
 
         def close_stores() -> None:

@@ -334,11 +334,14 @@ class Ledger:
         """Remember, per device, the versions (by line key) just sent to it; one transaction for all."""
         if not sent:
             return
+        ids = sorted(sent)
         with self.transaction() as db:
-            for device_id, versions in sorted(sent.items()):
-                rows = db.query("SELECT sent FROM devices WHERE device_id = ?", (device_id,))
-                if rows:
-                    held = {**json.loads(rows[0][0] or "{}"), **versions}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                marks = ", ".join("?" * len(chunk))
+                for device_id, before in db.query(f"SELECT device_id, sent FROM devices WHERE device_id IN ({marks})",
+                                                  tuple(chunk)):
+                    held = {**json.loads(before or "{}"), **sent[device_id]}
                     db.execute("UPDATE devices SET sent = ? WHERE device_id = ?", (json.dumps(held), device_id))
 
     def device_count(self) -> int:
