@@ -22,13 +22,13 @@ def _module_update(svc: Any) -> tuple[str, dict[str, np.ndarray]]:
     """A layer module the device trains, and its serving values (bank names) as the cloud would send them,
     nudged. Which modules the sub-model holds and trains depends on what the bank learned on this machine:
     take the first one with parameters served here."""
-    for part in svc.serving.module_versions:
+    for part in (p for p in svc.serving.module_versions if p.startswith("L")):
         out = {}
         for name, arr in svc.serving.weights.items():
             bank = name.removeprefix(ONNX_PREFIX)
             if name.startswith(ONNX_PREFIX) and part_of(bank) == part and arr.dtype == np.float32:
                 out[bank] = arr * np.float32(1.01)
-        if part.startswith("L") and out:
+        if out:
             return part, out
     raise AssertionError(f"no layer module with parameters among {sorted(svc.serving.module_versions)}")
 
